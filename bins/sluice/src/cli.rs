@@ -1,0 +1,167 @@
+//! Command-line interface: `sluice serve` and `sluice load` (DESIGN.md §1).
+
+use crate::{http, load};
+use clap::{Args, Parser, Subcommand};
+use sluice_engine::{Engine, EngineConfig};
+use sluice_ndjson::SplitLimits;
+use sluice_storage_local::{LocalStorage, SigningKey};
+use sluice_store::ResourceStore;
+use sluice_store_sqlite::SqliteStore;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Sluice: a FHIR Bulk Data ($export) server.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP server.
+    Serve(ServeArgs),
+    /// Bulk-load .ndjson, .ndjson.gz and Bundle .json files or folders into the store.
+    Load(LoadArgs),
+}
+
+/// Where the data lives (shared by both commands).
+#[derive(Debug, Args)]
+struct StoreArgs {
+    /// Folder for the embedded store and local export files.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+    data_dir: PathBuf,
+    /// A postgres:// URL switches the store to PostgreSQL (not available in this build).
+    #[arg(long, env = "SLUICE_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Address to listen on (port 0 picks a free port; the address is printed on start).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Public base URL used in absolute URLs (default: http://<listen address>).
+    #[arg(long, env = "SLUICE_BASE_URL")]
+    base_url: Option<String>,
+    /// Files or folders to load before serving.
+    #[arg(long, num_args = 1.., value_name = "PATH")]
+    load: Vec<PathBuf>,
+    /// Lifetime of signed download URLs, in seconds.
+    #[arg(long, env = "SLUICE_SIGNED_URL_TTL", default_value_t = 3600)]
+    signed_url_ttl: u64,
+    /// Hex key for signing local download URLs (default: generated and kept in the data dir).
+    #[arg(long, env = "SLUICE_SIGNING_KEY", hide_env_values = true)]
+    signing_key: Option<String>,
+    /// Start a new file after this many resources (0 = no limit).
+    #[arg(long, env = "SLUICE_MAX_FILE_RESOURCES", default_value_t = 0)]
+    max_file_resources: u64,
+    /// Start a new file after about this many bytes (0 = no limit).
+    #[arg(long, env = "SLUICE_MAX_FILE_BYTES", default_value_t = 0)]
+    max_file_bytes: u64,
+    /// gzip level for ndjson.gz output (1-9).
+    #[arg(long, env = "SLUICE_GZIP_LEVEL", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=9))]
+    gzip_level: u32,
+    /// Resource types exported in parallel (default: the number of cores).
+    #[arg(long, env = "SLUICE_EXPORT_PARALLELISM")]
+    parallelism: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Files or folders to load.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+}
+
+/// An error for the user, printed as `sluice: <message>`.
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
+
+fn open_store(args: &StoreArgs) -> Result<Arc<SqliteStore>, CliError> {
+    if let Some(url) = &args.database_url {
+        let scheme = url.split(':').next().unwrap_or_default();
+        return Err(format!(
+            "--database-url ({scheme}://...) is not supported by this build yet; omit it to use the embedded store in --data-dir"
+        )
+        .into());
+    }
+    let path = args.data_dir.join("sluice.db");
+    Ok(Arc::new(SqliteStore::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?))
+}
+
+/// Runs the chosen command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Load(args) => {
+            let store = open_store(&args.store)?;
+            load::load_paths(store, &args.paths).await?;
+            Ok(())
+        }
+        Command::Serve(args) => serve(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let store = open_store(&args.store)?;
+    if !args.load.is_empty() {
+        load::load_paths(store.clone(), &args.load).await?;
+    }
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let base_url = args.base_url.clone().unwrap_or_else(|| format!("http://{addr}")).trim_end_matches('/').to_string();
+
+    let key = match &args.signing_key {
+        Some(hex_key) => SigningKey::from_bytes(
+            (0..hex_key.len())
+                .step_by(2)
+                .map(|i| hex_key.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+                .filter(|k| !k.is_empty())
+                .ok_or("SLUICE_SIGNING_KEY must be a non-empty hex string")?,
+        ),
+        None => SigningKey::load_or_create(&args.store.data_dir.join("signing.key"))?,
+    };
+    let local = LocalStorage::new(args.store.data_dir.join("exports"), base_url.clone(), key);
+    let config = EngineConfig {
+        parallelism: args.parallelism.unwrap_or(EngineConfig::default().parallelism).max(1),
+        split: SplitLimits { max_resources: args.max_file_resources, max_bytes: args.max_file_bytes },
+        gzip_level: args.gzip_level,
+        ..EngineConfig::default()
+    };
+    let store_dyn: Arc<dyn ResourceStore> = store.clone();
+    let engine = Engine::new(store_dyn, Arc::new(local.clone()), config);
+    let resumed = engine.resume_unfinished().await?;
+    if resumed > 0 {
+        tracing::info!(resumed, "resumed unfinished exports");
+    }
+    let state = http::AppState::new(engine, Some(local), base_url.clone(), Duration::from_secs(args.signed_url_ttl));
+    let app = http::router(state);
+    tracing::info!(store = %store.describe(), %base_url, "sluice listening");
+    println!("sluice listening on {base_url}");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

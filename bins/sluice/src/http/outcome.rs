@@ -1,0 +1,94 @@
+//! Rendering errors as FHIR `OperationOutcome` responses.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use sluice_fhir::{Issue, IssueCode, OperationOutcome};
+
+/// An error response: a status and an OperationOutcome, plus optional extra headers.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    outcome: OperationOutcome,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    /// `status` with the given issues.
+    pub fn new(status: StatusCode, outcome: impl Into<OperationOutcome>) -> Self {
+        ApiError { status, outcome: outcome.into(), retry_after: None }
+    }
+
+    /// 400 with one `invalid` issue.
+    pub fn bad_request(diagnostics: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, Issue::error(IssueCode::Invalid, diagnostics))
+    }
+
+    /// 404 with one `not-found` issue.
+    pub fn not_found(diagnostics: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, Issue::error(IssueCode::NotFound, diagnostics))
+    }
+
+    /// 500 with one `exception` issue. The message must not contain secrets.
+    pub fn internal(diagnostics: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %diagnostics, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, diagnostics.to_string()))
+    }
+
+    /// Adds a `Retry-After` header (seconds).
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut res = fhir_json(self.status, &self.outcome.to_json());
+        if let Some(s) = self.retry_after {
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        res
+    }
+}
+
+/// A FHIR JSON response (`application/fhir+json`).
+pub fn fhir_json(status: StatusCode, body: &serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/fhir+json; charset=utf-8")], body.to_string()).into_response()
+}
+
+/// An informational OperationOutcome with 200/202.
+pub fn info(status: StatusCode, message: &str) -> Response {
+    fhir_json(
+        status,
+        &OperationOutcome::single(Issue {
+            severity: sluice_fhir::Severity::Information,
+            code: IssueCode::Informational,
+            diagnostics: message.to_string(),
+            expression: None,
+        })
+        .to_json(),
+    )
+}
+
+/// Fallback for unknown paths.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {} (the FHIR base is /fhir)", uri.path()))
+}
+
+/// Fallback for a known path with the wrong method.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Issue::error(IssueCode::NotSupported, format!("{method} is not supported on {}", uri.path())),
+    )
+}
+
+/// Turns a handler panic into a 500 OperationOutcome (the server keeps running).
+pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let detail = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    ApiError::internal(format!("internal error: {detail}")).into_response()
+}

@@ -1,0 +1,192 @@
+//! `sluice load` / `serve --load`: reads `.ndjson`, `.ndjson.gz` and FHIR `.json` files
+//! (Bundles or single resources), or folders of them, into the store in one transaction.
+//!
+//! Parsing runs on its own thread while the store writes on another; a malformed line or
+//! resource stops the load with its file and line number, and nothing of the load remains.
+
+use crate::cli::CliError;
+use flate2::read::MultiGzDecoder;
+use indicatif::{ProgressBar, ProgressStyle};
+use sluice_store::bundle::{bundle_ops, IdPolicy};
+use sluice_store::{prepare, LoadMsg, NewResource, ResourceStore, WriteOp};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Resources per batch sent to the store.
+const BATCH: usize = 2000;
+
+/// The files to load under `paths`, sorted; folders are searched recursively.
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, CliError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if meta.is_dir() {
+            let mut stack = vec![p.clone()];
+            while let Some(dir) = stack.pop() {
+                let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+                    .map_err(|e| format!("{}: {e}", dir.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .collect();
+                entries.sort();
+                for e in entries {
+                    if e.is_dir() {
+                        stack.push(e);
+                    } else if is_loadable(&e) {
+                        out.push(e);
+                    }
+                }
+            }
+        } else if is_loadable(p) {
+            out.push(p.clone());
+        } else {
+            return Err(format!("{}: not a .ndjson, .ndjson.gz or .json file", p.display()).into());
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+fn is_loadable(p: &Path) -> bool {
+    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    name.ends_with(".ndjson") || name.ends_with(".ndjson.gz") || name.ends_with(".json")
+}
+
+/// Counts bytes read, for the progress bar.
+struct Counting<R> {
+    inner: R,
+    bar: ProgressBar,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// Loads `paths` into `store` and prints a summary per type.
+pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf]) -> Result<(), CliError> {
+    let files = discover(paths)?;
+    if files.is_empty() {
+        return Err("no .ndjson, .ndjson.gz or .json files found".into());
+    }
+    let total: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} loading [{bar:30}] {bytes}/{total_bytes} {msg} ({eta})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel(4);
+    let reader_bar = bar.clone();
+    let reader = std::thread::spawn(move || {
+        let result = read_files(&files, &tx, &reader_bar);
+        let msg = match &result {
+            Ok(()) => LoadMsg::Commit,
+            Err(e) => LoadMsg::Abort(e.clone()),
+        };
+        let _ = tx.blocking_send(msg);
+        result
+    });
+    let summary = store.load(rx).await;
+    let read_result = reader.join().map_err(|_| "the file reader crashed")?;
+    bar.finish_and_clear();
+    if let Err(e) = read_result {
+        return Err(format!("load failed, nothing was written: {e}").into());
+    }
+    let summary = summary.map_err(|e| format!("load failed, nothing was written: {e}"))?;
+    let secs = started.elapsed().as_secs_f64();
+    let n: u64 = summary.per_type.values().sum();
+    println!("loaded {n} resources in {secs:.1}s ({:.0}/s) into {}", n as f64 / secs.max(1e-9), store.describe());
+    for (t, c) in &summary.per_type {
+        println!("  {t:<28} {c:>9}");
+    }
+    if summary.updated > 0 {
+        println!("  ({} of them replaced an existing resource with the same type and id)", summary.updated);
+    }
+    Ok(())
+}
+
+type Sender = mpsc::Sender<LoadMsg>;
+
+fn send(tx: &Sender, batch: &mut Vec<NewResource>) -> Result<(), String> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    tx.blocking_send(LoadMsg::Batch(std::mem::take(batch))).map_err(|_| "the store stopped the load".to_string())
+}
+
+fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar) -> Result<(), String> {
+    let mut batch = Vec::with_capacity(BATCH);
+    for file in files {
+        bar.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let counted = Counting { inner: f, bar: bar.clone() };
+        let name = file.to_string_lossy();
+        if name.ends_with(".json") {
+            read_json_file(file, counted, &mut batch)?;
+        } else {
+            let reader: Box<dyn Read> =
+                if name.ends_with(".gz") { Box::new(MultiGzDecoder::new(counted)) } else { Box::new(counted) };
+            let mut lines = BufReader::with_capacity(256 * 1024, reader);
+            let mut line = Vec::new();
+            let mut no = 0u64;
+            loop {
+                line.clear();
+                let n = lines.read_until(b'\n', &mut line).map_err(|e| format!("{}:{}: {e}", file.display(), no + 1))?;
+                if n == 0 {
+                    break;
+                }
+                no += 1;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let value = serde_json::from_slice(&line)
+                    .map_err(|e| format!("{}:{no}: not valid JSON: {e}", file.display()))?;
+                let r = prepare(value, None).map_err(|i| format!("{}:{no}: {}", file.display(), i.diagnostics))?;
+                batch.push(r);
+                if batch.len() >= BATCH {
+                    send(tx, &mut batch)?;
+                }
+            }
+        }
+        if batch.len() >= BATCH {
+            send(tx, &mut batch)?;
+        }
+    }
+    send(tx, &mut batch)
+}
+
+fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Vec<NewResource>) -> Result<(), String> {
+    let mut buf = Vec::new();
+    r.read_to_end(&mut buf).map_err(|e| format!("{}: {e}", file.display()))?;
+    let value: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| {
+        format!("{}:{}: not valid JSON: {e}", file.display(), e.line())
+    })?;
+    if value.get("resourceType").and_then(|v| v.as_str()) != Some("Bundle") {
+        batch.push(prepare(value, None).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?);
+        return Ok(());
+    }
+    let (_, ops) = bundle_ops(value, IdPolicy::Keep).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?;
+    for op in ops {
+        match op {
+            Ok(WriteOp::Put(r)) => batch.push(r),
+            Ok(WriteOp::Delete { .. }) => {} // a file load only adds data
+            Err(i) => {
+                return Err(format!(
+                    "{}: {}: {}",
+                    file.display(),
+                    i.expression.as_deref().unwrap_or("Bundle"),
+                    i.diagnostics
+                ))
+            }
+        }
+    }
+    Ok(())
+}

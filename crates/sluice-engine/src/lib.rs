@@ -1,0 +1,620 @@
+//! The export engine: runs a validated [`ExportPlan`] against a [`ResourceStore`] and
+//! writes its files to a [`Storage`].
+//!
+//! - [`Engine::kickoff`] checks what needs the store (the Group exists, the patients
+//!   exist), records an `Accepted` job (the store refuses a second active one) and starts it.
+//! - A run takes one snapshot (or reuses the one recorded, after a restart), counts what
+//!   each type will export, then exports the types in parallel (bounded by
+//!   [`EngineConfig::parallelism`]). Each type streams batches from the store, encodes them
+//!   on blocking threads (gzip never runs on the async reactor) and streams the bytes into
+//!   storage objects. Memory is bounded by batch and chunk sizes, never by export size.
+//! - Progress is saved to the job record about twice a second; the save is a
+//!   compare-and-set, so a run notices a cancellation made by any server.
+//! - On failure or cancellation every object the run wrote is deleted.
+//! - [`manifest`] renders the completed-job manifest with freshly signed URLs.
+
+mod elements;
+mod manifest;
+
+pub use manifest::{manifest, Manifest};
+
+use bytes::Bytes;
+use sluice_fhir::{Issue, IssueCode, OperationOutcome};
+use sluice_jobs::{JobError, JobRecord, JobStatus, OutputFile, TypeProgress};
+use sluice_ndjson::{Compression, Event, NdjsonWriter, SplitLimits};
+use sluice_planner::{ExportPlan, Level};
+use sluice_storage::{ObjectMeta, ObjectWriter, Storage};
+use sluice_store::{Patients, ReadResult, ResourceStore, ScanFilter, Snapshot};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Tuning knobs of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Resource types exported at the same time.
+    pub parallelism: usize,
+    /// Bytes per batch read from the store.
+    pub batch_bytes: usize,
+    /// When to split a type into several files.
+    pub split: SplitLimits,
+    /// gzip level for `ndjson.gz` output (1-9).
+    pub gzip_level: u32,
+    /// How often progress is saved to the job record.
+    pub progress_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+            batch_bytes: 1 << 20,
+            split: SplitLimits { max_resources: 0, max_bytes: 0 },
+            gzip_level: 2,
+            progress_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why a kick-off was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KickoffError {
+    /// Another export is running (429).
+    #[error("export {0} is running; only one export runs at a time")]
+    Busy(String),
+    /// The Group or a patient does not exist (404).
+    #[error("{}", .0.diagnostics)]
+    NotFound(Issue),
+    /// The store failed (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why a cancel or delete was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// No such export (or it was already cancelled or deleted).
+    #[error("no export with id '{0}'")]
+    NotFound(String),
+    /// The store failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{}", .0.diagnostics)]
+    Failed(Issue),
+}
+
+impl From<sluice_store::StoreError> for RunError {
+    fn from(e: sluice_store::StoreError) -> Self {
+        RunError::Failed(Issue::fatal(IssueCode::Exception, format!("reading the store failed: {e}")))
+    }
+}
+
+impl From<sluice_storage::StorageError> for RunError {
+    fn from(e: sluice_storage::StorageError) -> Self {
+        RunError::Failed(Issue::fatal(IssueCode::Exception, format!("writing the export failed: {e}")))
+    }
+}
+
+impl From<JobError> for RunError {
+    fn from(e: JobError) -> Self {
+        RunError::Failed(Issue::fatal(IssueCode::Exception, format!("saving the job failed: {e}")))
+    }
+}
+
+/// Runs exports. Cheap to clone; one per server.
+#[derive(Clone)]
+pub struct Engine {
+    store: Arc<dyn ResourceStore>,
+    storage: Arc<dyn Storage>,
+    config: EngineConfig,
+    running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+}
+
+impl Engine {
+    /// An engine over a store and a storage.
+    pub fn new(store: Arc<dyn ResourceStore>, storage: Arc<dyn Storage>, config: EngineConfig) -> Self {
+        Engine { store, storage, config, running: Default::default() }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn ResourceStore> {
+        &self.store
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// Checks the plan against the store, records an `Accepted` job and starts it.
+    pub async fn kickoff(&self, plan: ExportPlan, request_url: String) -> Result<JobRecord, KickoffError> {
+        let internal = |e: &dyn std::fmt::Display| KickoffError::Internal(e.to_string());
+        if let Level::Group(id) = &plan.level {
+            match self.store.read("Group", id).await.map_err(|e| internal(&e))? {
+                ReadResult::Found(_) => {}
+                ReadResult::Deleted(_) => {
+                    return Err(KickoffError::NotFound(
+                        Issue::error(IssueCode::Deleted, format!("Group/{id} was deleted")).at("Group"),
+                    ))
+                }
+                ReadResult::NotFound => {
+                    return Err(KickoffError::NotFound(
+                        Issue::error(IssueCode::NotFound, format!("Group/{id} does not exist")).at("Group"),
+                    ))
+                }
+            }
+        }
+        if let Some(patients) = &plan.patients {
+            let mut missing = Vec::new();
+            for p in patients {
+                if !matches!(self.store.read("Patient", p).await.map_err(|e| internal(&e))?, ReadResult::Found(_)) {
+                    missing.push(p.as_str());
+                }
+            }
+            if !missing.is_empty() {
+                return Err(KickoffError::NotFound(
+                    Issue::error(IssueCode::NotFound, format!("no Patient with id {}", missing.join(", "))).at("patient"),
+                ));
+            }
+        }
+        let job = JobRecord::new(uuid::Uuid::new_v4().to_string(), plan, request_url, OffsetDateTime::now_utc());
+        match self.store.insert(&job).await {
+            Ok(()) => {}
+            Err(JobError::Busy(id)) => return Err(KickoffError::Busy(id)),
+            Err(e) => return Err(internal(&e)),
+        }
+        self.spawn(job.clone());
+        Ok(job)
+    }
+
+    /// Restarts every job left unfinished by a previous process. A job that had a snapshot
+    /// is rerun on the same snapshot, so its result is what it would have been.
+    pub async fn resume_unfinished(&self) -> Result<usize, JobError> {
+        let jobs = self.store.unfinished().await?;
+        let n = jobs.len();
+        for job in jobs {
+            tracing::info!(job = %job.id, status = job.status.as_str(), "resuming unfinished export");
+            self.spawn(job);
+        }
+        Ok(n)
+    }
+
+    /// Cancels an active export, or deletes a finished one with its files. The one-export
+    /// slot is free when this returns.
+    pub async fn cancel(&self, id: &str) -> Result<(), CancelError> {
+        let internal = |e: JobError| CancelError::Internal(e.to_string());
+        loop {
+            let Some(mut job) = self.store.get(id).await.map_err(internal)? else {
+                return Err(CancelError::NotFound(id.to_string()));
+            };
+            if job.status == JobStatus::Cancelled {
+                return Err(CancelError::NotFound(id.to_string()));
+            }
+            let was = job.status;
+            job.status = JobStatus::Cancelled;
+            job.finished_at = Some(OffsetDateTime::now_utc());
+            job.outcome = Some(OperationOutcome::single(Issue::error(
+                IssueCode::Incomplete,
+                "the export was cancelled by the client",
+            )));
+            if !self.store.save_if(&job, &[was]).await.map_err(internal)? {
+                continue; // the status moved under us: look again
+            }
+            if was.is_active() {
+                if let Some(token) = self.running.lock().expect("running map").get(id) {
+                    token.cancel();
+                }
+                // A run on another server notices at its next progress save and cleans up.
+            } else if let Err(e) = self.storage.delete_prefix(&format!("{}/", job.folder)).await {
+                tracing::warn!(job = %id, error = %e, "deleting the files of a deleted export failed");
+            }
+            tracing::info!(job = %id, was = was.as_str(), "export cancelled");
+            return Ok(());
+        }
+    }
+
+    fn spawn(&self, job: JobRecord) {
+        let token = CancellationToken::new();
+        self.running.lock().expect("running map").insert(job.id.clone(), token.clone());
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let id = job.id.clone();
+            engine.run(job, token).await;
+            engine.running.lock().expect("running map").remove(&id);
+        });
+    }
+
+    async fn run(&self, mut job: JobRecord, token: CancellationToken) {
+        let prefix = format!("{}/", job.folder);
+        let started = std::time::Instant::now();
+        let result = self.run_inner(&mut job, &token).await;
+        match result {
+            Ok(()) => {
+                let (done, _) = job.totals();
+                tracing::info!(job = %job.id, resources = done, files = job.output.len(), elapsed_ms = started.elapsed().as_millis() as u64, "export completed");
+            }
+            Err(RunError::Cancelled) => {
+                if let Err(e) = self.storage.delete_prefix(&prefix).await {
+                    tracing::warn!(job = %job.id, error = %e, "cleaning up a cancelled export failed");
+                }
+            }
+            Err(RunError::Failed(issue)) => {
+                tracing::error!(job = %job.id, error = %issue.diagnostics, "export failed");
+                if let Err(e) = self.storage.delete_prefix(&prefix).await {
+                    tracing::warn!(job = %job.id, error = %e, "cleaning up a failed export failed");
+                }
+                job.status = JobStatus::Failed;
+                job.finished_at = Some(OffsetDateTime::now_utc());
+                job.output.clear();
+                job.error.clear();
+                job.outcome = Some(OperationOutcome::single(issue));
+                if let Err(e) = self.store.save_if(&job, &[JobStatus::Accepted, JobStatus::InProgress]).await {
+                    tracing::error!(job = %job.id, error = %e, "recording the failure failed");
+                }
+            }
+        }
+    }
+
+    async fn run_inner(&self, job: &mut JobRecord, token: &CancellationToken) -> Result<(), RunError> {
+        let from = job.status;
+        job.attempts += 1;
+        // A rerun after a restart starts over on the same snapshot: drop what it wrote.
+        if job.attempts > 1 {
+            self.storage.delete_prefix(&format!("{}/", job.folder)).await?;
+            job.output.clear();
+            job.error.clear();
+        }
+        let snapshot = match (&job.snapshot, job.transaction_time) {
+            (Some(id), Some(time)) => Snapshot { id: id.clone(), time },
+            _ => {
+                let s = self.store.snapshot().await?;
+                job.snapshot = Some(s.id.clone());
+                job.transaction_time = Some(s.time);
+                s
+            }
+        };
+        job.status = JobStatus::InProgress;
+        if !self.store.save_if(job, &[from]).await? {
+            return Err(RunError::Cancelled);
+        }
+
+        let (compartment_filter, plain_filter) = self.filters(job, &snapshot).await?;
+        let mut counts = self.store.count(&snapshot, &plain_filter).await?;
+        if let Some(cf) = &compartment_filter {
+            let in_compartment = self.store.count(&snapshot, cf).await?;
+            counts.retain(|t, _| !sluice_fhir::is_patient_compartment_type(t));
+            counts.extend(in_compartment);
+        }
+        let types = job.plan.resolve_types(counts.keys().map(String::as_str));
+        job.progress = types.iter().map(|t| (t.clone(), TypeProgress { done: 0, total: counts[t] })).collect();
+        if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
+            return Err(RunError::Cancelled);
+        }
+
+        let done: Arc<BTreeMap<String, AtomicU64>> =
+            Arc::new(types.iter().map(|t| (t.clone(), AtomicU64::new(0))).collect());
+        let limit = Arc::new(Semaphore::new(self.config.parallelism.max(1)));
+        let mut parts = tokio::task::JoinSet::new();
+        for t in &types {
+            let filter = match &compartment_filter {
+                Some(cf) if sluice_fhir::is_patient_compartment_type(t) => cf.clone(),
+                _ => plain_filter.clone(),
+            };
+            let part = Part {
+                engine: self.clone(),
+                job_folder: job.folder.clone(),
+                plan: job.plan.clone(),
+                snapshot: snapshot.clone(),
+                resource_type: t.clone(),
+                filter,
+                done: done.clone(),
+                token: token.clone(),
+            };
+            let limit = limit.clone();
+            parts.spawn(async move {
+                let _permit = limit.acquire_owned().await.map_err(|_| RunError::Cancelled)?;
+                part.run().await
+            });
+        }
+
+        let mut files: Vec<OutputFile> = Vec::new();
+        let mut ticker = tokio::time::interval(self.config.progress_interval);
+        ticker.tick().await;
+        let mut failure: Option<RunError> = None;
+        while !parts.is_empty() {
+            tokio::select! {
+                joined = parts.join_next() => {
+                    match joined.expect("set is not empty") {
+                        Ok(Ok(mut f)) => files.append(&mut f),
+                        Ok(Err(e)) => { failure.get_or_insert(e); token.cancel(); }
+                        Err(join) => {
+                            failure.get_or_insert(RunError::Failed(Issue::fatal(IssueCode::Exception, format!("an export worker crashed: {join}"))));
+                            token.cancel();
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    Self::copy_progress(job, &done);
+                    if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
+                        token.cancel();
+                        failure.get_or_insert(RunError::Cancelled);
+                    }
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if token.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        Self::copy_progress(job, &done);
+
+        files.sort_by(|a, b| a.resource_type.cmp(&b.resource_type).then(natural_key(&a.key).cmp(&natural_key(&b.key))));
+        job.output = files;
+        job.error = self.write_error_file(job).await?;
+        job.status = JobStatus::Completed;
+        job.finished_at = Some(OffsetDateTime::now_utc());
+        if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
+            return Err(RunError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn copy_progress(job: &mut JobRecord, done: &BTreeMap<String, AtomicU64>) {
+        for (t, n) in done {
+            if let Some(p) = job.progress.get_mut(t) {
+                p.done = n.load(Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The compartment filter (for compartment types at patient/group level) and the
+    /// filter for everything else.
+    async fn filters(&self, job: &JobRecord, snapshot: &Snapshot) -> Result<(Option<ScanFilter>, ScanFilter), RunError> {
+        let plan = &job.plan;
+        let plain = ScanFilter { since: plan.since, until: plan.until, patients: None };
+        let patients = match &plan.level {
+            Level::System => return Ok((None, plain)),
+            Level::Patient => match &plan.patients {
+                Some(ids) => Patients::Only(ids.clone()),
+                None => Patients::Any,
+            },
+            Level::Group(id) => {
+                let json = self.store.read_at(snapshot, "Group", id).await?.ok_or_else(|| {
+                    RunError::Failed(Issue::error(IssueCode::NotFound, format!("Group/{id} does not exist at the export's transaction time")))
+                })?;
+                let group: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
+                    RunError::Failed(Issue::fatal(IssueCode::Exception, format!("Group/{id} is not readable JSON: {e}")))
+                })?;
+                let mut members = group_members(&group, snapshot.time);
+                if let Some(only) = &plan.patients {
+                    members.retain(|m| only.contains(m));
+                }
+                Patients::Only(members)
+            }
+        };
+        Ok((Some(ScanFilter { patients: Some(patients), ..plain.clone() }), plain))
+    }
+
+    /// Lenient mode: the ignored parameters as an OperationOutcome ndjson file.
+    async fn write_error_file(&self, job: &JobRecord) -> Result<Vec<OutputFile>, RunError> {
+        if job.plan.ignored.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut data = Vec::new();
+        for issue in &job.plan.ignored {
+            let line = OperationOutcome::single(issue.clone()).to_json().to_string();
+            data.extend_from_slice(line.as_bytes());
+            data.push(b'\n');
+        }
+        let key = format!("{}/OperationOutcome.ndjson", job.folder);
+        let mut w = self.storage.create(&key, ObjectMeta::ndjson(false)).await?;
+        w.write(Bytes::from(data)).await?;
+        let bytes = w.finish().await?;
+        Ok(vec![OutputFile { resource_type: "OperationOutcome".into(), key, count: job.plan.ignored.len() as u64, bytes }])
+    }
+}
+
+/// Sort key that orders `Type.ndjson`, `Type-2.ndjson`, ..., `Type-10.ndjson` naturally.
+fn natural_key(key: &str) -> (usize, &str) {
+    (key.len(), key)
+}
+
+/// The patient ids of a Group's members that count at `at` (D6): `inactive` members and
+/// members whose `period` does not contain `at` are skipped; only Patient references count.
+pub fn group_members(group: &serde_json::Value, at: OffsetDateTime) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(members) = group.get("member").and_then(|m| m.as_array()) else { return out };
+    for m in members {
+        if m.get("inactive").and_then(|v| v.as_bool()) == Some(true) {
+            continue;
+        }
+        if let Some(period) = m.get("period") {
+            let bound = |k: &str| period.get(k).and_then(|v| v.as_str()).and_then(|s| sluice_fhir::instant::parse(s).ok());
+            if bound("start").is_some_and(|s| s > at) || bound("end").is_some_and(|e| e < at) {
+                continue;
+            }
+        }
+        let reference = m.pointer("/entity/reference").and_then(|v| v.as_str());
+        if let Some(id) = reference.and_then(sluice_fhir::compartment::patient_reference_id) {
+            if !out.iter().any(|o| o == id) {
+                out.push(id.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// One resource type of one export.
+struct Part {
+    engine: Engine,
+    job_folder: String,
+    plan: ExportPlan,
+    snapshot: Snapshot,
+    resource_type: String,
+    filter: ScanFilter,
+    done: Arc<BTreeMap<String, AtomicU64>>,
+    token: CancellationToken,
+}
+
+impl Part {
+    fn key(&self, file: u32) -> String {
+        let ext = self.plan.output_format.extension();
+        match file {
+            0 => format!("{}/{}.{ext}", self.job_folder, self.resource_type),
+            n => format!("{}/{}-{}.{ext}", self.job_folder, self.resource_type, n + 1),
+        }
+    }
+
+    async fn run(self) -> Result<Vec<OutputFile>, RunError> {
+        let cfg = &self.engine.config;
+        let (tx, mut rx) = mpsc::channel(2);
+        let scan = {
+            let store = self.engine.store.clone();
+            let (snap, rt, filter, bytes) =
+                (self.snapshot.clone(), self.resource_type.clone(), self.filter.clone(), cfg.batch_bytes);
+            tokio::spawn(async move { store.scan(&snap, &rt, &filter, bytes, tx).await })
+        };
+        let compression = if self.plan.output_format.is_gzip() {
+            Compression::Gzip { level: cfg.gzip_level }
+        } else {
+            Compression::None
+        };
+        let subset = elements::Subsetter::for_type(self.plan.elements.as_deref(), &self.resource_type);
+        let mut writer = Some(NdjsonWriter::new(compression, cfg.split));
+        let mut open: Option<(u32, Box<dyn ObjectWriter>)> = None;
+        let mut files = Vec::new();
+        let counter = &self.done[&self.resource_type];
+
+        let result: Result<(), RunError> = async {
+            loop {
+                let batch = tokio::select! {
+                    b = rx.recv() => b,
+                    _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                };
+                let Some(batch) = batch else { break };
+                let n = batch.count;
+                let mut w = writer.take().expect("writer present between batches");
+                let subset = subset.clone();
+                let (w, events) = tokio::task::spawn_blocking(move || {
+                    let mut events = Vec::new();
+                    let res = match &subset {
+                        None => w.write_lines(batch.lines(), &mut events),
+                        Some(s) => {
+                            let lines: Vec<Vec<u8>> = batch.lines().map(|l| s.apply(l)).collect();
+                            w.write_lines(lines.iter().map(Vec::as_slice), &mut events)
+                        }
+                    };
+                    (w, res.map(|()| events))
+                })
+                .await
+                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?;
+                writer = Some(w);
+                let events = events.map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding {} failed: {e}", self.resource_type))))?;
+                self.handle(events, &mut open, &mut files).await?;
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+            scan.await
+                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}"))))??;
+            let w = writer.take().expect("writer present at end");
+            let events = tokio::task::spawn_blocking(move || {
+                let mut events = Vec::new();
+                w.finish(&mut events).map(|()| events)
+            })
+            .await
+            .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?
+            .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding failed: {e}"))))?;
+            self.handle(events, &mut open, &mut files).await
+        }
+        .await;
+
+        if let Err(e) = result {
+            if let Some((_, w)) = open.take() {
+                w.abort().await;
+            }
+            return Err(e);
+        }
+        Ok(files)
+    }
+
+    async fn handle(
+        &self,
+        events: Vec<Event>,
+        open: &mut Option<(u32, Box<dyn ObjectWriter>)>,
+        files: &mut Vec<OutputFile>,
+    ) -> Result<(), RunError> {
+        for ev in events {
+            match ev {
+                Event::Data { file, bytes } => {
+                    if open.as_ref().is_none_or(|(f, _)| *f != file) {
+                        let meta = ObjectMeta::ndjson(self.plan.output_format.is_gzip());
+                        let w = self.engine.storage.create(&self.key(file), meta).await?;
+                        *open = Some((file, w));
+                    }
+                    let (_, w) = open.as_mut().expect("opened above");
+                    w.write(Bytes::from(bytes)).await?;
+                }
+                Event::Finished(summary) => {
+                    let (f, w) = open.take().ok_or_else(|| {
+                        RunError::Failed(Issue::fatal(IssueCode::Exception, "encoder finished a file that was never opened"))
+                    })?;
+                    debug_assert_eq!(f, summary.file);
+                    let bytes = w.finish().await?;
+                    if bytes != summary.bytes {
+                        return Err(RunError::Failed(Issue::fatal(
+                            IssueCode::Exception,
+                            format!("{}: stored {bytes} bytes, encoded {}", self.key(f), summary.bytes),
+                        )));
+                    }
+                    files.push(OutputFile {
+                        resource_type: self.resource_type.clone(),
+                        key: self.key(f),
+                        count: summary.resources,
+                        bytes,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn group_members_respect_inactive_and_period() {
+        let at = sluice_fhir::instant::parse("2024-06-01T00:00:00Z").unwrap();
+        let g = json!({"resourceType":"Group","member":[
+            {"entity":{"reference":"Patient/a"}},
+            {"entity":{"reference":"Patient/b"},"inactive":true},
+            {"entity":{"reference":"Patient/c"},"period":{"start":"2025-01-01"}},
+            {"entity":{"reference":"Patient/d"},"period":{"end":"2024-01-01"}},
+            {"entity":{"reference":"Patient/e"},"period":{"start":"2024-01-01","end":"2024-12-31"}},
+            {"entity":{"reference":"Practitioner/f"}},
+            {"entity":{"reference":"Patient/a"}}
+        ]});
+        assert_eq!(group_members(&g, at), vec!["a".to_string(), "e".to_string()]);
+        assert!(group_members(&json!({"resourceType":"Group"}), at).is_empty());
+    }
+
+    #[test]
+    fn natural_order_of_split_files() {
+        let mut keys = vec!["f/Obs-10.ndjson", "f/Obs-2.ndjson", "f/Obs.ndjson"];
+        keys.sort_by_key(|k| natural_key(k));
+        assert_eq!(keys, vec!["f/Obs.ndjson", "f/Obs-2.ndjson", "f/Obs-10.ndjson"]);
+    }
+}

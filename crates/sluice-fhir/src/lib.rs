@@ -1,0 +1,18 @@
+//! The FHIR R4 (4.0.1) pieces Sluice needs, as plain data and pure functions.
+//!
+//! - [`compartment`]: the complete Patient CompartmentDefinition and the function that
+//!   tells which patients a resource belongs to.
+//! - [`types`]: the list of standard R4 resource types.
+//! - [`outcome`]: `OperationOutcome` issues, the error currency of every layer.
+//! - [`instant`]: parsing FHIR `instant` / `dateTime` / `date` values and formatting instants.
+//!
+//! Nothing here does I/O or is async.
+
+pub mod compartment;
+pub mod instant;
+pub mod outcome;
+pub mod types;
+
+pub use compartment::{is_patient_compartment_type, patient_ids, PATIENT_COMPARTMENT};
+pub use outcome::{Issue, IssueCode, OperationOutcome, Severity};
+pub use types::{is_r4_resource_type, R4_RESOURCE_TYPES};

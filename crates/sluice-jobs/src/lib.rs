@@ -1,0 +1,248 @@
+//! Export jobs: the state machine, the persisted job record, and the repository trait
+//! that enforces one active export at a time.
+//!
+//! ```text
+//! Accepted -> InProgress -> Completed
+//!     |           |-------> Failed
+//!     |-----------+-------> Cancelled
+//! ```
+//! A job is *active* while `Accepted` or `InProgress`. At most one job is active at a time;
+//! the repository enforces it in the database (a unique `active` column), not in process
+//! memory, so it holds across restarts and across servers sharing a database. Every
+//! transition is a compare-and-set on the status, so a cancellation racing a completion
+//! has exactly one winner.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sluice_fhir::OperationOutcome;
+use sluice_planner::ExportPlan;
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobStatus {
+    /// Kicked off, not yet started.
+    Accepted,
+    /// Running.
+    InProgress,
+    /// Finished; the manifest is available.
+    Completed,
+    /// Stopped by an error; `outcome` says why.
+    Failed,
+    /// Cancelled by the client (or deleted after completion).
+    Cancelled,
+}
+
+impl JobStatus {
+    /// The status name as stored (`in-progress`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Accepted => "accepted",
+            JobStatus::InProgress => "in-progress",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses a stored status name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Accepted, Self::InProgress, Self::Completed, Self::Failed, Self::Cancelled]
+            .into_iter()
+            .find(|st| st.as_str() == s)
+    }
+
+    /// Whether the job holds the one-active-export slot.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobStatus::Accepted | JobStatus::InProgress)
+    }
+
+    /// Whether the state machine allows `self -> to`.
+    pub fn can_become(self, to: JobStatus) -> bool {
+        use JobStatus::*;
+        matches!(
+            (self, to),
+            (Accepted, InProgress)
+                | (Accepted, Failed)
+                | (Accepted, Cancelled)
+                | (InProgress, InProgress)
+                | (InProgress, Completed)
+                | (InProgress, Failed)
+                | (InProgress, Cancelled)
+                | (Completed, Cancelled)
+                | (Failed, Cancelled)
+        )
+    }
+}
+
+/// One file of an export, as listed in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// The resource type in the file (`OperationOutcome` for error files).
+    pub resource_type: String,
+    /// The object key in storage (`<folder>/<Type>.ndjson`).
+    pub key: String,
+    /// Resources (lines) in the file.
+    pub count: u64,
+    /// Size in bytes as stored.
+    pub bytes: u64,
+}
+
+/// Per-type progress: resources written and resources to write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeProgress {
+    /// Resources written so far.
+    pub done: u64,
+    /// Resources the export will write.
+    pub total: u64,
+}
+
+/// A job and everything needed to report on it, persisted as one record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job id (a UUID), also the last segment of the status URL.
+    pub id: String,
+    /// Current status.
+    pub status: JobStatus,
+    /// The validated request.
+    pub plan: ExportPlan,
+    /// The kick-off URL as the client sent it (the manifest's `request`).
+    pub request_url: String,
+    /// The export folder (`<datetime>_<uuid>`), the prefix of every object key.
+    pub folder: String,
+    /// When the kick-off was accepted.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// The store snapshot the export reads (opaque, store-specific), once taken.
+    pub snapshot: Option<String>,
+    /// The snapshot's time: the manifest's `transactionTime`.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub transaction_time: Option<OffsetDateTime>,
+    /// When the job reached a final status.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Data files, in manifest order.
+    pub output: Vec<OutputFile>,
+    /// Error files (OperationOutcome ndjson), in manifest order.
+    pub error: Vec<OutputFile>,
+    /// Why the job failed or was cancelled.
+    pub outcome: Option<OperationOutcome>,
+    /// Per-type progress.
+    pub progress: BTreeMap<String, TypeProgress>,
+    /// How many times the job was (re)started, counting restarts after a crash.
+    pub attempts: u32,
+}
+
+impl JobRecord {
+    /// A new `Accepted` job for `plan`.
+    pub fn new(id: String, plan: ExportPlan, request_url: String, now: OffsetDateTime) -> Self {
+        let folder = format!(
+            "{:04}{:02}{:02}T{:02}{:02}{:02}Z_{}",
+            now.year(),
+            u8::from(now.month()),
+            now.day(),
+            now.hour(),
+            now.minute(),
+            now.second(),
+            id
+        );
+        JobRecord {
+            id,
+            status: JobStatus::Accepted,
+            plan,
+            request_url,
+            folder,
+            created_at: now,
+            snapshot: None,
+            transaction_time: None,
+            finished_at: None,
+            output: Vec::new(),
+            error: Vec::new(),
+            outcome: None,
+            progress: BTreeMap::new(),
+            attempts: 0,
+        }
+    }
+
+    /// Total (done, total) over all types.
+    pub fn totals(&self) -> (u64, u64) {
+        self.progress.values().fold((0, 0), |(d, t), p| (d + p.done, t + p.total))
+    }
+
+    /// Progress in whole percent (0 until totals are known; 100 only when completed).
+    pub fn percent(&self) -> u8 {
+        if self.status == JobStatus::Completed {
+            return 100;
+        }
+        let (d, t) = self.totals();
+        if t == 0 {
+            0
+        } else {
+            ((d.min(t) * 100) / t).min(99) as u8
+        }
+    }
+}
+
+/// Why a repository call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Another export is active; its id is given.
+    #[error("export {0} is already running; only one export runs at a time")]
+    Busy(String),
+    /// The database failed.
+    #[error("job store error: {0}")]
+    Store(String),
+}
+
+/// Persistence of job records; implemented by each resource store, in its own database.
+#[async_trait]
+pub trait JobRepo: Send + Sync {
+    /// Inserts an `Accepted` job, or fails with [`JobError::Busy`] when one is active.
+    async fn insert(&self, job: &JobRecord) -> Result<(), JobError>;
+    /// The job with this id.
+    async fn get(&self, id: &str) -> Result<Option<JobRecord>, JobError>;
+    /// Replaces the record if its stored status is one of `expected` (compare-and-set).
+    /// Returns false (and writes nothing) otherwise. The active slot follows the new status.
+    async fn save_if(&self, job: &JobRecord, expected: &[JobStatus]) -> Result<bool, JobError>;
+    /// Jobs still `Accepted` or `InProgress` (after a restart: the ones to resume).
+    async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError>;
+    /// The id of the active job, if any.
+    async fn active(&self) -> Result<Option<String>, JobError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use JobStatus::*;
+
+    #[test]
+    fn transitions() {
+        let all = [Accepted, InProgress, Completed, Failed, Cancelled];
+        let allowed: Vec<_> = all
+            .iter()
+            .flat_map(|a| all.iter().map(move |b| (*a, *b)))
+            .filter(|(a, b)| a.can_become(*b))
+            .collect();
+        assert_eq!(
+            allowed,
+            vec![
+                (Accepted, InProgress),
+                (Accepted, Failed),
+                (Accepted, Cancelled),
+                (InProgress, InProgress),
+                (InProgress, Completed),
+                (InProgress, Failed),
+                (InProgress, Cancelled),
+                (Completed, Cancelled),
+                (Failed, Cancelled),
+            ]
+        );
+        for s in all {
+            assert_eq!(JobStatus::parse(s.as_str()), Some(s));
+            assert_eq!(s.is_active(), matches!(s, Accepted | InProgress));
+        }
+        assert_eq!(JobStatus::parse("running"), None);
+    }
+}

@@ -1,0 +1,282 @@
+//! Checking the value of each parameter.
+
+use sluice_fhir::{Issue, IssueCode, is_r4_resource_type};
+use time::OffsetDateTime;
+
+use crate::input::Value;
+use crate::{Issues, KNOWN_PARAMETERS, Level, OutputFormat};
+
+/// Reads an `_outputFormat` value (see [`OutputFormat::parse`]).
+pub(crate) fn output_format(value: &str) -> Option<OutputFormat> {
+    let s = value.trim().replace(' ', "+").to_ascii_lowercase();
+    if s == "ndjson.gz" {
+        return Some(OutputFormat::NdjsonGz);
+    }
+    let subtype = s.strip_prefix("application/").unwrap_or(&s);
+    let (mut fhir, mut ndjson, mut gzip) = (false, false, false);
+    for token in subtype.split('+') {
+        let seen = match token {
+            "fhir" => &mut fhir,
+            "ndjson" => &mut ndjson,
+            "gzip" => &mut gzip,
+            _ => return None,
+        };
+        if *seen {
+            return None;
+        }
+        *seen = true;
+    }
+    match (fhir, ndjson, gzip) {
+        (_, true, false) => Some(OutputFormat::Ndjson),
+        (_, true, true) | (false, false, true) => Some(OutputFormat::NdjsonGz),
+        _ => None,
+    }
+}
+
+/// `_outputFormat`: a problem when not recognised.
+pub(crate) fn check_output_format(value: &str, cx: &mut Issues) -> Option<OutputFormat> {
+    let format = output_format(value);
+    if format.is_none() {
+        cx.reject(
+            Issue::error(
+                IssueCode::NotSupported,
+                format!(
+                    "_outputFormat '{value}' is not supported; use application/fhir+ndjson \
+                     (also application/ndjson, ndjson) or, for gzip-compressed files, \
+                     application/fhir+ndjson+gzip (also application/ndjson+gzip, ndjson+gzip, \
+                     ndjson.gz, gzip, application/gzip)."
+                ),
+            )
+            .at("_outputFormat"),
+        );
+    }
+    format
+}
+
+/// Splits a comma list: entries trimmed, empty entries dropped.
+fn entries(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|e| !e.is_empty())
+}
+
+/// `_type`: every entry must be a standard R4 type; `Group` is not exported at patient and
+/// group level (D9). Valid entries are appended to `types` unless already there.
+pub(crate) fn check_types(list: &str, level: &Level, types: &mut Vec<String>, cx: &mut Issues) {
+    for t in entries(list) {
+        if !is_r4_resource_type(t) {
+            let hint = case_insensitive_type(t).map(|real| format!(" (did you mean {real}?)")).unwrap_or_default();
+            cx.reject(
+                Issue::error(
+                    IssueCode::NotSupported,
+                    format!(
+                        "_type '{t}' is not a standard FHIR R4 resource type{hint}; _type takes \
+                         a comma-separated list of R4 resource types (e.g. \
+                         Patient,Observation), names are case-sensitive."
+                    ),
+                )
+                .at("_type"),
+            );
+        } else if t == "Group" && level.is_patient_based() {
+            cx.reject(
+                Issue::error(
+                    IssueCode::NotSupported,
+                    format!(
+                        "_type 'Group' is not exported by a {}-level export: a Group's \
+                         characteristics and member list are not data about its patients; \
+                         use the system-level [base]/$export?_type=Group, or read the Group \
+                         directly.",
+                        level.name()
+                    ),
+                )
+                .at("_type"),
+            );
+        } else if !types.iter().any(|x| x == t) {
+            types.push(t.to_string());
+        }
+    }
+}
+
+/// The R4 type that differs from `t` only in letter case, if any.
+fn case_insensitive_type(t: &str) -> Option<&'static str> {
+    sluice_fhir::R4_RESOURCE_TYPES.iter().copied().find(|real| real.eq_ignore_ascii_case(t))
+}
+
+/// `_since` / `_until`: a FHIR instant, dateTime or date (D5).
+pub(crate) fn check_instant(name: &str, value: &str, cx: &mut Issues) -> Option<OffsetDateTime> {
+    match sluice_fhir::instant::parse(value) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            cx.reject(
+                Issue::error(
+                    IssueCode::Invalid,
+                    format!(
+                        "{name}: {e}. A date without a time zone is read as UTC; encode '+' in \
+                         an offset as %2B."
+                    ),
+                )
+                .at(name),
+            );
+            None
+        }
+    }
+}
+
+/// Whether `id` is a FHIR id: 1-64 of `A-Z a-z 0-9 - .`.
+fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// Adds `id` to `patients` unless already there.
+fn push_patient(id: &str, patients: &mut Vec<String>) {
+    if !patients.iter().any(|p| p == id) {
+        patients.push(id.to_string());
+    }
+}
+
+/// `patient` on a GET patient-level kick-off (D3): comma-separated `123` or `Patient/123`.
+pub(crate) fn check_patient_list(list: &str, patients: &mut Vec<String>, cx: &mut Issues) {
+    let mut any = false;
+    for entry in entries(list) {
+        any = true;
+        let id = entry.strip_prefix("Patient/").unwrap_or(entry);
+        if is_fhir_id(id) {
+            push_patient(id, patients);
+        } else {
+            cx.reject(
+                Issue::error(
+                    IssueCode::Invalid,
+                    format!(
+                        "patient '{entry}' is not a patient id; patient takes a comma-separated \
+                         list of ids or references such as 123 or Patient/123 (ids are 1-64 \
+                         characters A-Z, a-z, 0-9, '-' and '.')."
+                    ),
+                )
+                .at("patient"),
+            );
+        }
+    }
+    if !any {
+        cx.reject(
+            Issue::error(
+                IssueCode::Required,
+                format!(
+                    "patient '{list}' names no patient; give a comma-separated list of ids or \
+                     references such as 123 or Patient/123, or leave the parameter out to \
+                     export all patients."
+                ),
+            )
+            .at("patient"),
+        );
+    }
+}
+
+/// `patient` in a POST body (D3): a `valueReference` to `Patient/<id>`.
+pub(crate) fn check_patient_value(value: &Value, patients: &mut Vec<String>, cx: &mut Issues) {
+    let problem = match value {
+        Value::Reference(r) => match r.trim().strip_prefix("Patient/") {
+            Some(id) if is_fhir_id(id) => {
+                push_patient(id, patients);
+                return;
+            }
+            _ => format!("patient reference '{r}' is not a reference to a Patient"),
+        },
+        Value::Text(t) => format!("patient '{t}' is not a valueReference"),
+    };
+    cx.reject(
+        Issue::error(
+            IssueCode::Invalid,
+            format!(
+                "{problem}; in a POST body each patient is a parameter {{\"name\": \"patient\", \
+                 \"valueReference\": {{\"reference\": \"Patient/123\"}}}}."
+            ),
+        )
+        .at("patient"),
+    );
+}
+
+/// Whether `name` looks like a FHIR element name (`birthDate`, `value[x]` spelled out as
+/// `valueQuantity`, ...).
+fn is_element_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_lowercase()) && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `_elements`: comma-separated `name` or `Type.name` (Type an R4 type); nested paths are
+/// not supported. Valid entries are appended to `elements` as given, unless already there.
+pub(crate) fn check_elements(list: &str, elements: &mut Vec<String>, cx: &mut Issues) {
+    const ACCEPTED: &str = "_elements takes a comma-separated list of top-level element \
+                            names, each alone (name) or with a resource type (Patient.name)";
+    for entry in entries(list) {
+        let parts: Vec<&str> = entry.split('.').collect();
+        let problem = match parts.as_slice() {
+            [name] if is_element_name(name) => None,
+            [ty, name] if is_r4_resource_type(ty) && is_element_name(name) => None,
+            [ty, _] if ty.is_empty() || is_r4_resource_type(ty) => Some((IssueCode::Invalid, "an element name")),
+            [ty, _] if ty.starts_with(|c: char| c.is_ascii_uppercase()) => {
+                Some((IssueCode::NotSupported, "a standard R4 resource type before the '.'"))
+            }
+            [_, _] | [_, _, _, ..] => {
+                Some((IssueCode::NotSupported, "a top-level element (nested paths are not supported)"))
+            }
+            _ => Some((IssueCode::Invalid, "an element name")),
+        };
+        match problem {
+            None => {
+                if !elements.iter().any(|e| e == entry) {
+                    elements.push(entry.to_string());
+                }
+            }
+            Some((code, lacks)) => cx
+                .reject(Issue::error(code, format!("_elements '{entry}' is not {lacks}; {ACCEPTED}.")).at("_elements")),
+        }
+    }
+}
+
+/// The recognised IG parameters Sluice does not implement yet. Values that ask for nothing
+/// (empty, `allowPartialManifests=false`) are accepted silently.
+pub(crate) fn check_unsupported(name: &str, value: &str, cx: &mut Issues) {
+    let v = value.trim();
+    if v.is_empty() {
+        return;
+    }
+    if name == "allowPartialManifests" {
+        if v.eq_ignore_ascii_case("false") {
+            return;
+        }
+        if !v.eq_ignore_ascii_case("true") {
+            cx.reject(
+                Issue::error(
+                    IssueCode::Invalid,
+                    format!("allowPartialManifests '{value}' is not a boolean; use true or false."),
+                )
+                .at(name),
+            );
+            return;
+        }
+    }
+    cx.reject(
+        Issue::error(
+            IssueCode::NotSupported,
+            format!(
+                "{name} '{value}' is recognised but not yet supported by this server; leave it \
+                 out, or send Prefer: handling=lenient to have it ignored."
+            ),
+        )
+        .at(name),
+    );
+}
+
+/// A parameter that is not a kick-off parameter (D2).
+pub(crate) fn unknown_parameter(name: &str, cx: &mut Issues) {
+    let hint = KNOWN_PARAMETERS
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(name) || k.trim_start_matches('_') == name)
+        .map(|k| format!(" (did you mean {k}?)"))
+        .unwrap_or_default();
+    cx.reject(
+        Issue::error(
+            IssueCode::NotSupported,
+            format!("Unknown parameter '{name}'{hint}; a kick-off accepts {}.", KNOWN_PARAMETERS.join(", ")),
+        )
+        .at(name),
+    );
+}

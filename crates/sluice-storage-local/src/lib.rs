@@ -1,0 +1,326 @@
+//! Export files on local disk, served by Sluice itself at HMAC-signed URLs.
+//!
+//! Objects live under a root folder (`<data-dir>/exports`). A file is written as
+//! `<key>.partial` and renamed to `<key>` when finished, so a reader never sees a
+//! half-written file. A signed URL is `<base>/files/<key>?expires=<unix>&sig=<hex>`, where
+//! `sig` is HMAC-SHA256 over `<key>\n<expires>` with a key kept in the data dir
+//! ([`SigningKey::load_or_create`]); [`LocalStorage::open_signed`] checks it before a file
+//! is served.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use sluice_storage::{validate_key, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use time::OffsetDateTime;
+use tokio::io::AsyncWriteExt;
+
+/// The secret used to sign download URLs. Never logged (its `Debug` is redacted).
+#[derive(Clone)]
+pub struct SigningKey(Vec<u8>);
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(<redacted>)")
+    }
+}
+
+impl SigningKey {
+    /// A key from configured bytes (e.g. an environment variable).
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
+        SigningKey(bytes.into())
+    }
+
+    /// Reads the hex key at `path`, or creates it (32 random bytes, mode 0600) if absent.
+    pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(s) => {
+                let bytes = hex::decode(s.trim()).map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: not a hex key: {e}", path.display()))
+                })?;
+                Ok(SigningKey(bytes))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut bytes = vec![0u8; 32];
+                getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                let tmp = path.with_extension("tmp");
+                write_private(&tmp, hex::encode(&bytes).as_bytes())?;
+                std::fs::rename(&tmp, path)?;
+                Ok(SigningKey(bytes))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn sign(&self, key: &str, expires: i64) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(key.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    fn verify(&self, key: &str, expires: i64, sig: &str) -> bool {
+        let Ok(sig) = hex::decode(sig) else { return false };
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(key.as_bytes());
+        mac.update(b"\n");
+        mac.update(expires.to_string().as_bytes());
+        mac.verify_slice(&sig).is_ok()
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Why a download was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DownloadError {
+    /// The signature does not match the key and expiry.
+    #[error("the download link's signature is not valid")]
+    BadSignature,
+    /// The link is past its expiry.
+    #[error("the download link expired; poll the export status for fresh links")]
+    Expired,
+    /// The file does not exist (deleted, or never written).
+    #[error("the file does not exist (the export may have been deleted)")]
+    NotFound,
+}
+
+/// A file ready to be served.
+#[derive(Debug)]
+pub struct OpenedFile {
+    /// The open file, positioned at its start.
+    pub file: tokio::fs::File,
+    /// Its length in bytes.
+    pub len: u64,
+    /// Its `Content-Type` / `Content-Encoding`.
+    pub meta: ObjectMeta,
+}
+
+/// Export files on local disk.
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    root: PathBuf,
+    base_url: String,
+    key: SigningKey,
+}
+
+impl LocalStorage {
+    /// Files under `root`; URLs start with `base_url` (e.g. `http://host:8080`), path `/files/`.
+    pub fn new(root: impl Into<PathBuf>, base_url: impl Into<String>, key: SigningKey) -> Self {
+        let base_url = base_url.into().trim_end_matches('/').to_string();
+        LocalStorage { root: root.into(), base_url, key }
+    }
+
+    /// The folder files are written under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The metadata a file is served with, from its name (D10).
+    pub fn meta_for(key: &str) -> ObjectMeta {
+        if key.ends_with(".ndjson.gz") {
+            ObjectMeta::ndjson(true)
+        } else if key.ends_with(".ndjson") {
+            ObjectMeta::ndjson(false)
+        } else if key.ends_with(".json") {
+            ObjectMeta { content_type: "application/json".into(), content_encoding: None }
+        } else {
+            ObjectMeta { content_type: "application/octet-stream".into(), content_encoding: None }
+        }
+    }
+
+    /// Checks a signed link and opens the file it names.
+    pub async fn open_signed(&self, key: &str, expires: i64, sig: &str) -> Result<OpenedFile, DownloadError> {
+        if validate_key(key).is_err() || !self.key.verify(key, expires, sig) {
+            return Err(DownloadError::BadSignature);
+        }
+        if OffsetDateTime::now_utc().unix_timestamp() > expires {
+            return Err(DownloadError::Expired);
+        }
+        let path = self.root.join(key);
+        let file = tokio::fs::File::open(&path).await.map_err(|_| DownloadError::NotFound)?;
+        let len = file.metadata().await.map_err(|_| DownloadError::NotFound)?.len();
+        Ok(OpenedFile { file, len, meta: Self::meta_for(key) })
+    }
+
+    fn io(&self, path: &Path, source: std::io::Error) -> StorageError {
+        // Paths relative to the root keep logs short and hide the local layout.
+        let location = path.strip_prefix(&self.root).unwrap_or(path).display().to_string();
+        StorageError::Io { location, source }
+    }
+}
+
+struct LocalWriter {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: tokio::fs::File,
+    written: u64,
+    storage: LocalStorage,
+}
+
+#[async_trait]
+impl ObjectWriter for LocalWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StorageError> {
+        self.file.write_all(&chunk).await.map_err(|e| self.storage.io(&self.tmp, e))?;
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<u64, StorageError> {
+        self.file.flush().await.map_err(|e| self.storage.io(&self.tmp, e))?;
+        self.file.sync_data().await.map_err(|e| self.storage.io(&self.tmp, e))?;
+        tokio::fs::rename(&self.tmp, &self.dest).await.map_err(|e| self.storage.io(&self.dest, e))?;
+        Ok(self.written)
+    }
+
+    async fn abort(self: Box<Self>) {
+        drop(self.file);
+        let _ = tokio::fs::remove_file(&self.tmp).await;
+    }
+}
+
+#[async_trait]
+impl Storage for LocalStorage {
+    fn describe(&self) -> String {
+        format!("local disk ({})", self.root.display())
+    }
+
+    async fn create(&self, key: &str, _meta: ObjectMeta) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        validate_key(key)?;
+        let dest = self.root.join(key);
+        let tmp = self.root.join(format!("{key}.partial"));
+        if let Some(dir) = dest.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| self.io(dir, e))?;
+        }
+        let file = tokio::fs::File::create(&tmp).await.map_err(|e| self.io(&tmp, e))?;
+        Ok(Box::new(LocalWriter { tmp, dest, file, written: 0, storage: self.clone() }))
+    }
+
+    async fn signed_url(&self, key: &str, ttl: Duration) -> Result<SignedUrl, StorageError> {
+        validate_key(key)?;
+        let expires = OffsetDateTime::now_utc() + ttl;
+        let exp = expires.unix_timestamp();
+        let sig = self.key.sign(key, exp);
+        let url = format!("{}/files/{key}?expires={exp}&sig={sig}", self.base_url);
+        // Report the expiry at whole seconds, as encoded in the URL.
+        let expires = OffsetDateTime::from_unix_timestamp(exp).unwrap_or(expires);
+        Ok(SignedUrl { url, expires })
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StorageError> {
+        let prefix = prefix.trim_end_matches('/');
+        validate_key(prefix)?;
+        let dir = self.root.join(prefix);
+        let mut count = 0;
+        match tokio::fs::read_dir(&dir).await {
+            Ok(mut rd) => {
+                while let Some(entry) = rd.next_entry().await.map_err(|e| self.io(&dir, e))? {
+                    if entry.file_type().await.map(|t| t.is_file()).unwrap_or(false) {
+                        count += 1;
+                    }
+                }
+                tokio::fs::remove_dir_all(&dir).await.map_err(|e| self.io(&dir, e))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.io(&dir, e)),
+        }
+        Ok(count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(dir: &Path) -> LocalStorage {
+        LocalStorage::new(dir.join("exports"), "http://h:1/", SigningKey::from_bytes(b"k".to_vec()))
+    }
+
+    #[tokio::test]
+    async fn write_rename_sign_open_delete() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = storage(tmp.path());
+        let mut w = s.create("e1/Patient.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+        w.write(Bytes::from_static(b"{\"a\":1}\n")).await.unwrap();
+        assert!(!tmp.path().join("exports/e1/Patient.ndjson").exists(), "hidden until finished");
+        assert_eq!(w.finish().await.unwrap(), 8);
+        assert!(tmp.path().join("exports/e1/Patient.ndjson").exists());
+        assert!(!tmp.path().join("exports/e1/Patient.ndjson.partial").exists());
+
+        let u = s.signed_url("e1/Patient.ndjson", Duration::from_secs(60)).await.unwrap();
+        assert!(u.url.starts_with("http://h:1/files/e1/Patient.ndjson?expires="), "{}", u.url);
+        let q: std::collections::HashMap<_, _> = u.url.split_once('?').unwrap().1.split('&').filter_map(|kv| kv.split_once('=')).collect();
+        let exp: i64 = q["expires"].parse().unwrap();
+        assert_eq!(exp, u.expires.unix_timestamp());
+        let f = s.open_signed("e1/Patient.ndjson", exp, q["sig"]).await.unwrap();
+        assert_eq!(f.len, 8);
+        assert_eq!(f.meta, ObjectMeta::ndjson(false));
+
+        assert_eq!(s.open_signed("e1/Patient.ndjson", exp + 1, q["sig"]).await.unwrap_err(), DownloadError::BadSignature);
+        assert_eq!(s.open_signed("e1/Other.ndjson", exp, q["sig"]).await.unwrap_err(), DownloadError::BadSignature);
+        assert_eq!(s.open_signed("e1/Patient.ndjson", exp, "zz").await.unwrap_err(), DownloadError::BadSignature);
+
+        assert_eq!(s.delete_prefix("e1/").await.unwrap(), 1);
+        assert_eq!(s.open_signed("e1/Patient.ndjson", exp, q["sig"]).await.unwrap_err(), DownloadError::NotFound);
+        assert_eq!(s.delete_prefix("e1/").await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn expired_links_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = storage(tmp.path());
+        let w = s.create("e/x.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+        w.finish().await.unwrap();
+        let exp = OffsetDateTime::now_utc().unix_timestamp() - 10;
+        let sig = s.key.sign("e/x.ndjson", exp);
+        assert_eq!(s.open_signed("e/x.ndjson", exp, &sig).await.unwrap_err(), DownloadError::Expired);
+    }
+
+    #[tokio::test]
+    async fn abort_leaves_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = storage(tmp.path());
+        let mut w = s.create("e/x.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+        w.write(Bytes::from_static(b"x")).await.unwrap();
+        w.abort().await;
+        assert!(!tmp.path().join("exports/e/x.ndjson").exists());
+        assert!(!tmp.path().join("exports/e/x.ndjson.partial").exists());
+    }
+
+    #[test]
+    fn key_file_is_created_once_and_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("signing.key");
+        let a = SigningKey::load_or_create(&p).unwrap();
+        let b = SigningKey::load_or_create(&p).unwrap();
+        assert_eq!(a.0, b.0);
+        assert_eq!(a.0.len(), 32);
+        assert_eq!(format!("{a:?}"), "SigningKey(<redacted>)");
+    }
+
+    #[test]
+    fn rejects_bad_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = storage(tmp.path());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        assert!(rt.block_on(s.create("../x", ObjectMeta::ndjson(false))).is_err());
+    }
+}

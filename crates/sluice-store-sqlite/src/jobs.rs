@@ -1,0 +1,107 @@
+//! [`JobRepo`] on the store's own database: the unique `active` column enforces the
+//! one-active-export rule.
+
+use crate::SqliteStore;
+use async_trait::async_trait;
+use rusqlite::{params, OptionalExtension};
+use sluice_jobs::{JobError, JobRecord, JobRepo, JobStatus};
+use time::OffsetDateTime;
+
+fn err(e: impl std::fmt::Display) -> JobError {
+    JobError::Store(e.to_string())
+}
+
+fn active_flag(status: JobStatus) -> Option<i64> {
+    status.is_active().then_some(1)
+}
+
+fn decode(json: &str) -> Result<JobRecord, JobError> {
+    serde_json::from_str(json).map_err(|e| err(format!("unreadable job record: {e}")))
+}
+
+impl SqliteStore {
+    async fn jobs_call<T, F>(&self, f: F) -> Result<T, JobError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T, JobError> + Send + 'static,
+    {
+        self.with_writer(move |w| Ok(f(&w.conn)))
+            .await
+            .map_err(err)?
+    }
+}
+
+#[async_trait]
+impl JobRepo for SqliteStore {
+    async fn insert(&self, job: &JobRecord) -> Result<(), JobError> {
+        let record = serde_json::to_string(job).map_err(err)?;
+        let (id, status) = (job.id.clone(), job.status);
+        self.jobs_call(move |c| {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let res = c.execute(
+                "INSERT INTO jobs(id, status, active, record, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, status.as_str(), active_flag(status), record, now],
+            );
+            match res {
+                Ok(_) => Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    let running: Option<String> =
+                        c.query_row("SELECT id FROM jobs WHERE active = 1", [], |r| r.get(0)).optional().map_err(err)?;
+                    Err(JobError::Busy(running.unwrap_or_default()))
+                }
+                Err(e) => Err(err(e)),
+            }
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<JobRecord>, JobError> {
+        let id = id.to_string();
+        self.jobs_call(move |c| {
+            let rec: Option<String> =
+                c.query_row("SELECT record FROM jobs WHERE id = ?1", params![id], |r| r.get(0)).optional().map_err(err)?;
+            rec.as_deref().map(decode).transpose()
+        })
+        .await
+    }
+
+    async fn save_if(&self, job: &JobRecord, expected: &[JobStatus]) -> Result<bool, JobError> {
+        let record = serde_json::to_string(job).map_err(err)?;
+        let (id, status) = (job.id.clone(), job.status);
+        let expected: Vec<&'static str> = expected.iter().map(|s| s.as_str()).collect();
+        self.jobs_call(move |c| {
+            let list = expected.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",");
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let n = c
+                .execute(
+                    &format!(
+                        "UPDATE jobs SET status = ?2, active = ?3, record = ?4, updated_at = ?5 WHERE id = ?1 AND status IN ({list})"
+                    ),
+                    params![id, status.as_str(), active_flag(status), record, now],
+                )
+                .map_err(err)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError> {
+        self.jobs_call(|c| {
+            let mut stmt = c
+                .prepare("SELECT record FROM jobs WHERE status IN ('accepted','in-progress') ORDER BY updated_at")
+                .map_err(err)?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(err)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(decode(&r.map_err(err)?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn active(&self) -> Result<Option<String>, JobError> {
+        self.jobs_call(|c| c.query_row("SELECT id FROM jobs WHERE active = 1", [], |r| r.get(0)).optional().map_err(err))
+            .await
+    }
+}

@@ -1,0 +1,425 @@
+//! The embedded [`ResourceStore`]: one SQLite file (bundled SQLite, WAL mode).
+//!
+//! Every write appends a row to `resource_version` with a sequence number (`seq`) taken
+//! from a counter owned by the single writer; the row it replaces gets `superseded = seq`.
+//! A snapshot is a sequence number `S` (taken under the writer lock, so no write is half
+//! done): the state at `S` is the rows with `seq <= S` not superseded at or before `S`.
+//! Readers on their own connections can therefore all read the same state in parallel,
+//! and a restarted export reads exactly what it read before. Compartment membership is
+//! stored per version in `compartment(patient_id, seq)`.
+//!
+//! The write clock only moves forward and a snapshot's time is at least every earlier
+//! write's `lastUpdated`, while later writes get strictly later times: `_since` chains
+//! across exports are exact.
+
+mod jobs;
+mod schema;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use sluice_fhir::instant;
+use sluice_store::{
+    stamp, Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot,
+    StoreError, WriteOp, Written,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+pub(crate) fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// The single writer: its connection, the next sequence number and the write clock.
+pub(crate) struct Writer {
+    pub(crate) conn: Connection,
+    next_seq: i64,
+    clock_ms: i64,
+}
+
+impl Writer {
+    /// A `lastUpdated` for a new write: now, but always after every earlier write and snapshot.
+    fn tick(&mut self) -> i64 {
+        let now = instant::to_millis(OffsetDateTime::now_utc());
+        self.clock_ms = now.max(self.clock_ms + 1);
+        self.clock_ms
+    }
+}
+
+/// The embedded SQLite store. Cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStore {
+    path: PathBuf,
+    pub(crate) writer: Arc<Mutex<Writer>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+fn open_conn(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating and migrating if needed) the database file at `path`.
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let path = path.into();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| db_err(format!("{}: {e}", dir.display())))?;
+        }
+        let conn = open_conn(&path, false).map_err(|e| db_err(format!("{}: {e}", path.display())))?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+            .map_err(db_err)?;
+        schema::migrate(&conn).map_err(db_err)?;
+        let (max_seq, max_ms): (i64, i64) = conn
+            .query_row("SELECT COALESCE(MAX(seq),0), COALESCE(MAX(last_updated),0) FROM resource_version", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(db_err)?;
+        let snap_ms: i64 = conn
+            .query_row("SELECT COALESCE(MAX(CAST(value AS INTEGER)),0) FROM kv WHERE key='clock_ms'", [], |r| r.get(0))
+            .map_err(db_err)?;
+        let writer = Writer { conn, next_seq: max_seq + 1, clock_ms: max_ms.max(snap_ms) };
+        Ok(SqliteStore { path, writer: Arc::new(Mutex::new(writer)) })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the writer on a blocking thread.
+    pub(crate) async fn with_writer<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Writer) -> Result<T, StoreError> + Send + 'static,
+    {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = writer.lock().map_err(|_| db_err("writer lock poisoned"))?;
+            f(&mut w)
+        })
+        .await
+        .map_err(db_err)?
+    }
+
+    /// Runs `f` with a fresh read-only connection on a blocking thread.
+    async fn with_reader<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = open_conn(&path, true).map_err(db_err)?;
+            f(&conn)
+        })
+        .await
+        .map_err(db_err)?
+    }
+}
+
+struct Current {
+    seq: i64,
+    version: i64,
+    deleted: bool,
+}
+
+fn current(tx: &Transaction<'_>, rt: &str, id: &str) -> rusqlite::Result<Option<Current>> {
+    tx.prepare_cached("SELECT seq, version, deleted FROM resource_version WHERE type=?1 AND id=?2 AND superseded IS NULL")?
+        .query_row(params![rt, id], |r| Ok(Current { seq: r.get(0)?, version: r.get(1)?, deleted: r.get(2)? }))
+        .optional()
+}
+
+/// Appends a version (a tombstone when `resource` is `None`). Returns what was written,
+/// or `None` for a delete of something absent.
+fn write_version(
+    tx: &Transaction<'_>,
+    next_seq: &mut i64,
+    ts_ms: i64,
+    rt: &str,
+    id: &str,
+    resource: Option<NewResource>,
+) -> Result<Option<Written>, StoreError> {
+    let cur = current(tx, rt, id).map_err(db_err)?;
+    let is_delete = resource.is_none();
+    if is_delete && cur.as_ref().is_none_or(|c| c.deleted) {
+        return Ok(None);
+    }
+    let seq = *next_seq;
+    *next_seq += 1;
+    let version = cur.as_ref().map_or(1, |c| c.version + 1);
+    let created = cur.as_ref().is_none_or(|c| c.deleted);
+    if let Some(c) = &cur {
+        tx.prepare_cached("UPDATE resource_version SET superseded=?1 WHERE seq=?2")
+            .and_then(|mut s| s.execute(params![seq, c.seq]))
+            .map_err(db_err)?;
+    }
+    let last_updated = instant::from_millis(ts_ms);
+    let json = resource.map(|mut r| {
+        let json = stamp(&mut r.resource, version as u64, last_updated);
+        (json, r.patients)
+    });
+    tx.prepare_cached(
+        "INSERT INTO resource_version(seq, type, id, version, last_updated, deleted, json) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+    )
+    .and_then(|mut s| s.execute(params![seq, rt, id, version, ts_ms, is_delete, json.as_ref().map(|j| &j.0)]))
+    .map_err(db_err)?;
+    if let Some((_, patients)) = &json {
+        let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO compartment(patient_id, seq) VALUES (?1, ?2)").map_err(db_err)?;
+        for p in patients {
+            ins.execute(params![p, seq]).map_err(db_err)?;
+        }
+    }
+    Ok(Some(Written {
+        resource_type: rt.to_string(),
+        id: id.to_string(),
+        version_id: version as u64,
+        last_updated,
+        created,
+        json: json.map(|j| j.0),
+    }))
+}
+
+fn parse_snapshot(s: &Snapshot) -> Result<i64, StoreError> {
+    s.id.strip_prefix("sqlite:")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| StoreError::BadSnapshot(s.id.clone()))
+}
+
+/// SQL (after `FROM resource_version r WHERE`) and its parameters for a filtered scan.
+fn visible_where(snap: i64, filter: &ScanFilter) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value as V;
+    let mut sql = String::from("r.seq <= ?1 AND (r.superseded IS NULL OR r.superseded > ?1) AND r.deleted = 0");
+    let mut args = vec![V::Integer(snap)];
+    if let Some(since) = filter.since {
+        args.push(V::Integer(instant::to_millis(since)));
+        sql.push_str(&format!(" AND r.last_updated > ?{}", args.len()));
+    }
+    if let Some(until) = filter.until {
+        args.push(V::Integer(instant::to_millis(until)));
+        sql.push_str(&format!(" AND r.last_updated <= ?{}", args.len()));
+    }
+    match &filter.patients {
+        None => {}
+        Some(Patients::Any) => sql.push_str(" AND EXISTS (SELECT 1 FROM compartment c WHERE c.seq = r.seq)"),
+        Some(Patients::Only(ids)) => {
+            args.push(V::Text(serde_json::to_string(ids).expect("ids serialise")));
+            sql.push_str(&format!(
+                " AND r.seq IN (SELECT c.seq FROM compartment c WHERE c.patient_id IN (SELECT value FROM json_each(?{})))",
+                args.len()
+            ));
+        }
+    }
+    (sql, args)
+}
+
+#[async_trait]
+impl ResourceStore for SqliteStore {
+    fn describe(&self) -> String {
+        format!("embedded SQLite ({})", self.path.display())
+    }
+
+    async fn put(&self, resource: NewResource) -> Result<Written, StoreError> {
+        let rt = resource.resource_type.clone();
+        let id = resource.id.clone();
+        self.with_writer(move |w| {
+            let ts = w.tick();
+            let mut seq = w.next_seq;
+            let tx = w.conn.transaction().map_err(db_err)?;
+            let out = write_version(&tx, &mut seq, ts, &rt, &id, Some(resource))?;
+            tx.commit().map_err(db_err)?;
+            w.next_seq = seq;
+            Ok(out.expect("a put always writes"))
+        })
+        .await
+    }
+
+    async fn delete(&self, resource_type: &str, id: &str) -> Result<Option<Written>, StoreError> {
+        let (rt, id) = (resource_type.to_string(), id.to_string());
+        self.with_writer(move |w| {
+            let ts = w.tick();
+            let mut seq = w.next_seq;
+            let tx = w.conn.transaction().map_err(db_err)?;
+            let out = write_version(&tx, &mut seq, ts, &rt, &id, None)?;
+            tx.commit().map_err(db_err)?;
+            w.next_seq = seq;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError> {
+        let (rt, id) = (resource_type.to_string(), id.to_string());
+        self.with_reader(move |c| {
+            let row: Option<(i64, bool, Option<String>)> = c
+                .query_row(
+                    "SELECT version, deleted, json FROM resource_version WHERE type=?1 AND id=?2 AND superseded IS NULL",
+                    params![rt, id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(db_err)?;
+            Ok(match row {
+                None => ReadResult::NotFound,
+                Some((v, true, _)) => ReadResult::Deleted(v as u64),
+                Some((_, false, json)) => ReadResult::Found(json.unwrap_or_default()),
+            })
+        })
+        .await
+    }
+
+    async fn transaction(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Written>>, StoreError> {
+        self.with_writer(move |w| {
+            let ts = w.tick();
+            let mut seq = w.next_seq;
+            let tx = w.conn.transaction().map_err(db_err)?;
+            let mut out = Vec::with_capacity(ops.len());
+            for op in ops {
+                out.push(match op {
+                    WriteOp::Put(r) => {
+                        let (rt, id) = (r.resource_type.clone(), r.id.clone());
+                        write_version(&tx, &mut seq, ts, &rt, &id, Some(r))?
+                    }
+                    WriteOp::Delete { resource_type, id } => write_version(&tx, &mut seq, ts, &resource_type, &id, None)?,
+                });
+            }
+            tx.commit().map_err(db_err)?;
+            w.next_seq = seq;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn load(&self, mut input: mpsc::Receiver<LoadMsg>) -> Result<LoadSummary, StoreError> {
+        self.with_writer(move |w| {
+            let ts = w.tick();
+            let mut seq = w.next_seq;
+            let tx = w.conn.transaction().map_err(db_err)?;
+            let mut summary = LoadSummary::default();
+            loop {
+                match input.blocking_recv() {
+                    Some(LoadMsg::Batch(batch)) => {
+                        for r in batch {
+                            let (rt, id) = (r.resource_type.clone(), r.id.clone());
+                            let written = write_version(&tx, &mut seq, ts, &rt, &id, Some(r))?;
+                            if written.is_some_and(|w| !w.created) {
+                                summary.updated += 1;
+                            }
+                            *summary.per_type.entry(rt).or_default() += 1;
+                        }
+                    }
+                    Some(LoadMsg::Commit) => break,
+                    Some(LoadMsg::Abort(why)) => return Err(StoreError::LoadAborted(why)),
+                    None => return Err(StoreError::LoadAborted("the input ended before it was complete".into())),
+                }
+            }
+            tx.commit().map_err(db_err)?;
+            w.next_seq = seq;
+            Ok(summary)
+        })
+        .await
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.with_writer(|w| {
+            let now = instant::to_millis(OffsetDateTime::now_utc());
+            w.clock_ms = w.clock_ms.max(now);
+            // Persist the clock so writes after a restart still come after this snapshot.
+            w.conn
+                .execute("INSERT INTO kv(key, value) VALUES('clock_ms', ?1) ON CONFLICT(key) DO UPDATE SET value=excluded.value", params![w.clock_ms.to_string()])
+                .map_err(db_err)?;
+            Ok(Snapshot { id: format!("sqlite:{}", w.next_seq - 1), time: instant::from_millis(w.clock_ms) })
+        })
+        .await
+    }
+
+    async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError> {
+        let snap = parse_snapshot(snapshot)?;
+        let (cond, args) = visible_where(snap, filter);
+        self.with_reader(move |c| {
+            let sql = format!("SELECT r.type, COUNT(*) FROM resource_version r WHERE {cond} GROUP BY r.type");
+            let mut stmt = c.prepare(&sql).map_err(db_err)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+                .map_err(db_err)?;
+            rows.collect::<Result<BTreeMap<_, _>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn read_at(&self, snapshot: &Snapshot, resource_type: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let snap = parse_snapshot(snapshot)?;
+        let (rt, id) = (resource_type.to_string(), id.to_string());
+        self.with_reader(move |c| {
+            c.query_row(
+                "SELECT json FROM resource_version r WHERE r.type=?2 AND r.id=?3 AND r.seq <= ?1 \
+                 AND (r.superseded IS NULL OR r.superseded > ?1) AND r.deleted = 0",
+                params![snap, rt, id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        snapshot: &Snapshot,
+        resource_type: &str,
+        filter: &ScanFilter,
+        batch_bytes: usize,
+        tx: mpsc::Sender<Batch>,
+    ) -> Result<(), StoreError> {
+        let snap = parse_snapshot(snapshot)?;
+        let (cond, mut args) = visible_where(snap, filter);
+        args.push(rusqlite::types::Value::Text(resource_type.to_string()));
+        let sql = format!("SELECT r.json FROM resource_version r WHERE r.type = ?{} AND {cond} ORDER BY r.seq", args.len());
+        self.with_reader(move |c| {
+            let mut stmt = c.prepare(&sql).map_err(db_err)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(db_err)?;
+            let mut batch = Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 };
+            while let Some(row) = rows.next().map_err(db_err)? {
+                let json = row.get_ref(0).map_err(db_err)?.as_str().map_err(db_err)?;
+                batch.data.extend_from_slice(json.as_bytes());
+                batch.data.push(b'\n');
+                batch.count += 1;
+                if batch.data.len() >= batch_bytes {
+                    let full = std::mem::replace(&mut batch, Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 });
+                    if tx.blocking_send(full).is_err() {
+                        return Ok(()); // the reader stopped (cancelled)
+                    }
+                }
+            }
+            if batch.count > 0 {
+                let _ = tx.blocking_send(batch);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn types_with_data(&self) -> Result<Vec<String>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c
+                .prepare("SELECT DISTINCT type FROM resource_version WHERE superseded IS NULL AND deleted = 0 ORDER BY type")
+                .map_err(db_err)?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+}

@@ -1,0 +1,305 @@
+//! The resource store: versioned FHIR resources with consistent snapshots for export.
+//!
+//! [`ResourceStore`] is shaped for both the embedded SQLite store and PostgreSQL:
+//! - every write creates a new version; deletes leave tombstones;
+//! - the server assigns `meta.versionId` and `meta.lastUpdated` on write, and keeps the
+//!   resource's JSON as compact text, which exports stream verbatim;
+//! - compartment membership ([`sluice_fhir::patient_ids`]) is indexed on write, so patient
+//!   and group exports are index lookups;
+//! - an export reads one [`Snapshot`]: every part of the export sees the same state, and the
+//!   snapshot's time is the export's `transactionTime`. Writes committed after a snapshot
+//!   get a `lastUpdated` later than its time, so chained `_since` exports miss nothing.
+//!
+//! [`prepare`] checks and normalises an incoming resource; [`bundle`] turns batch and
+//! transaction Bundles into write operations.
+
+pub mod bundle;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sluice_fhir::{Issue, IssueCode};
+use sluice_jobs::JobRepo;
+use std::collections::BTreeMap;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The input is not acceptable (an issue a client can act on).
+    #[error("{}", .0.diagnostics)]
+    Invalid(Issue),
+    /// The snapshot no longer exists or is not valid for this store.
+    #[error("snapshot '{0}' is not valid for this store")]
+    BadSnapshot(String),
+    /// A load was aborted or its input ended without a commit; nothing was written.
+    #[error("load rolled back: {0}")]
+    LoadAborted(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// A resource ready to be written: validated, with its type, id and patient links.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewResource {
+    /// `resourceType`.
+    pub resource_type: String,
+    /// `id`.
+    pub id: String,
+    /// The resource; `meta.versionId`/`meta.lastUpdated` are overwritten by the store.
+    pub resource: Value,
+    /// Ids of the patients whose compartment it is in.
+    pub patients: Vec<String>,
+}
+
+/// Checks an incoming resource (an object with a known `resourceType` and a valid `id`)
+/// and computes its compartment membership. `id` may be given when the resource has none.
+pub fn prepare(mut resource: Value, id: Option<&str>) -> Result<NewResource, Issue> {
+    let obj = resource
+        .as_object_mut()
+        .ok_or_else(|| Issue::error(IssueCode::Structure, "a resource must be a JSON object"))?;
+    let rt = obj
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Issue::error(IssueCode::Required, "the resource has no resourceType").at("resourceType"))?
+        .to_string();
+    if !sluice_fhir::is_r4_resource_type(&rt) {
+        return Err(Issue::error(IssueCode::NotSupported, format!("'{rt}' is not a FHIR R4 resource type"))
+            .at("resourceType"));
+    }
+    if let Some(id) = id {
+        if obj.get("id").is_none() {
+            obj.insert("id".into(), Value::String(id.to_string()));
+        }
+    }
+    let rid = match obj.get("id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(Issue::error(IssueCode::Invalid, "the resource id must be a string").at(format!("{rt}.id"))),
+        None => return Err(Issue::error(IssueCode::Required, format!("the {rt} has no id")).at(format!("{rt}.id"))),
+    };
+    if !valid_id(&rid) {
+        return Err(Issue::error(
+            IssueCode::Invalid,
+            format!("'{rid}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)"),
+        )
+        .at(format!("{rt}.id")));
+    }
+    let patients = sluice_fhir::patient_ids(&resource).into_iter().collect();
+    Ok(NewResource { resource_type: rt, id: rid, resource, patients })
+}
+
+/// Whether `id` is a valid FHIR id: 1 to 64 characters of `A-Za-z0-9-.`.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// What a write produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    /// `resourceType`.
+    pub resource_type: String,
+    /// `id`.
+    pub id: String,
+    /// The new `meta.versionId`.
+    pub version_id: u64,
+    /// The new `meta.lastUpdated`.
+    pub last_updated: OffsetDateTime,
+    /// Whether the resource did not exist (or was deleted) before.
+    pub created: bool,
+    /// The stored JSON text (`None` for a delete).
+    pub json: Option<String>,
+}
+
+/// One operation of a batch or transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// Create or update.
+    Put(NewResource),
+    /// Delete (idempotent).
+    Delete {
+        /// `resourceType`.
+        resource_type: String,
+        /// `id`.
+        id: String,
+    },
+}
+
+/// The current state of one resource.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReadResult {
+    /// The current version's JSON text.
+    Found(String),
+    /// Deleted; the tombstone's version.
+    Deleted(u64),
+    /// Never existed.
+    NotFound,
+}
+
+/// A consistent read view for one export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Opaque, store-specific; persisted in the job record so a restarted export reads the
+    /// same state.
+    pub id: String,
+    /// The snapshot's time: everything committed before is visible, nothing after.
+    pub time: OffsetDateTime,
+}
+
+/// Which resources of one type an export part reads.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ScanFilter {
+    /// Only resources last updated strictly after this time (`_since`).
+    pub since: Option<OffsetDateTime>,
+    /// Only resources last updated at or before this time (`_until`).
+    pub until: Option<OffsetDateTime>,
+    /// Compartment restriction: `None` = no restriction (system export);
+    /// `Some(Patients::Any)` = in some patient's compartment; `Some(Patients::Only(ids))`
+    /// = in the compartment of one of these patients.
+    pub patients: Option<Patients>,
+}
+
+/// A compartment restriction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Patients {
+    /// Resources in the compartment of any patient.
+    Any,
+    /// Resources in the compartment of one of these patients.
+    Only(Vec<String>),
+}
+
+/// Resources read for export: compact JSON lines, each followed by `\n`, bounded in bytes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The lines, `\n`-terminated.
+    pub data: Vec<u8>,
+    /// How many lines.
+    pub count: u64,
+}
+
+impl Batch {
+    /// The lines without their `\n`.
+    pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        self.data.split(|&b| b == b'\n').filter(|l| !l.is_empty())
+    }
+}
+
+/// A message into a running bulk load ([`ResourceStore::load`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadMsg {
+    /// Resources to write.
+    Batch(Vec<NewResource>),
+    /// Everything was sent: commit.
+    Commit,
+    /// Give up: roll everything back and report this reason.
+    Abort(String),
+}
+
+/// Counts from a finished load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadSummary {
+    /// Resources written, per type.
+    pub per_type: BTreeMap<String, u64>,
+    /// Of those, how many replaced an existing resource (same type and id).
+    pub updated: u64,
+}
+
+/// Versioned FHIR resources with snapshots; the jobs live in the same database.
+#[async_trait]
+pub trait ResourceStore: JobRepo + Send + Sync {
+    /// A short description (kind and location, no secrets).
+    fn describe(&self) -> String;
+
+    /// Creates or updates one resource.
+    async fn put(&self, resource: NewResource) -> Result<Written, StoreError>;
+    /// Deletes a resource (a tombstone version); `None` when it did not exist.
+    async fn delete(&self, resource_type: &str, id: &str) -> Result<Option<Written>, StoreError>;
+    /// The current version of a resource.
+    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError>;
+    /// Applies operations in one database transaction (all or nothing).
+    async fn transaction(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Written>>, StoreError>;
+    /// Runs a bulk load in one database transaction: writes every [`LoadMsg::Batch`],
+    /// commits on [`LoadMsg::Commit`]; on [`LoadMsg::Abort`], or if the sender goes away
+    /// first, rolls back so nothing of the load remains.
+    async fn load(&self, input: mpsc::Receiver<LoadMsg>) -> Result<LoadSummary, StoreError>;
+
+    /// Takes a snapshot for an export.
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// Per-type counts of what a scan with `filter` would return, for types with data.
+    async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError>;
+    /// A resource as of the snapshot.
+    async fn read_at(&self, snapshot: &Snapshot, resource_type: &str, id: &str) -> Result<Option<String>, StoreError>;
+    /// Streams one type's resources as of the snapshot into `tx`, in batches of at most
+    /// about `batch_bytes`. Returns when done or when the receiver is dropped.
+    async fn scan(
+        &self,
+        snapshot: &Snapshot,
+        resource_type: &str,
+        filter: &ScanFilter,
+        batch_bytes: usize,
+        tx: mpsc::Sender<Batch>,
+    ) -> Result<(), StoreError>;
+    /// Resource types that have at least one current resource.
+    async fn types_with_data(&self) -> Result<Vec<String>, StoreError>;
+}
+
+/// Stamps `meta.versionId` and `meta.lastUpdated` into a resource and returns compact JSON.
+pub fn stamp(resource: &mut Value, version_id: u64, last_updated: OffsetDateTime) -> String {
+    if let Some(obj) = resource.as_object_mut() {
+        let meta = obj.entry("meta").or_insert_with(|| Value::Object(Default::default()));
+        if !meta.is_object() {
+            *meta = Value::Object(Default::default());
+        }
+        let m = meta.as_object_mut().expect("meta is an object");
+        m.insert("versionId".into(), Value::String(version_id.to_string()));
+        m.insert("lastUpdated".into(), Value::String(sluice_fhir::instant::format(last_updated)));
+    }
+    serde_json::to_string(resource).expect("a serde_json::Value always serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn prepare_checks_type_and_id() {
+        let ok = prepare(json!({"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"}}), None).unwrap();
+        assert_eq!((ok.resource_type.as_str(), ok.id.as_str()), ("Observation", "o1"));
+        assert!(prepare(json!([1]), None).is_err());
+        assert!(prepare(json!({"id":"x"}), None).is_err());
+        let e = prepare(json!({"resourceType":"Nope","id":"x"}), None).unwrap_err();
+        assert!(e.diagnostics.contains("'Nope'"));
+        assert!(prepare(json!({"resourceType":"Patient"}), None).is_err());
+        assert!(prepare(json!({"resourceType":"Patient","id":"bad id"}), None).is_err());
+        assert!(prepare(json!({"resourceType":"Patient","id":7}), None).is_err());
+        let p = prepare(json!({"resourceType":"Patient"}), Some("new")).unwrap();
+        assert_eq!(p.resource["id"], "new");
+    }
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("a-B.9"));
+        assert!(valid_id(&"x".repeat(64)));
+        assert!(!valid_id(&"x".repeat(65)));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a/b"));
+    }
+
+    #[test]
+    fn stamp_sets_meta_and_keeps_the_rest() {
+        let mut r = json!({"resourceType":"Patient","id":"p","meta":{"profile":["x"],"versionId":"9"},"active":true});
+        let t = sluice_fhir::instant::parse("2024-01-02T03:04:05.678Z").unwrap();
+        let s = stamp(&mut r, 2, t);
+        assert_eq!(
+            s,
+            r#"{"resourceType":"Patient","id":"p","meta":{"profile":["x"],"versionId":"2","lastUpdated":"2024-01-02T03:04:05.678Z"},"active":true}"#
+        );
+    }
+
+    #[test]
+    fn batch_lines() {
+        let b = Batch { data: b"{\"a\":1}\n{\"b\":2}\n".to_vec(), count: 2 };
+        assert_eq!(b.lines().collect::<Vec<_>>(), vec![&b"{\"a\":1}"[..], &b"{\"b\":2}"[..]]);
+    }
+}

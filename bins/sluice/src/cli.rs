@@ -69,6 +69,13 @@ struct ServeArgs {
     /// Resource types exported in parallel (default: the number of cores).
     #[arg(long, env = "SLUICE_EXPORT_PARALLELISM")]
     parallelism: Option<usize>,
+    /// Bytes per batch read from the store.
+    #[arg(long, env = "SLUICE_EXPORT_BATCH_BYTES", default_value_t = 1 << 20, hide = true)]
+    batch_bytes: usize,
+    /// Pause this many milliseconds after every batch: slows exports down for demos and
+    /// for tests that act while an export runs. Never set it in production.
+    #[arg(long, env = "SLUICE_THROTTLE_MS", hide = true)]
+    throttle_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +141,8 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         parallelism: args.parallelism.unwrap_or(EngineConfig::default().parallelism).max(1),
         split: SplitLimits { max_resources: args.max_file_resources, max_bytes: args.max_file_bytes },
         gzip_level: args.gzip_level,
+        batch_bytes: args.batch_bytes.max(1),
+        throttle: args.throttle_ms.map(Duration::from_millis),
         ..EngineConfig::default()
     };
     let store_dyn: Arc<dyn ResourceStore> = store.clone();

@@ -46,6 +46,9 @@ pub struct EngineConfig {
     pub gzip_level: u32,
     /// How often progress is saved to the job record.
     pub progress_interval: Duration,
+    /// A pause after every batch, to slow exports down on purpose (demos, and tests that
+    /// must act while an export runs). `None` in production.
+    pub throttle: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +59,7 @@ impl Default for EngineConfig {
             split: SplitLimits { max_resources: 0, max_bytes: 0 },
             gzip_level: 2,
             progress_interval: Duration::from_millis(500),
+            throttle: None,
         }
     }
 }
@@ -111,13 +115,22 @@ impl From<JobError> for RunError {
     }
 }
 
+/// A run in this process: how to stop it and how to know it has stopped.
+struct Running {
+    token: CancellationToken,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+/// How long DELETE waits for a local run to stop and delete its files.
+const CANCEL_WAIT: Duration = Duration::from_secs(30);
+
 /// Runs exports. Cheap to clone; one per server.
 #[derive(Clone)]
 pub struct Engine {
     store: Arc<dyn ResourceStore>,
     storage: Arc<dyn Storage>,
     config: EngineConfig,
-    running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    running: Arc<Mutex<HashMap<String, Running>>>,
 }
 
 impl Engine {
@@ -211,10 +224,15 @@ impl Engine {
                 continue; // the status moved under us: look again
             }
             if was.is_active() {
-                if let Some(token) = self.running.lock().expect("running map").get(id) {
-                    token.cancel();
+                let local = self.running.lock().expect("running map").get(id).map(|r| {
+                    r.token.cancel();
+                    r.done.clone()
+                });
+                // Wait for the local run to delete what it wrote. A run on another server
+                // notices at its next progress save and cleans up there.
+                if let Some(mut done) = local {
+                    let _ = tokio::time::timeout(CANCEL_WAIT, done.wait_for(|d| *d)).await;
                 }
-                // A run on another server notices at its next progress save and cleans up.
             } else if let Err(e) = self.storage.delete_prefix(&format!("{}/", job.folder)).await {
                 tracing::warn!(job = %id, error = %e, "deleting the files of a deleted export failed");
             }
@@ -225,12 +243,14 @@ impl Engine {
 
     fn spawn(&self, job: JobRecord) {
         let token = CancellationToken::new();
-        self.running.lock().expect("running map").insert(job.id.clone(), token.clone());
+        let (done_tx, done) = tokio::sync::watch::channel(false);
+        self.running.lock().expect("running map").insert(job.id.clone(), Running { token: token.clone(), done });
         let engine = self.clone();
         tokio::spawn(async move {
             let id = job.id.clone();
             engine.run(job, token).await;
             engine.running.lock().expect("running map").remove(&id);
+            let _ = done_tx.send(true);
         });
     }
 
@@ -524,6 +544,12 @@ impl Part {
                 let events = events.map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding {} failed: {e}", self.resource_type))))?;
                 self.handle(events, &mut open, &mut files).await?;
                 counter.fetch_add(n, Ordering::Relaxed);
+                if let Some(pause) = cfg.throttle {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                    }
+                }
             }
             scan.await
                 .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}"))))??;

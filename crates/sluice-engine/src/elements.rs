@@ -32,18 +32,18 @@ impl Subsetter {
             return line.to_vec();
         };
         let mut out = Map::new();
-        for k in ["resourceType", "id", "meta"] {
+        for k in ["resourceType", "id"] {
             if let Some(v) = full.remove(k) {
                 out.insert(k.to_string(), v);
             }
         }
+        out.insert("meta".to_string(), full.remove("meta").unwrap_or_else(|| json!({})));
         for k in self.keep.iter() {
             if let Some(v) = full.remove(k.as_str()) {
                 out.insert(k.clone(), v);
             }
         }
-        let meta = out.entry("meta").or_insert_with(|| json!({}));
-        if let Some(meta) = meta.as_object_mut() {
+        if let Some(meta) = out.get_mut("meta").and_then(Value::as_object_mut) {
             let tags = meta.entry("tag").or_insert_with(|| json!([]));
             if let Some(tags) = tags.as_array_mut() {
                 tags.push(json!({

@@ -241,6 +241,14 @@ impl Engine {
         }
     }
 
+    /// Waits until the run of job `id` in this process (if any) has stopped.
+    pub async fn wait(&self, id: &str) {
+        let done = self.running.lock().expect("running map").get(id).map(|r| r.done.clone());
+        if let Some(mut done) = done {
+            let _ = done.wait_for(|d| *d).await;
+        }
+    }
+
     fn spawn(&self, job: JobRecord) {
         let token = CancellationToken::new();
         let (done_tx, done) = tokio::sync::watch::channel(false);

@@ -135,16 +135,24 @@ struct Current {
     seq: i64,
     version: i64,
     deleted: bool,
+    last_updated: i64,
+    json: Option<String>,
 }
 
 fn current(tx: &Transaction<'_>, rt: &str, id: &str) -> rusqlite::Result<Option<Current>> {
-    tx.prepare_cached("SELECT seq, version, deleted FROM resource_version WHERE type=?1 AND id=?2 AND superseded IS NULL")?
-        .query_row(params![rt, id], |r| Ok(Current { seq: r.get(0)?, version: r.get(1)?, deleted: r.get(2)? }))
-        .optional()
+    tx.prepare_cached(
+        "SELECT seq, version, deleted, last_updated, json FROM resource_version WHERE type=?1 AND id=?2 AND superseded IS NULL",
+    )?
+    .query_row(params![rt, id], |r| {
+        Ok(Current { seq: r.get(0)?, version: r.get(1)?, deleted: r.get(2)?, last_updated: r.get(3)?, json: r.get(4)? })
+    })
+    .optional()
 }
 
 /// Appends a version (a tombstone when `resource` is `None`). Returns what was written,
-/// or `None` for a delete of something absent.
+/// or `None` for a delete of something absent. A put whose content equals the current
+/// version (ignoring `meta.versionId`/`meta.lastUpdated`) writes nothing and returns the
+/// current version with `unchanged` set, so reloading the same data creates no versions.
 fn write_version(
     tx: &Transaction<'_>,
     next_seq: &mut i64,
@@ -157,6 +165,22 @@ fn write_version(
     let is_delete = resource.is_none();
     if is_delete && cur.as_ref().is_none_or(|c| c.deleted) {
         return Ok(None);
+    }
+    if let (Some(c), Some(r)) = (&cur, &resource) {
+        if let Some(old) = c.json.as_deref().filter(|_| !c.deleted) {
+            let same = stamp(&mut r.resource.clone(), c.version as u64, instant::from_millis(c.last_updated));
+            if same == old {
+                return Ok(Some(Written {
+                    resource_type: rt.to_string(),
+                    id: id.to_string(),
+                    version_id: c.version as u64,
+                    last_updated: instant::from_millis(c.last_updated),
+                    created: false,
+                    unchanged: true,
+                    json: Some(same),
+                }));
+            }
+        }
     }
     let seq = *next_seq;
     *next_seq += 1;
@@ -189,6 +213,7 @@ fn write_version(
         version_id: version as u64,
         last_updated,
         created,
+        unchanged: false,
         json: json.map(|j| j.0),
     }))
 }
@@ -314,9 +339,10 @@ impl ResourceStore for SqliteStore {
                     Some(LoadMsg::Batch(batch)) => {
                         for r in batch {
                             let (rt, id) = (r.resource_type.clone(), r.id.clone());
-                            let written = write_version(&tx, &mut seq, ts, &rt, &id, Some(r))?;
-                            if written.is_some_and(|w| !w.created) {
-                                summary.updated += 1;
+                            match write_version(&tx, &mut seq, ts, &rt, &id, Some(r))? {
+                                Some(w) if w.unchanged => summary.unchanged += 1,
+                                Some(w) if !w.created => summary.updated += 1,
+                                _ => {}
                             }
                             *summary.per_type.entry(rt).or_default() += 1;
                         }

@@ -107,6 +107,8 @@ pub struct Written {
     pub last_updated: OffsetDateTime,
     /// Whether the resource did not exist (or was deleted) before.
     pub created: bool,
+    /// Whether the content equalled the current version, so nothing was written.
+    pub unchanged: bool,
     /// The stored JSON text (`None` for a delete).
     pub json: Option<String>,
 }
@@ -200,8 +202,10 @@ pub enum LoadMsg {
 pub struct LoadSummary {
     /// Resources written, per type.
     pub per_type: BTreeMap<String, u64>,
-    /// Of those, how many replaced an existing resource (same type and id).
+    /// Of those, how many replaced an existing resource (same type and id) with new content.
     pub updated: u64,
+    /// Of those, how many equalled the current version and were left as they were.
+    pub unchanged: u64,
 }
 
 /// Versioned FHIR resources with snapshots; the jobs live in the same database.

@@ -1,0 +1,245 @@
+//! The engine over the real SQLite store and the in-memory storage.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{json, Value};
+use sluice_engine::{Engine, EngineConfig, KickoffError};
+use sluice_jobs::{JobRepo, JobStatus};
+use sluice_ndjson::SplitLimits;
+use sluice_planner::{plan, KickoffRequest, Level};
+use sluice_storage::{MemoryStorage, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError};
+use sluice_store::{prepare, ResourceStore};
+use sluice_store_sqlite::SqliteStore;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn store_with_data(dir: &std::path::Path) -> Arc<SqliteStore> {
+    let s = Arc::new(SqliteStore::open(dir.join("s.db")).unwrap());
+    for p in 0..3 {
+        s.put(prepare(json!({"resourceType":"Patient","id":format!("p{p}")}), None).unwrap()).await.unwrap();
+        for o in 0..5 {
+            let r = json!({"resourceType":"Observation","id":format!("o{p}-{o}"),"subject":{"reference":format!("Patient/p{p}")}});
+            s.put(prepare(r, None).unwrap()).await.unwrap();
+        }
+    }
+    s.put(prepare(json!({"resourceType":"Organization","id":"org"}), None).unwrap()).await.unwrap();
+    s.put(prepare(json!({"resourceType":"Group","id":"g","type":"person","actual":true,"member":[
+        {"entity":{"reference":"Patient/p0"}},{"entity":{"reference":"Patient/p2"},"inactive":true}]}), None).unwrap())
+        .await
+        .unwrap();
+    s
+}
+
+fn get_plan(level: Level, q: &[(&str, &str)]) -> sluice_planner::ExportPlan {
+    let q: Vec<(String, String)> = q.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    plan(&KickoffRequest::get(level, &q)).unwrap()
+}
+
+fn lines(bytes: &[u8], gzip: bool) -> Vec<Value> {
+    let mut text = String::new();
+    if gzip {
+        flate2::read::MultiGzDecoder::new(bytes).read_to_string(&mut text).unwrap();
+    } else {
+        text = String::from_utf8(bytes.to_vec()).unwrap();
+    }
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+async fn run(engine: &Engine, p: sluice_planner::ExportPlan) -> sluice_jobs::JobRecord {
+    let job = engine.kickoff(p, "http://x/fhir/$export".into()).await.unwrap();
+    engine.wait(&job.id).await;
+    engine.store().get(&job.id).await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn system_export_writes_every_type_and_a_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let mem = MemoryStorage::new();
+    let engine = Engine::new(store, Arc::new(mem.clone()), EngineConfig::default());
+    let job = run(&engine, get_plan(Level::System, &[])).await;
+    assert_eq!(job.status, JobStatus::Completed, "{:?}", job.outcome);
+    let counts: Vec<(&str, u64)> = job.output.iter().map(|f| (f.resource_type.as_str(), f.count)).collect();
+    assert_eq!(counts, vec![("Group", 1), ("Observation", 15), ("Organization", 1), ("Patient", 3)]);
+    for f in &job.output {
+        let obj = mem.get(&f.key).unwrap();
+        assert_eq!(obj.bytes.len() as u64, f.bytes);
+        assert!(f.key.starts_with(&format!("{}/", job.folder)) && f.key.ends_with(&format!("/{}.ndjson", f.resource_type)));
+        let ls = lines(&obj.bytes, false);
+        assert_eq!(ls.len() as u64, f.count);
+        assert!(ls.iter().all(|l| l["resourceType"] == f.resource_type.as_str()));
+    }
+    assert_eq!(job.percent(), 100);
+    assert_eq!(job.totals(), (20, 20));
+    let m = sluice_engine::manifest(&job, &mem, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(m.body["request"], "http://x/fhir/$export");
+    assert_eq!(m.body["requiresAccessToken"], false);
+    assert_eq!(m.body["error"], json!([]));
+    assert_eq!(m.body["output"].as_array().unwrap().len(), 4);
+    assert_eq!(m.body["transactionTime"], sluice_fhir::instant::format(job.transaction_time.unwrap()));
+}
+
+#[tokio::test]
+async fn patient_and_group_exports_follow_the_compartment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let mem = MemoryStorage::new();
+    let engine = Engine::new(store, Arc::new(mem.clone()), EngineConfig::default());
+    let job = run(&engine, get_plan(Level::Patient, &[])).await;
+    let types: Vec<_> = job.output.iter().map(|f| (f.resource_type.clone(), f.count)).collect();
+    assert_eq!(types, vec![("Observation".into(), 15), ("Patient".into(), 3)], "no Group, no Organization");
+
+    let job = run(&engine, get_plan(Level::Group("g".into()), &[])).await;
+    let ids: Vec<String> = job
+        .output
+        .iter()
+        .flat_map(|f| lines(&mem.get(&f.key).unwrap().bytes, false))
+        .map(|v| format!("{}/{}", v["resourceType"].as_str().unwrap(), v["id"].as_str().unwrap()))
+        .collect();
+    let mut expected: Vec<String> = (0..5).map(|o| format!("Observation/o0-{o}")).collect();
+    expected.push("Patient/p0".into());
+    assert_eq!(ids, expected, "the inactive member p2 is skipped");
+
+    let missing = engine.kickoff(get_plan(Level::Group("nope".into()), &[]), "u".into()).await;
+    assert!(matches!(missing, Err(KickoffError::NotFound(_))));
+    let missing = engine.kickoff(get_plan(Level::Patient, &[("patient", "zz")]), "u".into()).await;
+    assert!(matches!(missing, Err(KickoffError::NotFound(i)) if i.diagnostics.contains("zz")));
+}
+
+#[tokio::test]
+async fn split_gzip_files_are_named_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let mem = MemoryStorage::new();
+    let config = EngineConfig {
+        split: SplitLimits { max_resources: 4, max_bytes: 0 },
+        batch_bytes: 100,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(store, Arc::new(mem.clone()), config);
+    let job = run(&engine, get_plan(Level::System, &[("_type", "Observation"), ("_outputFormat", "ndjson.gz")])).await;
+    let names: Vec<(String, u64)> =
+        job.output.iter().map(|f| (f.key.rsplit('/').next().unwrap().to_string(), f.count)).collect();
+    assert_eq!(
+        names,
+        vec![
+            ("Observation.ndjson.gz".to_string(), 4),
+            ("Observation-2.ndjson.gz".to_string(), 4),
+            ("Observation-3.ndjson.gz".to_string(), 4),
+            ("Observation-4.ndjson.gz".to_string(), 3)
+        ]
+    );
+    let mut all = Vec::new();
+    for f in &job.output {
+        let obj = mem.get(&f.key).unwrap();
+        assert_eq!(obj.meta, ObjectMeta::ndjson(true));
+        all.extend(lines(&obj.bytes, true).into_iter().map(|v| v["id"].as_str().unwrap().to_string()));
+    }
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 15);
+    assert_eq!(all.len(), 15);
+}
+
+#[tokio::test]
+async fn cancel_removes_everything_and_frees_the_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let mem = MemoryStorage::new();
+    let config = EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
+    let engine = Engine::new(store, Arc::new(mem.clone()), config);
+    let job = engine.kickoff(get_plan(Level::System, &[]), "u".into()).await.unwrap();
+    assert!(matches!(engine.kickoff(get_plan(Level::System, &[]), "u".into()).await, Err(KickoffError::Busy(id)) if id == job.id));
+    engine.cancel(&job.id).await.unwrap();
+    assert!(mem.keys().is_empty(), "nothing of a cancelled export remains: {:?}", mem.keys());
+    assert_eq!(engine.store().get(&job.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
+    assert!(engine.cancel(&job.id).await.is_err(), "a second DELETE finds nothing");
+    // The slot is free at once.
+    let next = engine.kickoff(get_plan(Level::System, &[("_type", "Patient")]), "u".into()).await.unwrap();
+    engine.cancel(&next.id).await.unwrap();
+}
+
+/// A storage whose writes fail, like a full disk or a revoked bucket.
+struct Broken(MemoryStorage);
+
+struct BrokenWriter;
+
+#[async_trait]
+impl ObjectWriter for BrokenWriter {
+    async fn write(&mut self, _chunk: Bytes) -> Result<(), StorageError> {
+        Err(StorageError::Backend { location: "bucket-x".into(), reason: "quota exceeded".into() })
+    }
+    async fn finish(self: Box<Self>) -> Result<u64, StorageError> {
+        Ok(0)
+    }
+    async fn abort(self: Box<Self>) {}
+}
+
+#[async_trait]
+impl Storage for Broken {
+    fn describe(&self) -> String {
+        "broken".into()
+    }
+    async fn create(&self, key: &str, meta: ObjectMeta) -> Result<Box<dyn ObjectWriter>, StorageError> {
+        if key.contains("Patient") {
+            return Ok(Box::new(BrokenWriter));
+        }
+        self.0.create(key, meta).await
+    }
+    async fn signed_url(&self, key: &str, ttl: Duration) -> Result<SignedUrl, StorageError> {
+        self.0.signed_url(key, ttl).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, StorageError> {
+        self.0.delete_prefix(prefix).await
+    }
+}
+
+#[tokio::test]
+async fn a_storage_failure_fails_the_job_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let mem = MemoryStorage::new();
+    let engine = Engine::new(store, Arc::new(Broken(mem.clone())), EngineConfig::default());
+    let job = run(&engine, get_plan(Level::System, &[])).await;
+    assert_eq!(job.status, JobStatus::Failed);
+    let issue = &job.outcome.unwrap().issues[0];
+    assert!(issue.diagnostics.contains("bucket-x") && issue.diagnostics.contains("quota exceeded"), "{}", issue.diagnostics);
+    assert!(job.output.is_empty());
+    assert!(mem.keys().is_empty(), "no file of a failed export remains: {:?}", mem.keys());
+    assert_eq!(engine.store().active().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn an_interrupted_job_is_rerun_on_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let mem = MemoryStorage::new();
+    // First process: the export starts and is stuck (as if the process died mid-way).
+    let slow = EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
+    let first = Engine::new(store.clone(), Arc::new(mem.clone()), slow);
+    let job = first.kickoff(get_plan(Level::System, &[("_type", "Observation")]), "u".into()).await.unwrap();
+    // Wait until it has taken its snapshot (it is then in progress).
+    let snapshot_time = loop {
+        let j = store.get(&job.id).await.unwrap().unwrap();
+        if let (JobStatus::InProgress, Some(t)) = (j.status, j.transaction_time) {
+            break t;
+        }
+        tokio::task::yield_now().await;
+    };
+    // A write after the snapshot must not appear in the rerun.
+    let late = json!({"resourceType":"Observation","id":"late","subject":{"reference":"Patient/p0"}});
+    store.put(prepare(late, None).unwrap()).await.unwrap();
+
+    // Second process, same database: it finds the job and finishes it.
+    let second = Engine::new(store.clone(), Arc::new(mem.clone()), EngineConfig::default());
+    assert_eq!(second.resume_unfinished().await.unwrap(), 1);
+    second.wait(&job.id).await;
+    let done = store.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Completed, "{:?}", done.outcome);
+    assert_eq!(done.transaction_time, Some(snapshot_time));
+    assert_eq!(done.output.len(), 1);
+    assert_eq!(done.output[0].count, 15, "the late write is not in the export");
+    assert_eq!(done.attempts, 2);
+}

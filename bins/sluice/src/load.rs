@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
 
-/// Resources per batch sent to the store.
-const BATCH: usize = 2000;
+/// Source bytes per batch sent to the store. Parsed JSON takes several times its text size,
+/// so batches are bounded by bytes (and at most two wait in the channel), not by count.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// The files to load under `paths`, sorted; folders are searched recursively.
 pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, CliError> {
@@ -83,7 +84,7 @@ pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf]) -> Res
             .progress_chars("=> "),
     );
     let started = Instant::now();
-    let (tx, rx) = mpsc::channel(4);
+    let (tx, rx) = mpsc::channel(2);
     let reader_bar = bar.clone();
     let reader = std::thread::spawn(move || {
         let result = read_files(&files, &tx, &reader_bar);
@@ -110,20 +111,40 @@ pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf]) -> Res
     if summary.updated > 0 {
         println!("  ({} of them replaced an existing resource with the same type and id)", summary.updated);
     }
+    if summary.unchanged > 0 {
+        println!("  ({} of them were already stored unchanged: no new version)", summary.unchanged);
+    }
     Ok(())
 }
 
 type Sender = mpsc::Sender<LoadMsg>;
 
-fn send(tx: &Sender, batch: &mut Vec<NewResource>) -> Result<(), String> {
-    if batch.is_empty() {
-        return Ok(());
+/// Resources read but not yet sent, and the source bytes they came from.
+#[derive(Default)]
+struct Pending {
+    resources: Vec<NewResource>,
+    bytes: usize,
+}
+
+impl Pending {
+    fn push(&mut self, r: NewResource, bytes: usize) {
+        self.resources.push(r);
+        self.bytes += bytes;
     }
-    tx.blocking_send(LoadMsg::Batch(std::mem::take(batch))).map_err(|_| "the store stopped the load".to_string())
+
+    /// Sends the batch when it is full (or, with `force`, whatever there is).
+    fn flush(&mut self, tx: &Sender, force: bool) -> Result<(), String> {
+        if self.resources.is_empty() || (!force && self.bytes < BATCH_BYTES) {
+            return Ok(());
+        }
+        self.bytes = 0;
+        let batch = std::mem::take(&mut self.resources);
+        tx.blocking_send(LoadMsg::Batch(batch)).map_err(|_| "the store stopped the load".to_string())
+    }
 }
 
 fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar) -> Result<(), String> {
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut batch = Pending::default();
     for file in files {
         bar.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -150,33 +171,30 @@ fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar) -> Result<(), S
                 let value = serde_json::from_slice(&line)
                     .map_err(|e| format!("{}:{no}: not valid JSON: {e}", file.display()))?;
                 let r = prepare(value, None).map_err(|i| format!("{}:{no}: {}", file.display(), i.diagnostics))?;
-                batch.push(r);
-                if batch.len() >= BATCH {
-                    send(tx, &mut batch)?;
-                }
+                batch.push(r, line.len());
+                batch.flush(tx, false)?;
             }
         }
-        if batch.len() >= BATCH {
-            send(tx, &mut batch)?;
-        }
+        batch.flush(tx, false)?;
     }
-    send(tx, &mut batch)
+    batch.flush(tx, true)
 }
 
-fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Vec<NewResource>) -> Result<(), String> {
+fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Pending) -> Result<(), String> {
     let mut buf = Vec::new();
     r.read_to_end(&mut buf).map_err(|e| format!("{}: {e}", file.display()))?;
     let value: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| {
         format!("{}:{}: not valid JSON: {e}", file.display(), e.line())
     })?;
     if value.get("resourceType").and_then(|v| v.as_str()) != Some("Bundle") {
-        batch.push(prepare(value, None).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?);
+        batch.push(prepare(value, None).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?, buf.len());
         return Ok(());
     }
     let (_, ops) = bundle_ops(value, IdPolicy::Keep).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?;
+    let per_entry = buf.len() / ops.len().max(1);
     for op in ops {
         match op {
-            Ok(WriteOp::Put(r)) => batch.push(r),
+            Ok(WriteOp::Put(r)) => batch.push(r, per_entry),
             Ok(WriteOp::Delete { .. }) => {} // a file load only adds data
             Err(i) => {
                 return Err(format!(

@@ -132,6 +132,17 @@ impl Issue {
     }
 }
 
+impl std::fmt::Display for Issue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.expression {
+            Some(e) => write!(f, "{} ({e})", self.diagnostics),
+            None => f.write_str(&self.diagnostics),
+        }
+    }
+}
+
+impl std::error::Error for Issue {}
+
 /// A whole `OperationOutcome`: one or more issues.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct OperationOutcome {

@@ -7,8 +7,8 @@
 use crate::cli::CliError;
 use flate2::read::MultiGzDecoder;
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice_store::bundle::{bundle_ops, IdPolicy};
-use sluice_store::{prepare, LoadMsg, NewResource, ResourceStore, WriteOp};
+use sluice_store::bundle::{IdPolicy, bundle_ops};
+use sluice_store::{LoadMsg, NewResource, ResourceStore, WriteOp, prepare};
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -160,7 +160,8 @@ fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar) -> Result<(), S
             let mut no = 0u64;
             loop {
                 line.clear();
-                let n = lines.read_until(b'\n', &mut line).map_err(|e| format!("{}:{}: {e}", file.display(), no + 1))?;
+                let n =
+                    lines.read_until(b'\n', &mut line).map_err(|e| format!("{}:{}: {e}", file.display(), no + 1))?;
                 if n == 0 {
                     break;
                 }
@@ -183,9 +184,8 @@ fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar) -> Result<(), S
 fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Pending) -> Result<(), String> {
     let mut buf = Vec::new();
     r.read_to_end(&mut buf).map_err(|e| format!("{}: {e}", file.display()))?;
-    let value: serde_json::Value = serde_json::from_slice(&buf).map_err(|e| {
-        format!("{}:{}: not valid JSON: {e}", file.display(), e.line())
-    })?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&buf).map_err(|e| format!("{}:{}: not valid JSON: {e}", file.display(), e.line()))?;
     if value.get("resourceType").and_then(|v| v.as_str()) != Some("Bundle") {
         batch.push(prepare(value, None).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?, buf.len());
         return Ok(());
@@ -202,7 +202,7 @@ fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Pending) -> Result<
                     file.display(),
                     i.expression.as_deref().unwrap_or("Bundle"),
                     i.diagnostics
-                ))
+                ));
             }
         }
     }

@@ -1,7 +1,7 @@
 //! `_elements`: keep only the listed top-level elements (plus `resourceType`, `id`, `meta`)
 //! and tag the result `SUBSETTED`, as FHIR search does.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 use std::sync::Arc;
 
 /// The subsetting for one resource type; `None` from [`Subsetter::for_type`] means "whole
@@ -72,7 +72,9 @@ mod tests {
         assert_eq!(v["meta"]["tag"][0]["code"], "SUBSETTED");
 
         let pat = Subsetter::for_type(Some(&els), "Patient").unwrap();
-        let v: Value = serde_json::from_slice(&pat.apply(br#"{"resourceType":"Patient","id":"p","name":[{}],"gender":"x"}"#)).unwrap();
+        let v: Value =
+            serde_json::from_slice(&pat.apply(br#"{"resourceType":"Patient","id":"p","name":[{}],"gender":"x"}"#))
+                .unwrap();
         assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), vec!["resourceType", "id", "meta", "name"]);
     }
 

@@ -16,7 +16,7 @@
 mod elements;
 mod manifest;
 
-pub use manifest::{manifest, Manifest};
+pub use manifest::{Manifest, manifest};
 
 use bytes::Bytes;
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 /// Tuning knobs of the engine.
@@ -158,12 +158,12 @@ impl Engine {
                 ReadResult::Deleted(_) => {
                     return Err(KickoffError::NotFound(
                         Issue::error(IssueCode::Deleted, format!("Group/{id} was deleted")).at("Group"),
-                    ))
+                    ));
                 }
                 ReadResult::NotFound => {
                     return Err(KickoffError::NotFound(
                         Issue::error(IssueCode::NotFound, format!("Group/{id} does not exist")).at("Group"),
-                    ))
+                    ));
                 }
             }
         }
@@ -176,7 +176,8 @@ impl Engine {
             }
             if !missing.is_empty() {
                 return Err(KickoffError::NotFound(
-                    Issue::error(IssueCode::NotFound, format!("no Patient with id {}", missing.join(", "))).at("patient"),
+                    Issue::error(IssueCode::NotFound, format!("no Patient with id {}", missing.join(", ")))
+                        .at("patient"),
                 ));
             }
         }
@@ -409,7 +410,11 @@ impl Engine {
 
     /// The compartment filter (for compartment types at patient/group level) and the
     /// filter for everything else.
-    async fn filters(&self, job: &JobRecord, snapshot: &Snapshot) -> Result<(Option<ScanFilter>, ScanFilter), RunError> {
+    async fn filters(
+        &self,
+        job: &JobRecord,
+        snapshot: &Snapshot,
+    ) -> Result<(Option<ScanFilter>, ScanFilter), RunError> {
         let plan = &job.plan;
         let plain = ScanFilter { since: plan.since, until: plan.until, patients: None };
         let patients = match &plan.level {
@@ -420,10 +425,16 @@ impl Engine {
             },
             Level::Group(id) => {
                 let json = self.store.read_at(snapshot, "Group", id).await?.ok_or_else(|| {
-                    RunError::Failed(Issue::error(IssueCode::NotFound, format!("Group/{id} does not exist at the export's transaction time")))
+                    RunError::Failed(Issue::error(
+                        IssueCode::NotFound,
+                        format!("Group/{id} does not exist at the export's transaction time"),
+                    ))
                 })?;
                 let group: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
-                    RunError::Failed(Issue::fatal(IssueCode::Exception, format!("Group/{id} is not readable JSON: {e}")))
+                    RunError::Failed(Issue::fatal(
+                        IssueCode::Exception,
+                        format!("Group/{id} is not readable JSON: {e}"),
+                    ))
                 })?;
                 let mut members = group_members(&group, snapshot.time);
                 if let Some(only) = &plan.patients {
@@ -450,7 +461,12 @@ impl Engine {
         let mut w = self.storage.create(&key, ObjectMeta::ndjson(false)).await?;
         w.write(Bytes::from(data)).await?;
         let bytes = w.finish().await?;
-        Ok(vec![OutputFile { resource_type: "OperationOutcome".into(), key, count: job.plan.ignored.len() as u64, bytes }])
+        Ok(vec![OutputFile {
+            resource_type: "OperationOutcome".into(),
+            key,
+            count: job.plan.ignored.len() as u64,
+            bytes,
+        }])
     }
 }
 
@@ -469,16 +485,17 @@ pub fn group_members(group: &serde_json::Value, at: OffsetDateTime) -> Vec<Strin
             continue;
         }
         if let Some(period) = m.get("period") {
-            let bound = |k: &str| period.get(k).and_then(|v| v.as_str()).and_then(|s| sluice_fhir::instant::parse(s).ok());
+            let bound =
+                |k: &str| period.get(k).and_then(|v| v.as_str()).and_then(|s| sluice_fhir::instant::parse(s).ok());
             if bound("start").is_some_and(|s| s > at) || bound("end").is_some_and(|e| e < at) {
                 continue;
             }
         }
         let reference = m.pointer("/entity/reference").and_then(|v| v.as_str());
-        if let Some(id) = reference.and_then(sluice_fhir::compartment::patient_reference_id) {
-            if !out.iter().any(|o| o == id) {
-                out.push(id.to_string());
-            }
+        if let Some(id) = reference.and_then(sluice_fhir::compartment::patient_reference_id)
+            && !out.iter().any(|o| o == id)
+        {
+            out.push(id.to_string());
         }
     }
     out
@@ -549,7 +566,12 @@ impl Part {
                 .await
                 .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?;
                 writer = Some(w);
-                let events = events.map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding {} failed: {e}", self.resource_type))))?;
+                let events = events.map_err(|e| {
+                    RunError::Failed(Issue::fatal(
+                        IssueCode::Exception,
+                        format!("encoding {} failed: {e}", self.resource_type),
+                    ))
+                })?;
                 self.handle(events, &mut open, &mut files).await?;
                 counter.fetch_add(n, Ordering::Relaxed);
                 if let Some(pause) = cfg.throttle {
@@ -559,8 +581,9 @@ impl Part {
                     }
                 }
             }
-            scan.await
-                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}"))))??;
+            scan.await.map_err(|e| {
+                RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}")))
+            })??;
             let w = writer.take().expect("writer present at end");
             let events = tokio::task::spawn_blocking(move || {
                 let mut events = Vec::new();
@@ -601,7 +624,10 @@ impl Part {
                 }
                 Event::Finished(summary) => {
                     let (f, w) = open.take().ok_or_else(|| {
-                        RunError::Failed(Issue::fatal(IssueCode::Exception, "encoder finished a file that was never opened"))
+                        RunError::Failed(Issue::fatal(
+                            IssueCode::Exception,
+                            "encoder finished a file that was never opened",
+                        ))
                     })?;
                     debug_assert_eq!(f, summary.file);
                     let bytes = w.finish().await?;

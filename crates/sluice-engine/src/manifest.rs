@@ -1,6 +1,6 @@
 //! The completed-export manifest (Bulk Data IG), with URLs signed at request time.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sluice_jobs::{JobRecord, OutputFile};
 use sluice_storage::{Storage, StorageError};
 use std::time::Duration;

@@ -2,13 +2,13 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sluice_engine::{Engine, EngineConfig, KickoffError};
 use sluice_jobs::{JobRepo, JobStatus};
 use sluice_ndjson::SplitLimits;
-use sluice_planner::{plan, KickoffRequest, Level};
+use sluice_planner::{KickoffRequest, Level, plan};
 use sluice_storage::{MemoryStorage, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError};
-use sluice_store::{prepare, ResourceStore};
+use sluice_store::{ResourceStore, prepare};
 use sluice_store_sqlite::SqliteStore;
 use std::io::Read;
 use std::sync::Arc;
@@ -24,10 +24,16 @@ async fn store_with_data(dir: &std::path::Path) -> Arc<SqliteStore> {
         }
     }
     s.put(prepare(json!({"resourceType":"Organization","id":"org"}), None).unwrap()).await.unwrap();
-    s.put(prepare(json!({"resourceType":"Group","id":"g","type":"person","actual":true,"member":[
-        {"entity":{"reference":"Patient/p0"}},{"entity":{"reference":"Patient/p2"},"inactive":true}]}), None).unwrap())
-        .await
-        .unwrap();
+    s.put(
+        prepare(
+            json!({"resourceType":"Group","id":"g","type":"person","actual":true,"member":[
+        {"entity":{"reference":"Patient/p0"}},{"entity":{"reference":"Patient/p2"},"inactive":true}]}),
+            None,
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
     s
 }
 
@@ -65,7 +71,9 @@ async fn system_export_writes_every_type_and_a_manifest() {
     for f in &job.output {
         let obj = mem.get(&f.key).unwrap();
         assert_eq!(obj.bytes.len() as u64, f.bytes);
-        assert!(f.key.starts_with(&format!("{}/", job.folder)) && f.key.ends_with(&format!("/{}.ndjson", f.resource_type)));
+        assert!(
+            f.key.starts_with(&format!("{}/", job.folder)) && f.key.ends_with(&format!("/{}.ndjson", f.resource_type))
+        );
         let ls = lines(&obj.bytes, false);
         assert_eq!(ls.len() as u64, f.count);
         assert!(ls.iter().all(|l| l["resourceType"] == f.resource_type.as_str()));
@@ -151,7 +159,9 @@ async fn cancel_removes_everything_and_frees_the_slot() {
     let config = EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
     let engine = Engine::new(store, Arc::new(mem.clone()), config);
     let job = engine.kickoff(get_plan(Level::System, &[]), "u".into()).await.unwrap();
-    assert!(matches!(engine.kickoff(get_plan(Level::System, &[]), "u".into()).await, Err(KickoffError::Busy(id)) if id == job.id));
+    assert!(
+        matches!(engine.kickoff(get_plan(Level::System, &[]), "u".into()).await, Err(KickoffError::Busy(id)) if id == job.id)
+    );
     engine.cancel(&job.id).await.unwrap();
     assert!(mem.keys().is_empty(), "nothing of a cancelled export remains: {:?}", mem.keys());
     assert_eq!(engine.store().get(&job.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
@@ -205,7 +215,11 @@ async fn a_storage_failure_fails_the_job_and_cleans_up() {
     let job = run(&engine, get_plan(Level::System, &[])).await;
     assert_eq!(job.status, JobStatus::Failed);
     let issue = &job.outcome.unwrap().issues[0];
-    assert!(issue.diagnostics.contains("bucket-x") && issue.diagnostics.contains("quota exceeded"), "{}", issue.diagnostics);
+    assert!(
+        issue.diagnostics.contains("bucket-x") && issue.diagnostics.contains("quota exceeded"),
+        "{}",
+        issue.diagnostics
+    );
     assert!(job.output.is_empty());
     assert!(mem.keys().is_empty(), "no file of a failed export remains: {:?}", mem.keys());
     assert_eq!(engine.store().active().await.unwrap(), None);

@@ -50,10 +50,7 @@ pub struct LinkParam {
 
 /// Shorthand for a table entry.
 const fn e(resource_type: &'static str, params: &'static [LinkParam]) -> CompartmentEntry {
-    CompartmentEntry {
-        resource_type,
-        params,
-    }
+    CompartmentEntry { resource_type, params }
 }
 
 /// Shorthand for a table parameter.
@@ -174,10 +171,7 @@ pub static PATIENT_COMPARTMENT: &[CompartmentEntry] = &[
 /// The compartment entry for a resource type, or `None` when the type cannot be in a patient's
 /// compartment (or is unknown). A binary search over [`PATIENT_COMPARTMENT`].
 pub fn compartment_entry(t: &str) -> Option<&'static CompartmentEntry> {
-    PATIENT_COMPARTMENT
-        .binary_search_by(|entry| entry.resource_type.cmp(t))
-        .ok()
-        .map(|i| &PATIENT_COMPARTMENT[i])
+    PATIENT_COMPARTMENT.binary_search_by(|entry| entry.resource_type.cmp(t)).ok().map(|i| &PATIENT_COMPARTMENT[i])
 }
 
 /// Whether resources of this type can be in a patient's compartment.
@@ -241,11 +235,7 @@ fn collect_patient_ids(value: &Value, path: &str, ids: &mut BTreeSet<String>) {
 
 /// Adds the patient id of a `Reference` object, if its `reference` points at a Patient.
 fn add_reference(reference: &Map<String, Value>, ids: &mut BTreeSet<String>) {
-    if let Some(id) = reference
-        .get("reference")
-        .and_then(Value::as_str)
-        .and_then(patient_reference_id)
-    {
+    if let Some(id) = reference.get("reference").and_then(Value::as_str).and_then(patient_reference_id) {
         ids.insert(id.to_owned());
     }
 }
@@ -273,9 +263,7 @@ pub fn patient_reference_id(reference: &str) -> Option<&str> {
 
 /// Whether `s` matches the FHIR `id` syntax `[A-Za-z0-9\-\.]{1,64}`.
 fn is_fhir_id(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 #[cfg(test)]
@@ -380,20 +368,13 @@ mod tests {
     #[test]
     fn table_has_the_66_spec_types_sorted_unique_and_all_r4() {
         assert_eq!(PATIENT_COMPARTMENT.len(), 66);
-        let types: Vec<&str> = PATIENT_COMPARTMENT
-            .iter()
-            .map(|e| e.resource_type)
-            .collect();
+        let types: Vec<&str> = PATIENT_COMPARTMENT.iter().map(|e| e.resource_type).collect();
         assert_eq!(types, SPEC_TYPES);
         for pair in PATIENT_COMPARTMENT.windows(2) {
             assert!(pair[0].resource_type < pair[1].resource_type);
         }
         for entry in PATIENT_COMPARTMENT {
-            assert!(
-                is_r4_resource_type(entry.resource_type),
-                "{}",
-                entry.resource_type
-            );
+            assert!(is_r4_resource_type(entry.resource_type), "{}", entry.resource_type);
         }
     }
 
@@ -407,12 +388,7 @@ mod tests {
             for param in entry.params {
                 params += 1;
                 assert!(!param.name.is_empty());
-                assert!(
-                    !param.paths.is_empty(),
-                    "{}.{}",
-                    entry.resource_type,
-                    param.name
-                );
+                assert!(!param.paths.is_empty(), "{}.{}", entry.resource_type, param.name);
                 for path in param.paths {
                     for step in path.split('.') {
                         assert!(
@@ -437,11 +413,7 @@ mod tests {
             assert!(is_patient_compartment_type(entry.resource_type));
         }
         for t in crate::types::R4_RESOURCE_TYPES {
-            assert_eq!(
-                is_patient_compartment_type(t),
-                SPEC_TYPES.contains(t),
-                "{t}"
-            );
+            assert_eq!(is_patient_compartment_type(t), SPEC_TYPES.contains(t), "{t}");
         }
         for t in [
             "Device",
@@ -469,40 +441,14 @@ mod tests {
             ("Account", &[("subject", &["subject"])]),
             (
                 "AllergyIntolerance",
-                &[
-                    ("patient", &["patient"]),
-                    ("recorder", &["recorder"]),
-                    ("asserter", &["asserter"]),
-                ],
+                &[("patient", &["patient"]), ("recorder", &["recorder"]), ("asserter", &["asserter"])],
             ),
             ("Appointment", &[("actor", &["participant.actor"])]),
             ("AuditEvent", &[("patient", &["agent.who", "entity.what"])]),
-            (
-                "CarePlan",
-                &[
-                    ("patient", &["subject"]),
-                    ("performer", &["activity.detail.performer"]),
-                ],
-            ),
-            (
-                "CareTeam",
-                &[
-                    ("patient", &["subject"]),
-                    ("participant", &["participant.member"]),
-                ],
-            ),
-            (
-                "Claim",
-                &[("patient", &["patient"]), ("payee", &["payee.party"])],
-            ),
-            (
-                "Composition",
-                &[
-                    ("subject", &["subject"]),
-                    ("author", &["author"]),
-                    ("attester", &["attester.party"]),
-                ],
-            ),
+            ("CarePlan", &[("patient", &["subject"]), ("performer", &["activity.detail.performer"])]),
+            ("CareTeam", &[("patient", &["subject"]), ("participant", &["participant.member"])]),
+            ("Claim", &[("patient", &["patient"]), ("payee", &["payee.party"])]),
+            ("Composition", &[("subject", &["subject"]), ("author", &["author"]), ("attester", &["attester.party"])]),
             (
                 "Coverage",
                 &[
@@ -512,63 +458,30 @@ mod tests {
                     ("payor", &["payor"]),
                 ],
             ),
-            (
-                "DocumentReference",
-                &[("subject", &["subject"]), ("author", &["author"])],
-            ),
+            ("DocumentReference", &[("subject", &["subject"]), ("author", &["author"])]),
             ("Encounter", &[("patient", &["subject"])]),
             ("EnrollmentRequest", &[("subject", &["candidate"])]),
-            (
-                "ExplanationOfBenefit",
-                &[("patient", &["patient"]), ("payee", &["payee.party"])],
-            ),
+            ("ExplanationOfBenefit", &[("patient", &["patient"]), ("payee", &["payee.party"])]),
             ("Group", &[("member", &["member.entity"])]),
             ("Immunization", &[("patient", &["patient"])]),
-            (
-                "Invoice",
-                &[
-                    ("subject", &["subject"]),
-                    ("patient", &["subject"]),
-                    ("recipient", &["recipient"]),
-                ],
-            ),
+            ("Invoice", &[("subject", &["subject"]), ("patient", &["subject"]), ("recipient", &["recipient"])]),
             (
                 "MedicationDispense",
-                &[
-                    ("subject", &["subject"]),
-                    ("patient", &["subject"]),
-                    ("receiver", &["receiver"]),
-                ],
+                &[("subject", &["subject"]), ("patient", &["subject"]), ("receiver", &["receiver"])],
             ),
             ("MedicationRequest", &[("subject", &["subject"])]),
-            (
-                "Observation",
-                &[("subject", &["subject"]), ("performer", &["performer"])],
-            ),
+            ("Observation", &[("subject", &["subject"]), ("performer", &["performer"])]),
             ("Patient", &[("link", &["link.other"])]),
             ("Person", &[("patient", &["link.target"])]),
-            (
-                "Procedure",
-                &[
-                    ("patient", &["subject"]),
-                    ("performer", &["performer.actor"]),
-                ],
-            ),
+            ("Procedure", &[("patient", &["subject"]), ("performer", &["performer.actor"])]),
             ("Provenance", &[("patient", &["target"])]),
-            (
-                "RequestGroup",
-                &[
-                    ("subject", &["subject"]),
-                    ("participant", &["action.participant"]),
-                ],
-            ),
+            ("RequestGroup", &[("subject", &["subject"]), ("participant", &["action.participant"])]),
             ("ResearchSubject", &[("individual", &["individual"])]),
             ("Schedule", &[("actor", &["actor"])]),
             ("SupplyRequest", &[("subject", &["deliverTo"])]),
         ];
         for (t, expected) in cases {
-            let expected: Vec<(&str, Vec<&str>)> =
-                expected.iter().map(|(n, ps)| (*n, ps.to_vec())).collect();
+            let expected: Vec<(&str, Vec<&str>)> = expected.iter().map(|(n, ps)| (*n, ps.to_vec())).collect();
             assert_eq!(params_of(t), expected, "{t}");
         }
     }
@@ -583,10 +496,7 @@ mod tests {
             ("https://host/fhir/Patient/123", "123"),
             ("https://host/fhir/Patient/123/_history/4", "123"),
             ("http://example.org/Patient/a-b.C", "a-b.C"),
-            (
-                "Patient/6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2",
-                "6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2",
-            ),
+            ("Patient/6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2", "6c5d9ca9-54d7-42f5-bfae-a7c19cd217f2"),
         ];
         for (reference, id) in yes {
             assert_eq!(patient_reference_id(reference), Some(id), "{reference}");
@@ -840,13 +750,7 @@ mod tests {
             "patient": {"reference": "Patient/p1"}
         });
         assert!(patient_ids(&device).is_empty());
-        for t in [
-            "Organization",
-            "Practitioner",
-            "Location",
-            "PractitionerRole",
-            "Medication",
-        ] {
+        for t in ["Organization", "Practitioner", "Location", "PractitionerRole", "Medication"] {
             let other = json!({"resourceType": t, "subject": {"reference": "Patient/p1"},
                                "patient": {"reference": "Patient/p1"}});
             assert!(patient_ids(&other).is_empty(), "{t}");
@@ -865,8 +769,7 @@ mod tests {
             "generalPractitioner": [{"reference": "Practitioner/dr"}]
         });
         assert_eq!(ids(&patient), ["p1"]);
-        let no_id =
-            json!({"resourceType": "Patient", "link": [{"other": {"reference": "Patient/p2"}}]});
+        let no_id = json!({"resourceType": "Patient", "link": [{"other": {"reference": "Patient/p2"}}]});
         assert!(patient_ids(&no_id).is_empty());
         for bad in [json!(null), json!(7), json!(""), json!(["p1"])] {
             let patient = json!({"resourceType": "Patient", "id": bad});
@@ -946,10 +849,7 @@ mod tests {
 
     // ---- real data ----
 
-    const DATA_DIR: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/data/r4-100-patients-groups"
-    );
+    const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/r4-100-patients-groups");
 
     #[test]
     fn synthea_sample_every_compartment_resource_has_a_patient() {
@@ -973,24 +873,15 @@ mod tests {
                     continue;
                 }
                 let resource: Value = serde_json::from_str(&line).expect("JSON");
-                let t = resource["resourceType"]
-                    .as_str()
-                    .expect("resourceType")
-                    .to_owned();
+                let t = resource["resourceType"].as_str().expect("resourceType").to_owned();
                 let found = patient_ids(&resource);
                 let at = format!("{}:{}", path.display(), n + 1);
                 if is_patient_compartment_type(&t) {
                     assert!(!found.is_empty(), "{t} without a patient at {at}");
                 } else {
                     assert!(
-                        [
-                            "Organization",
-                            "Practitioner",
-                            "Location",
-                            "PractitionerRole",
-                            "Device"
-                        ]
-                        .contains(&t.as_str()),
+                        ["Organization", "Practitioner", "Location", "PractitionerRole", "Device"]
+                            .contains(&t.as_str()),
                         "unexpected type {t} at {at}"
                     );
                     assert!(found.is_empty(), "{t} at {at}");
@@ -1006,17 +897,8 @@ mod tests {
         }
         assert_eq!(patients.len(), 100);
         assert_eq!(referenced, patients);
-        for t in [
-            "Observation",
-            "Encounter",
-            "Claim",
-            "ExplanationOfBenefit",
-            "Group",
-        ] {
-            assert!(
-                counts.get(t).copied().unwrap_or(0) > 0,
-                "no {t} in the sample"
-            );
+        for t in ["Observation", "Encounter", "Claim", "ExplanationOfBenefit", "Group"] {
+            assert!(counts.get(t).copied().unwrap_or(0) > 0, "no {t} in the sample");
         }
     }
 }

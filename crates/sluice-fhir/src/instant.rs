@@ -66,10 +66,8 @@ pub fn parse(value: &str) -> Result<OffsetDateTime, InstantError> {
 /// `2024-05-01T10:00:00.000Z`.
 pub fn format(t: OffsetDateTime) -> String {
     let t = t.to_offset(UtcOffset::UTC);
-    t.format(format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    ))
-    .expect("formatting a UTC time with a fixed description cannot fail")
+    t.format(format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"))
+        .expect("formatting a UTC time with a fixed description cannot fail")
 }
 
 /// Milliseconds since the Unix epoch (floor).
@@ -79,8 +77,7 @@ pub fn to_millis(t: OffsetDateTime) -> i64 {
 
 /// The UTC time `ms` milliseconds after the Unix epoch.
 pub fn from_millis(ms: i64) -> OffsetDateTime {
-    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
-        .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
 /// Formats milliseconds since the epoch as a FHIR instant.

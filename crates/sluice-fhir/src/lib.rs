@@ -13,6 +13,6 @@ pub mod instant;
 pub mod outcome;
 pub mod types;
 
-pub use compartment::{is_patient_compartment_type, patient_ids, PATIENT_COMPARTMENT};
+pub use compartment::{PATIENT_COMPARTMENT, is_patient_compartment_type, patient_ids};
 pub use outcome::{Issue, IssueCode, OperationOutcome, Severity};
-pub use types::{is_r4_resource_type, R4_RESOURCE_TYPES};
+pub use types::{R4_RESOURCE_TYPES, is_r4_resource_type};

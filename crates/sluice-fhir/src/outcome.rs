@@ -1,7 +1,7 @@
 //! `OperationOutcome`: the shape of every error Sluice reports, over HTTP and in manifests.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// Issue severity, as in the FHIR `IssueSeverity` value set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,9 +183,7 @@ mod tests {
 
     #[test]
     fn renders_fhir_json() {
-        let oo = OperationOutcome::single(
-            Issue::error(IssueCode::NotSupported, "unknown type Foo").at("_type"),
-        );
+        let oo = OperationOutcome::single(Issue::error(IssueCode::NotSupported, "unknown type Foo").at("_type"));
         let v = oo.to_json();
         assert_eq!(v["resourceType"], "OperationOutcome");
         assert_eq!(v["issue"][0]["severity"], "error");

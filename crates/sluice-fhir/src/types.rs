@@ -222,10 +222,7 @@ mod tests {
         for t in R4_RESOURCE_TYPES {
             assert!(is_r4_resource_type(t));
             let lower = t.to_ascii_lowercase();
-            assert_eq!(
-                is_r4_resource_type(&lower),
-                R4_RESOURCE_TYPES.contains(&lower.as_str())
-            );
+            assert_eq!(is_r4_resource_type(&lower), R4_RESOURCE_TYPES.contains(&lower.as_str()));
         }
     }
 }

@@ -177,11 +177,7 @@ impl JobRecord {
             return 100;
         }
         let (d, t) = self.totals();
-        if t == 0 {
-            0
-        } else {
-            ((d.min(t) * 100) / t).min(99) as u8
-        }
+        (d.min(t) * 100).checked_div(t).unwrap_or(0).min(99) as u8
     }
 }
 
@@ -220,11 +216,8 @@ mod tests {
     #[test]
     fn transitions() {
         let all = [Accepted, InProgress, Completed, Failed, Cancelled];
-        let allowed: Vec<_> = all
-            .iter()
-            .flat_map(|a| all.iter().map(move |b| (*a, *b)))
-            .filter(|(a, b)| a.can_become(*b))
-            .collect();
+        let allowed: Vec<_> =
+            all.iter().flat_map(|a| all.iter().map(move |b| (*a, *b))).filter(|(a, b)| a.can_become(*b)).collect();
         assert_eq!(
             allowed,
             vec![

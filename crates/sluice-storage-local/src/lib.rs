@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use sluice_storage::{validate_key, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError};
+use sluice_storage::{ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError, validate_key};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -38,7 +38,10 @@ impl SigningKey {
         match std::fs::read_to_string(path) {
             Ok(s) => {
                 let bytes = hex::decode(s.trim()).map_err(|e| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: not a hex key: {e}", path.display()))
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}: not a hex key: {e}", path.display()),
+                    )
                 })?;
                 Ok(SigningKey(bytes))
             }
@@ -267,14 +270,18 @@ mod tests {
 
         let u = s.signed_url("e1/Patient.ndjson", Duration::from_secs(60)).await.unwrap();
         assert!(u.url.starts_with("http://h:1/files/e1/Patient.ndjson?expires="), "{}", u.url);
-        let q: std::collections::HashMap<_, _> = u.url.split_once('?').unwrap().1.split('&').filter_map(|kv| kv.split_once('=')).collect();
+        let q: std::collections::HashMap<_, _> =
+            u.url.split_once('?').unwrap().1.split('&').filter_map(|kv| kv.split_once('=')).collect();
         let exp: i64 = q["expires"].parse().unwrap();
         assert_eq!(exp, u.expires.unix_timestamp());
         let f = s.open_signed("e1/Patient.ndjson", exp, q["sig"]).await.unwrap();
         assert_eq!(f.len, 8);
         assert_eq!(f.meta, ObjectMeta::ndjson(false));
 
-        assert_eq!(s.open_signed("e1/Patient.ndjson", exp + 1, q["sig"]).await.unwrap_err(), DownloadError::BadSignature);
+        assert_eq!(
+            s.open_signed("e1/Patient.ndjson", exp + 1, q["sig"]).await.unwrap_err(),
+            DownloadError::BadSignature
+        );
         assert_eq!(s.open_signed("e1/Other.ndjson", exp, q["sig"]).await.unwrap_err(), DownloadError::BadSignature);
         assert_eq!(s.open_signed("e1/Patient.ndjson", exp, "zz").await.unwrap_err(), DownloadError::BadSignature);
 

@@ -103,11 +103,7 @@ pub fn validate_key(key: &str) -> Result<(), StorageError> {
         || key.starts_with('/')
         || key.contains('\\')
         || key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..");
-    if bad {
-        Err(StorageError::InvalidKey(key.to_string()))
-    } else {
-        Ok(())
-    }
+    if bad { Err(StorageError::InvalidKey(key.to_string())) } else { Ok(()) }
 }
 
 #[cfg(test)]

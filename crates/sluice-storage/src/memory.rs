@@ -1,6 +1,6 @@
 //! An in-memory [`Storage`] for testing the layers above storage.
 
-use crate::{validate_key, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError};
+use crate::{ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError, validate_key};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -72,12 +72,7 @@ impl Storage for MemoryStorage {
 
     async fn create(&self, key: &str, meta: ObjectMeta) -> Result<Box<dyn ObjectWriter>, StorageError> {
         validate_key(key)?;
-        Ok(Box::new(MemoryWriter {
-            key: key.to_string(),
-            meta,
-            buf: Vec::new(),
-            objects: self.objects.clone(),
-        }))
+        Ok(Box::new(MemoryWriter { key: key.to_string(), meta, buf: Vec::new(), objects: self.objects.clone() }))
     }
 
     async fn signed_url(&self, key: &str, ttl: Duration) -> Result<SignedUrl, StorageError> {

@@ -3,7 +3,7 @@
 
 use crate::SqliteStore;
 use async_trait::async_trait;
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{OptionalExtension, params};
 use sluice_jobs::{JobError, JobRecord, JobRepo, JobStatus};
 use time::OffsetDateTime;
 
@@ -25,9 +25,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&rusqlite::Connection) -> Result<T, JobError> + Send + 'static,
     {
-        self.with_writer(move |w| Ok(f(&w.conn)))
-            .await
-            .map_err(err)?
+        self.with_writer(move |w| Ok(f(&w.conn))).await.map_err(err)?
     }
 }
 
@@ -45,8 +43,10 @@ impl JobRepo for SqliteStore {
             match res {
                 Ok(_) => Ok(()),
                 Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    let running: Option<String> =
-                        c.query_row("SELECT id FROM jobs WHERE active = 1", [], |r| r.get(0)).optional().map_err(err)?;
+                    let running: Option<String> = c
+                        .query_row("SELECT id FROM jobs WHERE active = 1", [], |r| r.get(0))
+                        .optional()
+                        .map_err(err)?;
                     Err(JobError::Busy(running.unwrap_or_default()))
                 }
                 Err(e) => Err(err(e)),
@@ -58,8 +58,10 @@ impl JobRepo for SqliteStore {
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, JobError> {
         let id = id.to_string();
         self.jobs_call(move |c| {
-            let rec: Option<String> =
-                c.query_row("SELECT record FROM jobs WHERE id = ?1", params![id], |r| r.get(0)).optional().map_err(err)?;
+            let rec: Option<String> = c
+                .query_row("SELECT record FROM jobs WHERE id = ?1", params![id], |r| r.get(0))
+                .optional()
+                .map_err(err)?;
             rec.as_deref().map(decode).transpose()
         })
         .await
@@ -101,7 +103,9 @@ impl JobRepo for SqliteStore {
     }
 
     async fn active(&self) -> Result<Option<String>, JobError> {
-        self.jobs_call(|c| c.query_row("SELECT id FROM jobs WHERE active = 1", [], |r| r.get(0)).optional().map_err(err))
-            .await
+        self.jobs_call(|c| {
+            c.query_row("SELECT id FROM jobs WHERE active = 1", [], |r| r.get(0)).optional().map_err(err)
+        })
+        .await
     }
 }

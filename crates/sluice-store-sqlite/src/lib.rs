@@ -16,11 +16,11 @@ mod jobs;
 mod schema;
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use sluice_fhir::instant;
 use sluice_store::{
-    stamp, Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot,
-    StoreError, WriteOp, Written,
+    Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError,
+    WriteOp, Written, stamp,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -166,20 +166,20 @@ fn write_version(
     if is_delete && cur.as_ref().is_none_or(|c| c.deleted) {
         return Ok(None);
     }
-    if let (Some(c), Some(r)) = (&cur, &resource) {
-        if let Some(old) = c.json.as_deref().filter(|_| !c.deleted) {
-            let same = stamp(&mut r.resource.clone(), c.version as u64, instant::from_millis(c.last_updated));
-            if same == old {
-                return Ok(Some(Written {
-                    resource_type: rt.to_string(),
-                    id: id.to_string(),
-                    version_id: c.version as u64,
-                    last_updated: instant::from_millis(c.last_updated),
-                    created: false,
-                    unchanged: true,
-                    json: Some(same),
-                }));
-            }
+    if let (Some(c), Some(r)) = (&cur, &resource)
+        && let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
+    {
+        let same = stamp(&mut r.resource.clone(), c.version as u64, instant::from_millis(c.last_updated));
+        if same == old {
+            return Ok(Some(Written {
+                resource_type: rt.to_string(),
+                id: id.to_string(),
+                version_id: c.version as u64,
+                last_updated: instant::from_millis(c.last_updated),
+                created: false,
+                unchanged: true,
+                json: Some(same),
+            }));
         }
     }
     let seq = *next_seq;
@@ -202,7 +202,8 @@ fn write_version(
     .and_then(|mut s| s.execute(params![seq, rt, id, version, ts_ms, is_delete, json.as_ref().map(|j| &j.0)]))
     .map_err(db_err)?;
     if let Some((_, patients)) = &json {
-        let mut ins = tx.prepare_cached("INSERT OR IGNORE INTO compartment(patient_id, seq) VALUES (?1, ?2)").map_err(db_err)?;
+        let mut ins =
+            tx.prepare_cached("INSERT OR IGNORE INTO compartment(patient_id, seq) VALUES (?1, ?2)").map_err(db_err)?;
         for p in patients {
             ins.execute(params![p, seq]).map_err(db_err)?;
         }
@@ -219,9 +220,7 @@ fn write_version(
 }
 
 fn parse_snapshot(s: &Snapshot) -> Result<i64, StoreError> {
-    s.id.strip_prefix("sqlite:")
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| StoreError::BadSnapshot(s.id.clone()))
+    s.id.strip_prefix("sqlite:").and_then(|n| n.parse().ok()).ok_or_else(|| StoreError::BadSnapshot(s.id.clone()))
 }
 
 /// SQL (after `FROM resource_version r WHERE`) and its parameters for a filtered scan.
@@ -318,7 +317,9 @@ impl ResourceStore for SqliteStore {
                         let (rt, id) = (r.resource_type.clone(), r.id.clone());
                         write_version(&tx, &mut seq, ts, &rt, &id, Some(r))?
                     }
-                    WriteOp::Delete { resource_type, id } => write_version(&tx, &mut seq, ts, &resource_type, &id, None)?,
+                    WriteOp::Delete { resource_type, id } => {
+                        write_version(&tx, &mut seq, ts, &resource_type, &id, None)?
+                    }
                 });
             }
             tx.commit().map_err(db_err)?;
@@ -379,7 +380,9 @@ impl ResourceStore for SqliteStore {
             let sql = format!("SELECT r.type, COUNT(*) FROM resource_version r WHERE {cond} GROUP BY r.type");
             let mut stmt = c.prepare(&sql).map_err(db_err)?;
             let rows = stmt
-                .query_map(rusqlite::params_from_iter(args), |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+                .query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+                })
                 .map_err(db_err)?;
             rows.collect::<Result<BTreeMap<_, _>, _>>().map_err(db_err)
         })
@@ -413,7 +416,8 @@ impl ResourceStore for SqliteStore {
         let snap = parse_snapshot(snapshot)?;
         let (cond, mut args) = visible_where(snap, filter);
         args.push(rusqlite::types::Value::Text(resource_type.to_string()));
-        let sql = format!("SELECT r.json FROM resource_version r WHERE r.type = ?{} AND {cond} ORDER BY r.seq", args.len());
+        let sql =
+            format!("SELECT r.json FROM resource_version r WHERE r.type = ?{} AND {cond} ORDER BY r.seq", args.len());
         self.with_reader(move |c| {
             let mut stmt = c.prepare(&sql).map_err(db_err)?;
             let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(db_err)?;
@@ -424,7 +428,8 @@ impl ResourceStore for SqliteStore {
                 batch.data.push(b'\n');
                 batch.count += 1;
                 if batch.data.len() >= batch_bytes {
-                    let full = std::mem::replace(&mut batch, Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 });
+                    let full =
+                        std::mem::replace(&mut batch, Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 });
                     if tx.blocking_send(full).is_err() {
                         return Ok(()); // the reader stopped (cancelled)
                     }
@@ -441,7 +446,9 @@ impl ResourceStore for SqliteStore {
     async fn types_with_data(&self) -> Result<Vec<String>, StoreError> {
         self.with_reader(|c| {
             let mut stmt = c
-                .prepare("SELECT DISTINCT type FROM resource_version WHERE superseded IS NULL AND deleted = 0 ORDER BY type")
+                .prepare(
+                    "SELECT DISTINCT type FROM resource_version WHERE superseded IS NULL AND deleted = 0 ORDER BY type",
+                )
                 .map_err(db_err)?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(db_err)

@@ -1,10 +1,10 @@
 //! The SQLite store against a real database file: versions, tombstones, snapshots,
 //! compartment filters, atomic loads and the job repository.
 
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sluice_jobs::{JobError, JobRecord, JobRepo, JobStatus};
 use sluice_planner::{ExportPlan, Level, OutputFormat, TypeSelection};
-use sluice_store::{prepare, LoadMsg, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError, WriteOp};
+use sluice_store::{LoadMsg, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError, WriteOp, prepare};
 use sluice_store_sqlite::SqliteStore;
 use std::collections::BTreeMap;
 use tokio::sync::mpsc;
@@ -20,7 +20,9 @@ fn r(v: Value) -> sluice_store::NewResource {
 }
 
 fn obs(id: &str, patient: &str, status: &str) -> sluice_store::NewResource {
-    r(json!({"resourceType":"Observation","id":id,"status":status,"subject":{"reference":format!("Patient/{patient}")}}))
+    r(
+        json!({"resourceType":"Observation","id":id,"status":status,"subject":{"reference":format!("Patient/{patient}")}}),
+    )
 }
 
 async fn scan_ids(store: &SqliteStore, snap: &Snapshot, t: &str, f: &ScanFilter) -> Vec<String> {
@@ -153,7 +155,9 @@ async fn a_load_is_all_or_nothing() {
     let (tx, rx) = mpsc::channel(4);
     let s2 = s.clone();
     let h = tokio::spawn(async move { s2.load(rx).await });
-    tx.send(LoadMsg::Batch(vec![obs("a", "p", "final"), obs("b", "p", "final"), obs("a", "p", "amended")])).await.unwrap();
+    tx.send(LoadMsg::Batch(vec![obs("a", "p", "final"), obs("b", "p", "final"), obs("a", "p", "amended")]))
+        .await
+        .unwrap();
     tx.send(LoadMsg::Commit).await.unwrap();
     let sum = h.await.unwrap().unwrap();
     assert_eq!(sum.per_type["Observation"], 3);
@@ -187,7 +191,11 @@ async fn state_survives_reopening() {
     let s = SqliteStore::open(&path).unwrap();
     let w = s.put(obs("b", "p", "final")).await.unwrap();
     assert!(w.last_updated > snap.time && w.last_updated > last, "the clock never goes back after a restart");
-    assert_eq!(scan_ids(&s, &snap, "Observation", &ScanFilter::default()).await, vec!["a"], "old snapshots stay readable");
+    assert_eq!(
+        scan_ids(&s, &snap, "Observation", &ScanFilter::default()).await,
+        vec!["a"],
+        "old snapshots stay readable"
+    );
 }
 
 fn job(id: &str) -> JobRecord {

@@ -3,7 +3,7 @@
 //! Entries whose `fullUrl` is a `urn:uuid:` are given their resource id, and every
 //! `reference` to such a `fullUrl` anywhere in the Bundle is rewritten to `Type/id`.
 
-use crate::{prepare, valid_id, WriteOp};
+use crate::{WriteOp, prepare, valid_id};
 use serde_json::Value;
 use sluice_fhir::{Issue, IssueCode};
 use std::collections::HashMap;
@@ -88,7 +88,12 @@ fn url_id(entry: &Value) -> Option<String> {
     Some(id.to_string())
 }
 
-fn entry_op(mut entry: Value, id: Option<String>, policy: IdPolicy, urls: &HashMap<String, String>) -> Result<WriteOp, Issue> {
+fn entry_op(
+    mut entry: Value,
+    id: Option<String>,
+    policy: IdPolicy,
+    urls: &HashMap<String, String>,
+) -> Result<WriteOp, Issue> {
     let method = entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("PUT").to_string();
     match (policy, method.as_str()) {
         (_, "DELETE") => {
@@ -106,20 +111,19 @@ fn entry_op(mut entry: Value, id: Option<String>, policy: IdPolicy, urls: &HashM
                 .get_mut("resource")
                 .map(Value::take)
                 .ok_or_else(|| Issue::error(IssueCode::Required, format!("a {method} entry needs a resource")))?;
-            if policy == IdPolicy::Rest {
-                if let (Some(obj), Some(id)) = (resource.as_object_mut(), &id) {
-                    if method == "PUT" {
-                        if let Some(Value::String(own)) = obj.get("id") {
-                            if own != id {
-                                return Err(Issue::error(
-                                    IssueCode::Invalid,
-                                    format!("resource id '{own}' does not match request.url id '{id}'"),
-                                ));
-                            }
-                        }
-                    }
-                    obj.insert("id".into(), Value::String(id.clone()));
+            if policy == IdPolicy::Rest
+                && let (Some(obj), Some(id)) = (resource.as_object_mut(), &id)
+            {
+                if method == "PUT"
+                    && let Some(Value::String(own)) = obj.get("id")
+                    && own != id
+                {
+                    return Err(Issue::error(
+                        IssueCode::Invalid,
+                        format!("resource id '{own}' does not match request.url id '{id}'"),
+                    ));
                 }
+                obj.insert("id".into(), Value::String(id.clone()));
             }
             rewrite_references(&mut resource, urls);
             prepare(resource, id.as_deref()).map(WriteOp::Put)
@@ -139,13 +143,13 @@ pub fn rewrite_references(v: &mut Value, urls: &HashMap<String, String>) {
     match v {
         Value::Object(map) => {
             for (k, child) in map.iter_mut() {
-                if k == "reference" {
-                    if let Value::String(s) = child {
-                        if let Some(new) = urls.get(s.as_str()) {
-                            *s = new.clone();
-                        }
-                        continue;
+                if k == "reference"
+                    && let Value::String(s) = child
+                {
+                    if let Some(new) = urls.get(s.as_str()) {
+                        *s = new.clone();
                     }
+                    continue;
                 }
                 rewrite_references(child, urls);
             }
@@ -172,7 +176,13 @@ mod tests {
     fn keep_policy_keeps_ids_and_resolves_urns() {
         let (kind, ops) = bundle_ops(synthea_bundle(), IdPolicy::Keep).unwrap();
         assert_eq!(kind, BundleKind::Transaction);
-        let puts: Vec<_> = ops.into_iter().map(|o| match o.unwrap() { WriteOp::Put(r) => r, _ => panic!() }).collect();
+        let puts: Vec<_> = ops
+            .into_iter()
+            .map(|o| match o.unwrap() {
+                WriteOp::Put(r) => r,
+                _ => panic!(),
+            })
+            .collect();
         assert_eq!(puts[0].id, "p1");
         assert_eq!(puts[1].resource["subject"]["reference"], "Patient/p1");
         assert_eq!(puts[1].patients, vec!["p1".to_string()]);
@@ -183,7 +193,13 @@ mod tests {
     #[test]
     fn rest_policy_assigns_ids_on_post() {
         let (_, ops) = bundle_ops(synthea_bundle(), IdPolicy::Rest).unwrap();
-        let puts: Vec<_> = ops.into_iter().map(|o| match o.unwrap() { WriteOp::Put(r) => r, _ => panic!() }).collect();
+        let puts: Vec<_> = ops
+            .into_iter()
+            .map(|o| match o.unwrap() {
+                WriteOp::Put(r) => r,
+                _ => panic!(),
+            })
+            .collect();
         assert_ne!(puts[0].id, "p1");
         assert_eq!(puts[1].resource["subject"]["reference"], format!("Patient/{}", puts[0].id));
         assert_eq!(puts[1].patients, vec![puts[0].id.clone()]);

@@ -65,17 +65,20 @@ pub fn prepare(mut resource: Value, id: Option<&str>) -> Result<NewResource, Iss
         .ok_or_else(|| Issue::error(IssueCode::Required, "the resource has no resourceType").at("resourceType"))?
         .to_string();
     if !sluice_fhir::is_r4_resource_type(&rt) {
-        return Err(Issue::error(IssueCode::NotSupported, format!("'{rt}' is not a FHIR R4 resource type"))
-            .at("resourceType"));
+        return Err(
+            Issue::error(IssueCode::NotSupported, format!("'{rt}' is not a FHIR R4 resource type")).at("resourceType")
+        );
     }
-    if let Some(id) = id {
-        if obj.get("id").is_none() {
-            obj.insert("id".into(), Value::String(id.to_string()));
-        }
+    if let Some(id) = id
+        && obj.get("id").is_none()
+    {
+        obj.insert("id".into(), Value::String(id.to_string()));
     }
     let rid = match obj.get("id") {
         Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(Issue::error(IssueCode::Invalid, "the resource id must be a string").at(format!("{rt}.id"))),
+        Some(_) => {
+            return Err(Issue::error(IssueCode::Invalid, "the resource id must be a string").at(format!("{rt}.id")));
+        }
         None => return Err(Issue::error(IssueCode::Required, format!("the {rt} has no id")).at(format!("{rt}.id"))),
     };
     if !valid_id(&rid) {
@@ -268,7 +271,8 @@ mod tests {
 
     #[test]
     fn prepare_checks_type_and_id() {
-        let ok = prepare(json!({"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"}}), None).unwrap();
+        let ok = prepare(json!({"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"}}), None)
+            .unwrap();
         assert_eq!((ok.resource_type.as_str(), ok.id.as_str()), ("Observation", "o1"));
         assert!(prepare(json!([1]), None).is_err());
         assert!(prepare(json!({"id":"x"}), None).is_err());

@@ -1,10 +1,10 @@
 //! `$export` kick-off at the three levels, `$export-status` polling and cancellation.
 
-use super::outcome::{info, ApiError};
 use super::AppState;
+use super::outcome::{ApiError, info};
 use axum::body::Bytes;
 use axum::extract::{OriginalUri, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_engine::{CancelError, KickoffError};
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
@@ -69,7 +69,8 @@ async fn kickoff(
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
         .unwrap_or_default();
-    let prefer: Vec<&str> = headers.get_all(header::HeaderName::from_static("prefer")).iter().filter_map(|v| v.to_str().ok()).collect();
+    let prefer: Vec<&str> =
+        headers.get_all(header::HeaderName::from_static("prefer")).iter().filter_map(|v| v.to_str().ok()).collect();
     let prefer = (!prefer.is_empty()).then(|| prefer.join(", "));
     let req = KickoffRequest {
         level,
@@ -124,9 +125,9 @@ pub async fn status(State(app): State<AppState>, Path(id): Path<String>) -> Resu
             Ok(res)
         }
         JobStatus::Failed => {
-            let outcome = job.outcome.unwrap_or_else(|| {
-                OperationOutcome::single(Issue::fatal(IssueCode::Exception, "the export failed"))
-            });
+            let outcome = job
+                .outcome
+                .unwrap_or_else(|| OperationOutcome::single(Issue::fatal(IssueCode::Exception, "the export failed")));
             Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, outcome))
         }
         JobStatus::Completed => {
@@ -134,7 +135,8 @@ pub async fn status(State(app): State<AppState>, Path(id): Path<String>) -> Resu
             let m = sluice_engine::manifest(&job, storage.as_ref(), app.inner.ttl)
                 .await
                 .map_err(|e| ApiError::internal(format!("signing download links failed: {e}")))?;
-            let mut res = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], m.body.to_string()).into_response();
+            let mut res =
+                (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], m.body.to_string()).into_response();
             let expires = m.expires.format(HTTP_DATE).map_err(ApiError::internal)?;
             res.headers_mut().insert(header::EXPIRES, HeaderValue::from_str(&expires).map_err(ApiError::internal)?);
             Ok(res)
@@ -153,9 +155,9 @@ const HTTP_DATE: &[time::format_description::BorrowedFormatItem<'static>] = time
 pub async fn cancel(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     match app.inner.engine.cancel(&id).await {
         Ok(()) => Ok(info(StatusCode::ACCEPTED, &format!("export {id} cancelled; its files are being deleted"))),
-        Err(CancelError::NotFound(_)) => {
-            Err(ApiError::not_found(format!("no export with id '{id}' (it may have been cancelled or deleted already)")))
-        }
+        Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!(
+            "no export with id '{id}' (it may have been cancelled or deleted already)"
+        ))),
         Err(CancelError::Internal(msg)) => Err(ApiError::internal(msg)),
     }
 }

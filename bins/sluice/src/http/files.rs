@@ -1,10 +1,10 @@
 //! `GET /files/<key>?expires=..&sig=..`: downloads of local export files at signed URLs.
 
-use super::outcome::ApiError;
 use super::AppState;
+use super::outcome::ApiError;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use sluice_fhir::{Issue, IssueCode};
 use sluice_storage_local::DownloadError;
@@ -31,7 +31,10 @@ pub async fn download(
     let (Some(expires), Some(sig)) = (expires, sig) else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            Issue::error(IssueCode::Security, "a download link needs its 'expires' and 'sig' parameters; use the URL from the manifest"),
+            Issue::error(
+                IssueCode::Security,
+                "a download link needs its 'expires' and 'sig' parameters; use the URL from the manifest",
+            ),
         ));
     };
     let opened = local.open_signed(&key, expires, &sig).await.map_err(|e| match e {

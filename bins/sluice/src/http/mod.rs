@@ -7,16 +7,15 @@ mod metadata;
 mod outcome;
 mod rest;
 
+use axum::Router;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::Router;
 use sluice_engine::Engine;
 use sluice_storage_local::LocalStorage;
 use std::sync::Arc;
 use std::time::Duration;
-
 
 /// Shared state of all handlers.
 #[derive(Clone)]

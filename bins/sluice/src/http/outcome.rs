@@ -1,6 +1,6 @@
 //! Rendering errors as FHIR `OperationOutcome` responses.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
 

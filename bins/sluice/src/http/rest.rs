@@ -1,16 +1,16 @@
 //! Enough FHIR REST to put data in and look at it: read, create, update, delete, and
 //! `batch` / `transaction` Bundles.
 
-use super::outcome::{fhir_json, info, ApiError};
 use super::AppState;
+use super::outcome::{ApiError, fhir_json, info};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
-use sluice_store::bundle::{bundle_ops, BundleKind, IdPolicy};
-use sluice_store::{prepare, valid_id, ReadResult, WriteOp, Written};
+use sluice_store::bundle::{BundleKind, IdPolicy, bundle_ops};
+use sluice_store::{ReadResult, WriteOp, Written, prepare, valid_id};
 
 fn check_type(t: &str) -> Result<(), ApiError> {
     if sluice_fhir::is_r4_resource_type(t) {
@@ -88,14 +88,14 @@ pub async fn update(
             return Err(ApiError::bad_request(format!(
                 "the body's resourceType ({}) does not match the URL's type {t}",
                 other.unwrap_or("missing")
-            )))
+            )));
         }
     }
     match resource.get("id") {
         None => {}
         Some(Value::String(s)) if *s == id => {}
         Some(other) => {
-            return Err(ApiError::bad_request(format!("the body's id ({other}) does not match the URL's id '{id}'")))
+            return Err(ApiError::bad_request(format!("the body's id ({other}) does not match the URL's id '{id}'")));
         }
     }
     let r = prepare(resource, Some(&id)).map_err(invalid)?;
@@ -161,7 +161,10 @@ pub async fn bundle(State(app): State<AppState>, body: Bytes) -> Result<Response
             let written = store.transaction(ops).await.map_err(store_err)?;
             let entries: Vec<Value> =
                 written.iter().zip(deletes).map(|(w, d)| json!({"response": entry_response(w, d)})).collect();
-            Ok(fhir_json(StatusCode::OK, &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries})))
+            Ok(fhir_json(
+                StatusCode::OK,
+                &json!({"resourceType": "Bundle", "type": "transaction-response", "entry": entries}),
+            ))
         }
         BundleKind::Batch => {
             let mut entries = vec![Value::Null; ops.len()];
@@ -182,7 +185,10 @@ pub async fn bundle(State(app): State<AppState>, body: Bytes) -> Result<Response
             for ((i, d), w) in positions.into_iter().zip(written) {
                 entries[i] = json!({"response": entry_response(&w, d)});
             }
-            Ok(fhir_json(StatusCode::OK, &json!({"resourceType": "Bundle", "type": "batch-response", "entry": entries})))
+            Ok(fhir_json(
+                StatusCode::OK,
+                &json!({"resourceType": "Bundle", "type": "batch-response", "entry": entries}),
+            ))
         }
     }
 }

@@ -121,6 +121,9 @@ struct Running {
     done: tokio::sync::watch::Receiver<bool>,
 }
 
+/// A job interrupted this many times (crashes, restarts) is failed instead of rerun.
+pub const MAX_ATTEMPTS: u32 = 3;
+
 /// How long DELETE waits for a local run to stop and delete its files.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
 
@@ -297,6 +300,14 @@ impl Engine {
     async fn run_inner(&self, job: &mut JobRecord, token: &CancellationToken) -> Result<(), RunError> {
         let from = job.status;
         job.attempts += 1;
+        if job.attempts > MAX_ATTEMPTS {
+            return Err(RunError::Failed(Issue::fatal(
+                IssueCode::Incomplete,
+                format!(
+                    "the export was interrupted {MAX_ATTEMPTS} times (server restarts) and was given up; start a new one"
+                ),
+            )));
+        }
         // A rerun after a restart starts over on the same snapshot: drop what it wrote.
         if job.attempts > 1 {
             self.storage.delete_prefix(&format!("{}/", job.folder)).await?;

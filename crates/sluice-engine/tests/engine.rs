@@ -257,3 +257,30 @@ async fn an_interrupted_job_is_rerun_on_its_snapshot() {
     assert_eq!(done.output[0].count, 15, "the late write is not in the export");
     assert_eq!(done.attempts, 2);
 }
+
+#[tokio::test]
+async fn a_job_interrupted_too_often_fails_with_an_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let mem = MemoryStorage::new();
+    let slow = EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
+    let first = Engine::new(store.clone(), Arc::new(mem.clone()), slow);
+    let job = first.kickoff(get_plan(Level::System, &[]), "u".into()).await.unwrap();
+    let mut j = loop {
+        let j = store.get(&job.id).await.unwrap().unwrap();
+        if j.status == JobStatus::InProgress {
+            break j;
+        }
+        tokio::task::yield_now().await;
+    };
+    j.attempts = sluice_engine::MAX_ATTEMPTS;
+    assert!(store.save_if(&j, &[JobStatus::InProgress]).await.unwrap());
+
+    let second = Engine::new(store.clone(), Arc::new(mem.clone()), EngineConfig::default());
+    second.resume_unfinished().await.unwrap();
+    second.wait(&job.id).await;
+    let done = store.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Failed);
+    assert!(done.outcome.unwrap().issues[0].diagnostics.contains("interrupted"));
+    assert_eq!(store.active().await.unwrap(), None, "the slot is free again");
+}

@@ -314,8 +314,12 @@ impl Engine {
             job.output.clear();
             job.error.clear();
         }
-        let snapshot = match (&job.snapshot, job.transaction_time) {
-            (Some(id), Some(time)) => Snapshot { id: id.clone(), time },
+        let recorded = match (&job.snapshot, job.transaction_time) {
+            (Some(id), Some(time)) => Some(Snapshot { id: id.clone(), time }),
+            _ => None,
+        };
+        let snapshot = match recorded {
+            Some(s) if self.store.can_resume(&s).await => s,
             _ => {
                 let s = self.store.snapshot().await?;
                 job.snapshot = Some(s.id.clone());
@@ -323,15 +327,27 @@ impl Engine {
                 s
             }
         };
+        let result = self.export_snapshot(job, token, &snapshot, from).await;
+        self.store.release(&snapshot).await;
+        result
+    }
+
+    async fn export_snapshot(
+        &self,
+        job: &mut JobRecord,
+        token: &CancellationToken,
+        snapshot: &Snapshot,
+        from: JobStatus,
+    ) -> Result<(), RunError> {
         job.status = JobStatus::InProgress;
         if !self.store.save_if(job, &[from]).await? {
             return Err(RunError::Cancelled);
         }
 
-        let (compartment_filter, plain_filter) = self.filters(job, &snapshot).await?;
-        let mut counts = self.store.count(&snapshot, &plain_filter).await?;
+        let (compartment_filter, plain_filter) = self.filters(job, snapshot).await?;
+        let mut counts = self.store.count(snapshot, &plain_filter).await?;
         if let Some(cf) = &compartment_filter {
-            let in_compartment = self.store.count(&snapshot, cf).await?;
+            let in_compartment = self.store.count(snapshot, cf).await?;
             counts.retain(|t, _| !sluice_fhir::is_patient_compartment_type(t));
             counts.extend(in_compartment);
         }

@@ -230,8 +230,15 @@ pub trait ResourceStore: JobRepo + Send + Sync {
     /// first, rolls back so nothing of the load remains.
     async fn load(&self, input: mpsc::Receiver<LoadMsg>) -> Result<LoadSummary, StoreError>;
 
-    /// Takes a snapshot for an export.
+    /// Takes a snapshot for an export. Call [`ResourceStore::release`] when the export ends.
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// Frees what a snapshot holds (PostgreSQL: the transaction that exported it).
+    async fn release(&self, _snapshot: &Snapshot) {}
+    /// Whether a snapshot recorded before a restart can still be read. When it cannot, a
+    /// resumed export takes a new one (and a new `transactionTime`).
+    async fn can_resume(&self, _snapshot: &Snapshot) -> bool {
+        true
+    }
     /// Per-type counts of what a scan with `filter` would return, for types with data.
     async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError>;
     /// A resource as of the snapshot.

@@ -3,10 +3,10 @@
 
 use serde_json::json;
 use sluice_engine::{Engine, EngineConfig};
-use sluice_planner::{plan, KickoffRequest, Level};
-use sluice_storage::MemoryStorage;
 use sluice_jobs::JobRepo;
-use sluice_store::{prepare, ResourceStore};
+use sluice_planner::{KickoffRequest, Level, plan};
+use sluice_storage::MemoryStorage;
+use sluice_store::{ResourceStore, prepare};
 use sluice_store_sqlite::SqliteStore;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,1 +1,367 @@
-//! placeholder
+//! Bulk export end to end: the three kick-off levels, GET and POST, the kick-off
+//! parameters (`_type`, `_outputFormat`, `patient`, `_since`, `_elements`), group membership
+//! rules, signed download links and the CapabilityStatement. Every exported line is checked
+//! against the data set read from its files.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+
+/// A system-level export to ndjson: the kick-off, status and manifest as the IG and the
+/// real clients need them, and exactly the data set in the files.
+#[test]
+fn system_export_ndjson_is_the_whole_data_set() {
+    let srv = Server::loaded(&[]);
+    let url = srv.fhir("/$export");
+    let status = kickoff(&srv, &url);
+    let m = complete_manifest(&poll_until_done(&status), &url);
+    assert_eq!(m["error"], json!([]), "error: [] is present and empty");
+    let expected = reference().all();
+    assert_eq!(manifest_counts(&m), counts(&expected), "counts per type (all 18 types)");
+    assert_eq!(output_types(&m).len(), 18);
+    for e in m["output"].as_array().unwrap() {
+        let path = e["url"].as_str().unwrap().split('?').next().unwrap().to_string();
+        assert!(path.ends_with(".ndjson"), "ndjson output, got {path}");
+    }
+    check_export(&m, &expected);
+}
+
+/// The same export as gzip (`application/fhir+ndjson+gzip`): the same content.
+#[test]
+fn system_export_gzip_is_the_whole_data_set() {
+    let srv = Server::loaded(&[]);
+    let url = with_query(&srv.fhir("/$export"), &[("_outputFormat", "application/fhir+ndjson+gzip")]);
+    let m = export(&srv, &url);
+    for e in m["output"].as_array().unwrap() {
+        let path = e["url"].as_str().unwrap().split('?').next().unwrap().to_string();
+        assert!(path.ends_with(".ndjson.gz"), "gzip output is named .ndjson.gz (D10), got {path}");
+    }
+    check_export(&m, &reference().all());
+}
+
+/// `_outputFormat=ndjson.gz` is another spelling of gzip output.
+#[test]
+fn system_export_gzip_short_spelling() {
+    let srv = Server::loaded(&[]);
+    let url = with_query(&srv.fhir("/$export"), &[("_outputFormat", "ndjson.gz")]);
+    let m = export(&srv, &url);
+    assert!(m["output"].as_array().unwrap().iter().all(|e| e["url"].as_str().unwrap().contains(".ndjson.gz?")));
+    check_export(&m, &reference().all());
+}
+
+/// A patient-level export is exactly the union of every patient's compartment: no Group
+/// (D9), no Device, Organization or Practitioner (not in the R4 Patient compartment).
+#[test]
+fn patient_export_is_every_patient_compartment() {
+    let srv = Server::loaded(&[]);
+    let m = export(&srv, &srv.fhir("/Patient/$export"));
+    let types = output_types(&m);
+    for t in OUTSIDE_COMPARTMENT {
+        assert!(!types.contains(t), "a patient export must not hold {t}");
+    }
+    check_export(&m, &reference().all_compartments());
+}
+
+/// The data set's Group has every patient as a member: its export equals the patient export.
+#[test]
+fn group_export_of_the_data_group_equals_patient_export() {
+    let srv = Server::loaded(&[]);
+    let m = export(&srv, &srv.fhir(&format!("/Group/{GROUP_ID}/$export")));
+    assert!(!output_types(&m).contains("Group"), "Group is not exported at group level (D9)");
+    check_export(&m, &reference().all_compartments());
+}
+
+/// Group membership at the export's time (D6): an inactive member and a member whose
+/// period has ended do not count.
+#[test]
+fn group_export_skips_inactive_and_expired_members() {
+    let srv = Server::loaded(&[]);
+    let ids: Vec<&str> = reference().patient_ids().into_iter().skip(20).take(10).collect();
+    let mut members: Vec<Value> =
+        ids.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
+    members[8]["inactive"] = json!(true);
+    members[9]["period"] = json!({"start": "2000-01-01", "end": "2001-01-01T00:00:00Z"});
+    let group = json!({
+        "resourceType": "Group", "id": "ten-patients", "type": "person", "actual": true, "member": members,
+    });
+    let r = put_json(&srv.fhir("/Group/ten-patients"), &group);
+    assert_eq!(r.status, 201, "PUT Group: {}", r.text());
+    let m = export(&srv, &srv.fhir("/Group/ten-patients/$export"));
+    check_export(&m, &reference().compartments_of(&ids[..8]));
+}
+
+/// With a file size limit, a type is split into `<Type>.ndjson`, `<Type>-2.ndjson`, ...
+/// (D15); together the files hold exactly the type's resources.
+#[test]
+fn split_files_hold_every_resource_once() {
+    let srv = Server::loaded(&["--max-file-resources", "5000"]);
+    let url = with_query(&srv.fhir("/$export"), &[("_type", "Observation,Patient"), ("_outputFormat", "ndjson+gzip")]);
+    let m = export(&srv, &url);
+    let names: Vec<String> = m["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["url"].as_str().unwrap().split('?').next().unwrap().rsplit('/').next().unwrap().to_string())
+        .collect();
+    let want =
+        ["Observation", "Observation-2", "Observation-3", "Observation-4", "Patient"].map(|n| format!("{n}.ndjson.gz"));
+    assert_eq!(names, want, "file names in manifest order");
+    let per_file: Vec<u64> = m["output"].as_array().unwrap().iter().map(|e| e["count"].as_u64().unwrap()).collect();
+    assert_eq!(per_file, [5000, 5000, 5000, 1315, 100], "resources per file");
+    check_export(&m, &reference().types(&["Observation", "Patient"]));
+}
+
+/// `_type` as a comma-separated list and as a repeated parameter select the same types.
+#[test]
+fn type_as_list_and_as_repeated_parameter() {
+    let srv = Server::loaded(&[]);
+    let expected = reference().types(&["AllergyIntolerance", "Device", "Patient"]);
+    let list = with_query(&srv.fhir("/$export"), &[("_type", "Patient,AllergyIntolerance,Device")]);
+    check_export(&export(&srv, &list), &expected);
+    let repeated = with_query(
+        &srv.fhir("/$export"),
+        &[("_type", "Patient"), ("_type", "AllergyIntolerance"), ("_type", "Device")],
+    );
+    check_export(&export(&srv, &repeated), &expected);
+}
+
+/// A valid type without data is accepted and gets no file.
+#[test]
+fn type_without_data_gets_no_file() {
+    let srv = Server::loaded(&[]);
+    let only = export(&srv, &with_query(&srv.fhir("/$export"), &[("_type", "DocumentReference")]));
+    assert_eq!(only["output"], json!([]), "no file for a type without data");
+    assert_eq!(only["error"], json!([]));
+    let mixed =
+        export(&srv, &with_query(&srv.fhir("/Patient/$export"), &[("_type", "DocumentReference,Immunization")]));
+    check_export(&mixed, &reference().types(&["Immunization"]));
+}
+
+/// `patient=<id>,<id>` on a Patient-level GET exports exactly those compartments (D3).
+#[test]
+fn patient_parameter_on_patient_level_get() {
+    let srv = Server::loaded(&[]);
+    let ids = reference().patient_ids();
+    let two = [ids[3], ids[42]];
+    let url = with_query(&srv.fhir("/Patient/$export"), &[("patient", &format!("{},{}", two[0], two[1]))]);
+    check_export(&export(&srv, &url), &reference().compartments_of(&two));
+}
+
+/// POST at group level with `patient` valueReferences exports those members' compartments.
+#[test]
+fn patient_references_in_a_group_level_post() {
+    let srv = Server::loaded(&[]);
+    let ids = reference().patient_ids();
+    let two = [ids[7], ids[77]];
+    let body = parameters(&[
+        ("patient", "valueReference", json!({"reference": format!("Patient/{}", two[0])})),
+        ("patient", "valueReference", json!({"reference": format!("Patient/{}", two[1])})),
+    ]);
+    let url = srv.fhir(&format!("/Group/{GROUP_ID}/$export"));
+    let status = kickoff_post(&srv, &url, &body);
+    let m = complete_manifest(&poll_until_done(&status), &url);
+    check_export(&m, &reference().compartments_of(&two));
+}
+
+/// POST kick-off at system level (D4) with `_type` and `_outputFormat` in a Parameters body.
+#[test]
+fn system_level_post_with_parameters() {
+    let srv = Server::loaded(&[]);
+    let body = parameters(&[
+        ("_type", "valueString", json!("Patient,CarePlan")),
+        ("_outputFormat", "valueString", json!("application/fhir+ndjson+gzip")),
+    ]);
+    let url = srv.fhir("/$export");
+    let status = kickoff_post(&srv, &url, &body);
+    let m = complete_manifest(&poll_until_done(&status), &url);
+    assert!(m["output"].as_array().unwrap().iter().all(|e| e["url"].as_str().unwrap().contains(".ndjson.gz?")));
+    check_export(&m, &reference().types(&["CarePlan", "Patient"]));
+}
+
+/// `_since=<transactionTime of an earlier export>` returns exactly what was written after
+/// it; chained exports miss nothing and repeat nothing.
+#[test]
+fn since_a_transaction_time_exports_exactly_the_changes() {
+    let srv = Server::loaded(&[]);
+    let base = srv.fhir("/$export");
+    let first = export(&srv, &with_query(&base, &[("_type", "Patient")]));
+    let t1 = first["transactionTime"].as_str().unwrap().to_string();
+
+    let reference = reference();
+    let patient_id = reference.patient_ids()[5];
+    let obs_id = reference.resources["Observation"].keys().nth(100).unwrap().clone();
+    let mut patient = reference.resource("Patient", patient_id);
+    patient["active"] = json!(false);
+    let mut obs = reference.resource("Observation", &obs_id);
+    obs["status"] = json!("amended");
+    let new_obs = json!({
+        "resourceType": "Observation", "id": "since-new", "status": "final",
+        "code": {"text": "written after the first export"},
+        "subject": {"reference": format!("Patient/{patient_id}")},
+    });
+    assert_eq!(put_json(&srv.fhir(&format!("/Patient/{patient_id}")), &patient).status, 200);
+    assert_eq!(put_json(&srv.fhir(&format!("/Observation/{obs_id}")), &obs).status, 200);
+    assert_eq!(put_json(&srv.fhir("/Observation/since-new"), &new_obs).status, 201);
+
+    let second = export(&srv, &with_query(&base, &[("_since", &t1)]));
+    let t2 = second["transactionTime"].as_str().unwrap().to_string();
+    assert!(t2 > t1, "transactionTime moves forward: {t1} then {t2}");
+    let mut expected = Expected::new();
+    expected.entry("Patient".into()).or_default().insert(patient_id.into(), Cow::Owned(patient.to_string()));
+    let observations = expected.entry("Observation".into()).or_default();
+    observations.insert(obs_id.clone(), Cow::Owned(obs.to_string()));
+    observations.insert("since-new".into(), Cow::Owned(new_obs.to_string()));
+    let files = check_export(&second, &expected);
+    let versions: BTreeSet<(String, String)> = files
+        .values()
+        .flatten()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["id"].as_str().unwrap().to_string(), v["meta"]["versionId"].as_str().unwrap().to_string()))
+        .collect();
+    let want: BTreeSet<(String, String)> =
+        [(patient_id, "2"), (obs_id.as_str(), "2"), ("since-new", "1")].map(|(a, b)| (a.into(), b.into())).into();
+    assert_eq!(versions, want, "(id, versionId) of the changed resources");
+
+    // Nothing changed since the second export: the next one in the chain is empty...
+    let third = export(&srv, &with_query(&base, &[("_since", &t2)]));
+    assert_eq!(third["output"], json!([]), "a chained _since export repeats nothing");
+    // ...until something is written.
+    let condition_id = reference.resources["Condition"].keys().next().unwrap().clone();
+    let mut condition = reference.resource("Condition", &condition_id);
+    condition["clinicalStatus"]["text"] = json!("checked again");
+    assert_eq!(put_json(&srv.fhir(&format!("/Condition/{condition_id}")), &condition).status, 200);
+    let fourth = export(&srv, &with_query(&base, &[("_since", &t2)]));
+    let mut expected = Expected::new();
+    expected.entry("Condition".into()).or_default().insert(condition_id, Cow::Owned(condition.to_string()));
+    check_export(&fourth, &expected);
+}
+
+/// Patient exports follow writes: an Observation moved to another patient leaves the old
+/// compartment and joins the new one, a deleted one is gone, a created one is there.
+#[test]
+fn patient_exports_follow_updates_and_deletes() {
+    let srv = Server::loaded(&[]);
+    let reference = reference();
+    let ids = reference.patient_ids();
+    let (a, b) = (ids[10], ids[11]);
+    let observations_of_a: Vec<&String> = reference.compartments[a]
+        .iter()
+        .filter(|(t, _)| t == "Observation")
+        .map(|(_, id)| id)
+        .filter(|id| compartment_patients(&reference.resource("Observation", id)).len() == 1)
+        .take(2)
+        .collect();
+    let (moved_id, deleted_id) = (observations_of_a[0].clone(), observations_of_a[1].clone());
+    let mut moved = reference.resource("Observation", &moved_id);
+    moved["subject"]["reference"] = json!(format!("Patient/{b}"));
+    assert_eq!(put_json(&srv.fhir(&format!("/Observation/{moved_id}")), &moved).status, 200);
+    assert_eq!(delete(&srv.fhir(&format!("/Observation/{deleted_id}"))).status, 200);
+    let created = json!({
+        "resourceType": "Observation", "id": "created-for-a", "status": "final", "code": {"text": "new"},
+        "subject": {"reference": format!("Patient/{a}")},
+    });
+    assert_eq!(put_json(&srv.fhir("/Observation/created-for-a"), &created).status, 201);
+
+    let mut expected_a = reference.compartments_of(&[a]);
+    let obs_a = expected_a.get_mut("Observation").unwrap();
+    obs_a.remove(&moved_id);
+    obs_a.remove(&deleted_id);
+    obs_a.insert("created-for-a".into(), Cow::Owned(created.to_string()));
+    let url_a = with_query(&srv.fhir("/Patient/$export"), &[("patient", a)]);
+    check_export(&export(&srv, &url_a), &expected_a);
+
+    let mut expected_b = reference.compartments_of(&[b]);
+    expected_b.get_mut("Observation").unwrap().insert(moved_id.clone(), Cow::Owned(moved.to_string()));
+    let url_b = with_query(&srv.fhir("/Patient/$export"), &[("patient", b)]);
+    check_export(&export(&srv, &url_b), &expected_b);
+
+    let mut expected_all = reference.types(&["Observation"]);
+    let obs = expected_all.get_mut("Observation").unwrap();
+    obs.remove(&deleted_id);
+    obs.insert(moved_id, Cow::Owned(moved.to_string()));
+    obs.insert("created-for-a".into(), Cow::Owned(created.to_string()));
+    let url_all = with_query(&srv.fhir("/$export"), &[("_type", "Observation")]);
+    check_export(&export(&srv, &url_all), &expected_all);
+}
+
+/// `_elements=id,status` keeps `resourceType`, `id`, `meta` and `status`, and tags every
+/// resource SUBSETTED.
+#[test]
+fn elements_subsets_resources() {
+    let srv = Server::loaded(&[]);
+    let url = with_query(&srv.fhir("/$export"), &[("_type", "Observation,Patient"), ("_elements", "id,status")]);
+    let m = export(&srv, &url);
+    let files = download_all(&m);
+    let reference = reference();
+    for t in ["Observation", "Patient"] {
+        let lines = &files[t];
+        assert_eq!(lines.len(), reference.resources[t].len(), "{t} count");
+        let mut seen = BTreeSet::new();
+        for line in lines {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let id = v["id"].as_str().unwrap();
+            assert!(seen.insert(id.to_string()), "{t}/{id} twice");
+            let keys: BTreeSet<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+            assert!(keys.is_subset(&BTreeSet::from(["resourceType", "id", "meta", "status"])), "{t}/{id}: {keys:?}");
+            let full = reference.resource(t, id);
+            assert_eq!(v["status"], full["status"], "{t}/{id} status");
+            let tags = v["meta"]["tag"].as_array().unwrap_or_else(|| panic!("{t}/{id} has no meta.tag: {v}"));
+            assert!(
+                tags.iter().any(|tag| tag["code"] == "SUBSETTED"
+                    && tag["system"] == "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"),
+                "{t}/{id} is not tagged SUBSETTED: {v}"
+            );
+            assert!(v["meta"]["versionId"].is_string() && v["meta"]["lastUpdated"].is_string(), "{t}/{id} meta");
+        }
+    }
+}
+
+/// A download link whose signature was altered (or is missing) is refused with 403.
+#[test]
+fn altered_signature_is_refused() {
+    let srv = Server::loaded(&[]);
+    let m = export(&srv, &with_query(&srv.fhir("/$export"), &[("_type", "Patient")]));
+    let url = m["output"][0]["url"].as_str().unwrap().to_string();
+    assert_eq!(get(&url).status, 200, "the link as given works");
+    let (start, sig) = url.rsplit_once("sig=").expect("a sig parameter");
+    let last = sig.chars().last().unwrap();
+    let altered = format!("{start}sig={}{}", &sig[..sig.len() - 1], if last == '0' { '1' } else { '0' });
+    assert_outcome(&get(&altered), 403, &[]);
+    let expires: i64 = url.split("expires=").nth(1).unwrap().split('&').next().unwrap().parse().unwrap();
+    let extended = url.replace(&format!("expires={expires}"), &format!("expires={}", expires + 86400));
+    assert_outcome(&get(&extended), 403, &[]);
+    let unsigned = url.split('?').next().unwrap();
+    assert_outcome(&get(unsigned), 403, &[]);
+    let other_file = url.replace("/Patient.ndjson?", "/Observation.ndjson?");
+    assert_outcome(&get(&other_file), 403, &[]);
+}
+
+/// The CapabilityStatement names Sluice, declares the three export operations and lists
+/// every type in the store.
+#[test]
+fn capability_statement() {
+    let srv = Server::loaded(&[]);
+    let r = get(&srv.fhir("/metadata"));
+    assert_eq!(r.status, 200);
+    let cs = r.json();
+    assert_eq!(cs["resourceType"], "CapabilityStatement");
+    assert_eq!(cs["software"]["name"], "Sluice");
+    assert!(cs["software"]["version"].as_str().is_some_and(|v| !v.is_empty()), "software.version");
+    let rest = &cs["rest"][0];
+    let op_defs = |ops: &Value| -> BTreeSet<String> {
+        ops.as_array().into_iter().flatten().filter_map(|o| o["definition"].as_str().map(String::from)).collect()
+    };
+    let bulk = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/";
+    assert!(op_defs(&rest["operation"]).contains(&format!("{bulk}export")), "system $export: {rest}");
+    let resources = rest["resource"].as_array().expect("rest[0].resource");
+    let by_type = |t: &str| resources.iter().find(|r| r["type"] == t).unwrap_or_else(|| panic!("no {t} in {rest}"));
+    assert!(op_defs(&by_type("Patient")["operation"]).contains(&format!("{bulk}patient-export")));
+    assert!(op_defs(&by_type("Group")["operation"]).contains(&format!("{bulk}group-export")));
+    let listed: BTreeSet<&str> = resources.iter().filter_map(|r| r["type"].as_str()).collect();
+    for (t, _) in DATA_COUNTS {
+        assert!(listed.contains(t), "rest[0].resource does not list {t}");
+    }
+}

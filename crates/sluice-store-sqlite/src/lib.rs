@@ -16,7 +16,7 @@ mod jobs;
 mod schema;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 use sluice_fhir::instant;
 use sluice_store::{
     Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError,
@@ -32,19 +32,50 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
-/// The single writer: its connection, the next sequence number and the write clock.
+/// The writer connection of this process. Other processes (a `sluice load` next to a
+/// running server) may write to the same file, so the sequence number and the clock are
+/// read inside each write transaction (`BEGIN IMMEDIATE` holds SQLite's write lock), never
+/// cached in memory.
 pub(crate) struct Writer {
     pub(crate) conn: Connection,
+}
+
+/// A write transaction with its next sequence number and its `lastUpdated`.
+struct WriteTx<'c> {
+    tx: Transaction<'c>,
     next_seq: i64,
-    clock_ms: i64,
+    ts_ms: i64,
+}
+
+/// Reads the persisted clock (the latest write or snapshot time, in ms).
+fn stored_clock(tx: &Transaction<'_>) -> rusqlite::Result<i64> {
+    tx.query_row("SELECT CAST(value AS INTEGER) FROM kv WHERE key='clock_ms'", [], |r| r.get(0))
+        .optional()
+        .map(|v| v.unwrap_or(0))
+}
+
+fn store_clock(tx: &Transaction<'_>, ms: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO kv(key, value) VALUES('clock_ms', ?1) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+        params![ms.to_string()],
+    )
+    .map(|_| ())
+}
+
+fn max_seq(tx: &Transaction<'_>) -> rusqlite::Result<i64> {
+    tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM resource_version", [], |r| r.get(0))
 }
 
 impl Writer {
-    /// A `lastUpdated` for a new write: now, but always after every earlier write and snapshot.
-    fn tick(&mut self) -> i64 {
+    /// Starts a write: takes the write lock, reads the next sequence number, and picks a
+    /// `lastUpdated` that is now but always after every earlier write and snapshot.
+    fn begin(&mut self) -> Result<WriteTx<'_>, StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+        let next_seq = max_seq(&tx).map_err(db_err)? + 1;
         let now = instant::to_millis(OffsetDateTime::now_utc());
-        self.clock_ms = now.max(self.clock_ms + 1);
-        self.clock_ms
+        let ts_ms = now.max(stored_clock(&tx).map_err(db_err)? + 1);
+        store_clock(&tx, ts_ms).map_err(db_err)?;
+        Ok(WriteTx { tx, next_seq, ts_ms })
     }
 }
 
@@ -83,15 +114,7 @@ impl SqliteStore {
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
             .map_err(db_err)?;
         schema::migrate(&conn).map_err(db_err)?;
-        let (max_seq, max_ms): (i64, i64) = conn
-            .query_row("SELECT COALESCE(MAX(seq),0), COALESCE(MAX(last_updated),0) FROM resource_version", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(db_err)?;
-        let snap_ms: i64 = conn
-            .query_row("SELECT COALESCE(MAX(CAST(value AS INTEGER)),0) FROM kv WHERE key='clock_ms'", [], |r| r.get(0))
-            .map_err(db_err)?;
-        let writer = Writer { conn, next_seq: max_seq + 1, clock_ms: max_ms.max(snap_ms) };
+        let writer = Writer { conn };
         Ok(SqliteStore { path, writer: Arc::new(Mutex::new(writer)) })
     }
 
@@ -260,12 +283,9 @@ impl ResourceStore for SqliteStore {
         let rt = resource.resource_type.clone();
         let id = resource.id.clone();
         self.with_writer(move |w| {
-            let ts = w.tick();
-            let mut seq = w.next_seq;
-            let tx = w.conn.transaction().map_err(db_err)?;
-            let out = write_version(&tx, &mut seq, ts, &rt, &id, Some(resource))?;
+            let WriteTx { tx, mut next_seq, ts_ms } = w.begin()?;
+            let out = write_version(&tx, &mut next_seq, ts_ms, &rt, &id, Some(resource))?;
             tx.commit().map_err(db_err)?;
-            w.next_seq = seq;
             Ok(out.expect("a put always writes"))
         })
         .await
@@ -274,12 +294,9 @@ impl ResourceStore for SqliteStore {
     async fn delete(&self, resource_type: &str, id: &str) -> Result<Option<Written>, StoreError> {
         let (rt, id) = (resource_type.to_string(), id.to_string());
         self.with_writer(move |w| {
-            let ts = w.tick();
-            let mut seq = w.next_seq;
-            let tx = w.conn.transaction().map_err(db_err)?;
-            let out = write_version(&tx, &mut seq, ts, &rt, &id, None)?;
+            let WriteTx { tx, mut next_seq, ts_ms } = w.begin()?;
+            let out = write_version(&tx, &mut next_seq, ts_ms, &rt, &id, None)?;
             tx.commit().map_err(db_err)?;
-            w.next_seq = seq;
             Ok(out)
         })
         .await
@@ -307,9 +324,7 @@ impl ResourceStore for SqliteStore {
 
     async fn transaction(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Written>>, StoreError> {
         self.with_writer(move |w| {
-            let ts = w.tick();
-            let mut seq = w.next_seq;
-            let tx = w.conn.transaction().map_err(db_err)?;
+            let WriteTx { tx, next_seq: mut seq, ts_ms: ts } = w.begin()?;
             let mut out = Vec::with_capacity(ops.len());
             for op in ops {
                 out.push(match op {
@@ -323,7 +338,6 @@ impl ResourceStore for SqliteStore {
                 });
             }
             tx.commit().map_err(db_err)?;
-            w.next_seq = seq;
             Ok(out)
         })
         .await
@@ -331,9 +345,7 @@ impl ResourceStore for SqliteStore {
 
     async fn load(&self, mut input: mpsc::Receiver<LoadMsg>) -> Result<LoadSummary, StoreError> {
         self.with_writer(move |w| {
-            let ts = w.tick();
-            let mut seq = w.next_seq;
-            let tx = w.conn.transaction().map_err(db_err)?;
+            let WriteTx { tx, next_seq: mut seq, ts_ms: ts } = w.begin()?;
             let mut summary = LoadSummary::default();
             loop {
                 match input.blocking_recv() {
@@ -354,7 +366,6 @@ impl ResourceStore for SqliteStore {
                 }
             }
             tx.commit().map_err(db_err)?;
-            w.next_seq = seq;
             Ok(summary)
         })
         .await
@@ -362,13 +373,15 @@ impl ResourceStore for SqliteStore {
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.with_writer(|w| {
+            // Under the write lock no write is half done: everything up to MAX(seq) is
+            // committed, and later writes get a later clock.
+            let tx = w.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db_err)?;
+            let seq = max_seq(&tx).map_err(db_err)?;
             let now = instant::to_millis(OffsetDateTime::now_utc());
-            w.clock_ms = w.clock_ms.max(now);
-            // Persist the clock so writes after a restart still come after this snapshot.
-            w.conn
-                .execute("INSERT INTO kv(key, value) VALUES('clock_ms', ?1) ON CONFLICT(key) DO UPDATE SET value=excluded.value", params![w.clock_ms.to_string()])
-                .map_err(db_err)?;
-            Ok(Snapshot { id: format!("sqlite:{}", w.next_seq - 1), time: instant::from_millis(w.clock_ms) })
+            let time = now.max(stored_clock(&tx).map_err(db_err)?);
+            store_clock(&tx, time).map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+            Ok(Snapshot { id: format!("sqlite:{seq}"), time: instant::from_millis(time) })
         })
         .await
     }

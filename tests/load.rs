@@ -13,7 +13,7 @@ use std::process::Output;
 
 /// Runs `sluice load --data-dir <dir> <paths...>`.
 fn load(dir: &Path, paths: &[&Path]) -> Output {
-    sluice().args(["load", "--data-dir"]).arg(dir).args(paths).output().expect("running sluice load")
+    sluice().arg("load").args(store_args(dir)).args(paths).output().expect("running sluice load")
 }
 
 /// The per-type lines of a load summary (`  Patient    100`).

@@ -9,6 +9,12 @@
 //!
 //! Nothing here sleeps to synchronise: the server announces its address on stdout, and
 //! export polling waits exactly the `Retry-After` the server asks for (the IG's protocol).
+//!
+//! The same suite runs on both stores. With `SLUICE_TEST_DATABASE_URL` set to an admin URL
+//! (e.g. `postgres://postgres@127.0.0.1:5432/postgres`), every data dir gets its own scratch
+//! PostgreSQL database, cloned from a template database loaded once; its URL is kept in the
+//! data dir's `database-url` file and passed as `--database-url` ([`store_args`]). Scratch
+//! databases are dropped with their server.
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -71,6 +77,9 @@ const EXPORT_BOUND: Duration = Duration::from_secs(120);
 pub fn template() -> &'static Path {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
+        if pg_admin().is_some() {
+            return pg_template();
+        }
         let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
         std::fs::create_dir_all(root).expect("creating CARGO_TARGET_TMPDIR");
         let name = format!("sluice-template-{:016x}", fingerprint());
@@ -103,6 +112,121 @@ pub fn template() -> &'static Path {
         }
         dir
     })
+}
+
+/// The PostgreSQL admin URL when the suite runs on PostgreSQL.
+pub fn pg_admin() -> Option<&'static str> {
+    static URL: OnceLock<Option<String>> = OnceLock::new();
+    URL.get_or_init(|| std::env::var("SLUICE_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty())).as_deref()
+}
+
+/// Runs one SQL statement as the admin user with `psql`.
+pub fn psql(sql: &str) -> String {
+    let admin = pg_admin().expect("PostgreSQL mode");
+    let out = Command::new("psql")
+        .arg(admin)
+        .args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql])
+        .output()
+        .expect("running psql (the PostgreSQL client)");
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The URL of database `name` on the admin URL's server.
+fn db_url(name: &str) -> String {
+    let admin = pg_admin().expect("PostgreSQL mode");
+    let (base, query) = admin.split_once('?').map_or((admin, None), |(b, q)| (b, Some(q)));
+    let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+    match query {
+        Some(q) => format!("{server}/{name}?{q}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+/// A new scratch database (empty, or a copy of `template`), unique to this process.
+fn scratch_db(template: Option<&str>) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("sluice_t_{}_{n}", std::process::id());
+    let sql = match template {
+        Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+        None => format!("CREATE DATABASE {name}"),
+    };
+    // Copying a template fails while another copy of it is being made: try again.
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = Command::new("psql")
+            .arg(pg_admin().expect("PostgreSQL mode"))
+            .args(["-v", "ON_ERROR_STOP=1", "-qAtc", &sql])
+            .output()
+            .expect("running psql");
+        if out.status.success() {
+            return name;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !last.contains("being accessed by other users") {
+            break;
+        }
+    }
+    panic!("{sql}: {last}");
+}
+
+/// The template database: the data set loaded once per binary build.
+fn pg_template() -> PathBuf {
+    let name = format!("sluice_tpl_{:016x}", fingerprint());
+    if psql(&format!("SELECT 1 FROM pg_database WHERE datname = '{name}'")) != "1" {
+        let loading = scratch_db(None);
+        let out = sluice()
+            .args(["load", "--database-url", &db_url(&loading)])
+            .arg(DATA)
+            .output()
+            .expect("running sluice load");
+        assert!(
+            out.status.success(),
+            "sluice load {DATA} into PostgreSQL failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let renamed = Command::new("psql")
+            .arg(pg_admin().expect("PostgreSQL mode"))
+            .args(["-v", "ON_ERROR_STOP=1", "-qAtc", &format!("ALTER DATABASE {loading} RENAME TO {name}")])
+            .output()
+            .expect("running psql");
+        if !renamed.status.success() {
+            // Another test process made it first.
+            psql(&format!("DROP DATABASE IF EXISTS {loading}"));
+        }
+    }
+    PathBuf::from(name)
+}
+
+/// Where a data dir's store is: `--data-dir`, plus `--database-url` in PostgreSQL mode.
+pub fn store_args(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut args = vec!["--data-dir".into(), dir.as_os_str().to_owned()];
+    if let Ok(url) = std::fs::read_to_string(dir.join("database-url")) {
+        args.push("--database-url".into());
+        args.push(url.trim().into());
+    }
+    args
+}
+
+/// Drops the scratch database of a data dir (PostgreSQL mode).
+pub fn drop_store(dir: &Path) {
+    let Ok(url) = std::fs::read_to_string(dir.join("database-url")) else { return };
+    let name = url.trim().rsplit('/').next().map(|n| n.split('?').next().unwrap_or(n)).unwrap_or_default();
+    if name.starts_with("sluice_t_") {
+        let _ = Command::new("psql")
+            .arg(pg_admin().expect("PostgreSQL mode"))
+            .args(["-qAtc", &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")])
+            .output();
+    }
+}
+
+fn pg_dir(template: Option<&str>) -> TempDir {
+    let dir = tempfile::Builder::new().prefix("sluice-test-").tempdir().expect("temp dir");
+    let db = scratch_db(template);
+    std::fs::write(dir.path().join("database-url"), db_url(&db)).expect("writing database-url");
+    dir
 }
 
 /// Identifies the binary build and the data files a template was made from.
@@ -149,6 +273,9 @@ pub fn sluice() -> Command {
 
 /// A fresh data dir holding a copy of the template store.
 pub fn loaded_dir() -> TempDir {
+    if pg_admin().is_some() {
+        return pg_dir(Some(&template().to_string_lossy()));
+    }
     let dir = tempfile::Builder::new().prefix("sluice-test-").tempdir().expect("temp dir");
     std::fs::copy(template().join("sluice.db"), dir.path().join("sluice.db")).expect("copying the template store");
     dir
@@ -156,6 +283,9 @@ pub fn loaded_dir() -> TempDir {
 
 /// A fresh, empty data dir.
 pub fn empty_dir() -> TempDir {
+    if pg_admin().is_some() {
+        return pg_dir(None);
+    }
     tempfile::Builder::new().prefix("sluice-test-").tempdir().expect("temp dir")
 }
 
@@ -186,7 +316,7 @@ impl Server {
         let path = dir.path().to_path_buf();
         let log = File::options().create(true).append(true).open(log_path(&path)).expect("opening the server log");
         let mut cmd = sluice();
-        cmd.args(["serve", "--data-dir"]).arg(&path);
+        cmd.arg("serve").args(store_args(&path));
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -261,6 +391,9 @@ impl Drop for Server {
         let _ = self.child.wait();
         if std::thread::panicking() {
             eprintln!("--- sluice server log ({}) ---\n{}", self.url, self.log_tail(40));
+        }
+        if self.tmp.is_some() {
+            drop_store(&self.dir);
         }
     }
 }

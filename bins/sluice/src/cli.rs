@@ -6,6 +6,7 @@ use sluice_engine::{Engine, EngineConfig};
 use sluice_ndjson::SplitLimits;
 use sluice_storage_local::{LocalStorage, SigningKey};
 use sluice_store::ResourceStore;
+use sluice_store_postgres::{PgOptions, PgStore};
 use sluice_store_sqlite::SqliteStore;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,9 +34,12 @@ struct StoreArgs {
     /// Folder for the embedded store and local export files.
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     data_dir: PathBuf,
-    /// A postgres:// URL switches the store to PostgreSQL (not available in this build).
+    /// A postgres:// URL switches the store (and the job records) to PostgreSQL.
     #[arg(long, env = "SLUICE_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 16)]
+    db_pool_size: usize,
 }
 
 #[derive(Debug, Args)]
@@ -90,13 +94,15 @@ struct LoadArgs {
 /// An error for the user, printed as `sluice: <message>`.
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
-fn open_store(args: &StoreArgs) -> Result<Arc<SqliteStore>, CliError> {
+async fn open_store(args: &StoreArgs) -> Result<Arc<dyn ResourceStore>, CliError> {
     if let Some(url) = &args.database_url {
-        let scheme = url.split(':').next().unwrap_or_default();
-        return Err(format!(
-            "--database-url ({scheme}://...) is not supported by this build yet; omit it to use the embedded store in --data-dir"
-        )
-        .into());
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err("--database-url must be a postgres:// or postgresql:// URL".into());
+        }
+        let options = PgOptions { pool_size: args.db_pool_size, ..PgOptions::default() };
+        // The error names host and database, never the password.
+        let store = PgStore::connect(url, options).await.map_err(|e| format!("connecting to PostgreSQL: {e}"))?;
+        return Ok(Arc::new(store));
     }
     let path = args.data_dir.join("sluice.db");
     Ok(Arc::new(SqliteStore::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?))
@@ -106,7 +112,7 @@ fn open_store(args: &StoreArgs) -> Result<Arc<SqliteStore>, CliError> {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Load(args) => {
-            let store = open_store(&args.store)?;
+            let store = open_store(&args.store).await?;
             load::load_paths(store, &args.paths).await?;
             Ok(())
         }
@@ -115,7 +121,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
-    let store = open_store(&args.store)?;
+    let store = open_store(&args.store).await?;
     if !args.load.is_empty() {
         load::load_paths(store.clone(), &args.load).await?;
     }
@@ -145,8 +151,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         throttle: args.throttle_ms.map(Duration::from_millis),
         ..EngineConfig::default()
     };
-    let store_dyn: Arc<dyn ResourceStore> = store.clone();
-    let engine = Engine::new(store_dyn, Arc::new(local.clone()), config);
+    let engine = Engine::new(store.clone(), Arc::new(local.clone()), config);
     let resumed = engine.resume_unfinished().await?;
     if resumed > 0 {
         tracing::info!(resumed, "resumed unfinished exports");

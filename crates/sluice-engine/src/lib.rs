@@ -558,6 +558,7 @@ impl Part {
                 (self.snapshot.clone(), self.resource_type.clone(), self.filter.clone(), cfg.batch_bytes);
             tokio::spawn(async move { store.scan(&snap, &rt, &filter, bytes, tx).await })
         };
+        let scan_abort = scan.abort_handle();
         let compression = if self.plan.output_format.is_gzip() {
             Compression::Gzip { level: cfg.gzip_level }
         } else {
@@ -624,6 +625,8 @@ impl Part {
         .await;
 
         if let Err(e) = result {
+            // Stop reading before the snapshot is released, then drop what was written.
+            scan_abort.abort();
             if let Some((_, w)) = open.take() {
                 w.abort().await;
             }

@@ -225,23 +225,42 @@ async fn a_storage_failure_fails_the_job_and_cleans_up() {
     assert_eq!(engine.store().active().await.unwrap(), None);
 }
 
+/// Starts an export in a "process" of its own (a separate runtime), lets it take its
+/// snapshot, then kills that process (drops the runtime, ending all its tasks) and returns
+/// the job as the crash left it.
+fn crash_mid_export(
+    store: Arc<SqliteStore>,
+    mem: MemoryStorage,
+    plan: sluice_planner::ExportPlan,
+) -> sluice_jobs::JobRecord {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let slow =
+                EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
+            let engine = Engine::new(store.clone(), Arc::new(mem), slow);
+            let job = engine.kickoff(plan, "u".into()).await.unwrap();
+            loop {
+                let j = store.get(&job.id).await.unwrap().unwrap();
+                if j.status == JobStatus::InProgress && !j.progress.is_empty() {
+                    return j;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        // The runtime is dropped here: the "process" is gone.
+    })
+    .join()
+    .unwrap()
+}
+
 #[tokio::test]
 async fn an_interrupted_job_is_rerun_on_its_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_data(dir.path()).await;
     let mem = MemoryStorage::new();
-    // First process: the export starts and is stuck (as if the process died mid-way).
-    let slow = EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
-    let first = Engine::new(store.clone(), Arc::new(mem.clone()), slow);
-    let job = first.kickoff(get_plan(Level::System, &[("_type", "Observation")]), "u".into()).await.unwrap();
-    // Wait until it has taken its snapshot (it is then in progress).
-    let snapshot_time = loop {
-        let j = store.get(&job.id).await.unwrap().unwrap();
-        if let (JobStatus::InProgress, Some(t)) = (j.status, j.transaction_time) {
-            break t;
-        }
-        tokio::task::yield_now().await;
-    };
+    let job = crash_mid_export(store.clone(), mem.clone(), get_plan(Level::System, &[("_type", "Observation")]));
+    let snapshot_time = job.transaction_time.unwrap();
     // A write after the snapshot must not appear in the rerun.
     let late = json!({"resourceType":"Observation","id":"late","subject":{"reference":"Patient/p0"}});
     store.put(prepare(late, None).unwrap()).await.unwrap();
@@ -255,6 +274,8 @@ async fn an_interrupted_job_is_rerun_on_its_snapshot() {
     assert_eq!(done.transaction_time, Some(snapshot_time));
     assert_eq!(done.output.len(), 1);
     assert_eq!(done.output[0].count, 15, "the late write is not in the export");
+    let lines = lines(&mem.get(&done.output[0].key).unwrap().bytes, false);
+    assert_eq!(lines.len(), 15);
     assert_eq!(done.attempts, 2);
 }
 
@@ -263,18 +284,9 @@ async fn a_job_interrupted_too_often_fails_with_an_outcome() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_data(dir.path()).await;
     let mem = MemoryStorage::new();
-    let slow = EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
-    let first = Engine::new(store.clone(), Arc::new(mem.clone()), slow);
-    let job = first.kickoff(get_plan(Level::System, &[]), "u".into()).await.unwrap();
-    let mut j = loop {
-        let j = store.get(&job.id).await.unwrap().unwrap();
-        if j.status == JobStatus::InProgress {
-            break j;
-        }
-        tokio::task::yield_now().await;
-    };
-    j.attempts = sluice_engine::MAX_ATTEMPTS;
-    assert!(store.save_if(&j, &[JobStatus::InProgress]).await.unwrap());
+    let mut job = crash_mid_export(store.clone(), mem.clone(), get_plan(Level::System, &[]));
+    job.attempts = sluice_engine::MAX_ATTEMPTS;
+    assert!(store.save_if(&job, &[JobStatus::InProgress]).await.unwrap());
 
     let second = Engine::new(store.clone(), Arc::new(mem.clone()), EngineConfig::default());
     second.resume_unfinished().await.unwrap();
@@ -283,4 +295,5 @@ async fn a_job_interrupted_too_often_fails_with_an_outcome() {
     assert_eq!(done.status, JobStatus::Failed);
     assert!(done.outcome.unwrap().issues[0].diagnostics.contains("interrupted"));
     assert_eq!(store.active().await.unwrap(), None, "the slot is free again");
+    assert!(mem.keys().is_empty(), "nothing of the given-up export remains");
 }

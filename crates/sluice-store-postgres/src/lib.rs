@@ -1,0 +1,637 @@
+//! [`ResourceStore`] on PostgreSQL (deadpool-postgres + tokio-postgres).
+//!
+//! - `sluice_resource` holds the current version of every resource (tombstones included) with
+//!   its JSON as `text`, exactly the bytes an export writes; older versions move to
+//!   `sluice_resource_history`. `sluice_compartment(patient_id, type, id)` indexes the
+//!   Patient compartment of the current versions.
+//! - Loads stream rows with binary `COPY` into a staging table and merge them in one
+//!   transaction.
+//! - A snapshot is a REPEATABLE READ transaction that exported its snapshot
+//!   (`pg_export_snapshot`); it stays open, on a connection held by the store, until
+//!   [`ResourceStore::release`]. Every export part imports it (`SET TRANSACTION SNAPSHOT`) and
+//!   streams `COPY (SELECT json ...) TO STDOUT (FORMAT binary)`: stored text is streamed,
+//!   never converted from jsonb, never in COPY's text format.
+//! - `lastUpdated` and `transactionTime` agree across servers: writers hold a shared
+//!   advisory lock for their whole transaction; taking a snapshot takes it exclusively for a
+//!   moment, so no write is in flight, and records the snapshot's time in `sluice_clock`.
+//!   Later writes read it and stamp a strictly later time.
+//! - The one-active-export rule is a unique partial index on `sluice_job(active)`.
+
+mod jobs;
+mod schema;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures_util::{StreamExt, pin_mut};
+use sluice_fhir::instant;
+use sluice_store::{
+    Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError,
+    WriteOp, Written, stamp, valid_id,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutStream};
+use tokio_postgres::types::Type;
+
+/// The advisory lock key that orders writes against snapshots ("sluice" in ASCII).
+const WRITE_LOCK: i64 = 0x736c_7569_6365;
+
+/// Pool and timeout settings. deadpool waits forever by default; these never do.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// How long a caller waits for a free connection.
+    pub wait_timeout: Duration,
+    /// How long opening a connection may take.
+    pub create_timeout: Duration,
+    /// How long checking a returned connection may take.
+    pub recycle_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        PgOptions {
+            pool_size: 16,
+            wait_timeout: Duration::from_secs(30),
+            create_timeout: Duration::from_secs(10),
+            recycle_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+pub(crate) fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+/// A tokio-postgres error with the server's message, when there is one.
+pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Database(format!("{}: {}", db.code().code(), db.message())),
+        None => StoreError::Database(e.to_string()),
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    describe: String,
+    /// Connections holding an open exporting transaction, by snapshot id.
+    snapshots: Arc<Mutex<HashMap<String, Object>>>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("db", &self.describe).finish()
+    }
+}
+
+/// `user@host:port/db` of a connection URL, without the password.
+fn describe_url(config: &tokio_postgres::Config) -> String {
+    let host = config
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("PostgreSQL {}@{host}:{port}/{}", config.get_user().unwrap_or("?"), config.get_dbname().unwrap_or("?"))
+}
+
+impl PgStore {
+    /// Connects (with a pool), creates or migrates the schema, and returns the store.
+    pub async fn connect(url: &str, options: PgOptions) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config = url.parse().map_err(|e| db_err(format!("not a PostgreSQL URL: {e}")))?;
+        let describe = describe_url(&config);
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            // A connection always goes back to the pool outside any transaction, even when a
+            // task holding it was cancelled mid-way.
+            ManagerConfig { recycling_method: RecyclingMethod::Custom("ROLLBACK".into()) },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .wait_timeout(Some(options.wait_timeout))
+            .create_timeout(Some(options.create_timeout))
+            .recycle_timeout(Some(options.recycle_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(db_err)?;
+        let store = PgStore { pool, describe, snapshots: Default::default() };
+        let mut client = store.client().await?;
+        schema::migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    pub(crate) async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| db_err(format!("{}: {e}", self.describe)))
+    }
+}
+
+/// The current row of a resource.
+struct Current {
+    version: i64,
+    last_updated: i64,
+    deleted: bool,
+    json: Option<String>,
+}
+
+/// Starts a write: the shared write lock, then a `lastUpdated` later than every snapshot.
+async fn begin_write(tx: &tokio_postgres::Transaction<'_>) -> Result<i64, StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&WRITE_LOCK]).await.map_err(pg_err)?;
+    let row = tx
+        .query_one(
+            "SELECT GREATEST((extract(epoch FROM clock_timestamp()) * 1000)::bigint, snapshot_ms + 1) FROM sluice_clock",
+            &[],
+        )
+        .await
+        .map_err(pg_err)?;
+    Ok(row.get(0))
+}
+
+/// Writes one version (a tombstone when `resource` is `None`) in a write transaction.
+async fn write_one(
+    tx: &tokio_postgres::Transaction<'_>,
+    ts_ms: i64,
+    rt: &str,
+    id: &str,
+    resource: Option<NewResource>,
+) -> Result<Option<Written>, StoreError> {
+    let cur = tx
+        .query_opt(
+            "SELECT version, last_updated, deleted, json FROM sluice_resource WHERE type = $1 AND id = $2 FOR UPDATE",
+            &[&rt, &id],
+        )
+        .await
+        .map_err(pg_err)?
+        .map(|r| Current { version: r.get(0), last_updated: r.get(1), deleted: r.get(2), json: r.get(3) });
+    let is_delete = resource.is_none();
+    if is_delete && cur.as_ref().is_none_or(|c| c.deleted) {
+        return Ok(None);
+    }
+    if let (Some(c), Some(r)) = (&cur, &resource)
+        && let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
+    {
+        let same = stamp(&mut r.resource.clone(), c.version as u64, instant::from_millis(c.last_updated));
+        if same == old {
+            return Ok(Some(Written {
+                resource_type: rt.into(),
+                id: id.into(),
+                version_id: c.version as u64,
+                last_updated: instant::from_millis(c.last_updated),
+                created: false,
+                unchanged: true,
+                json: Some(same),
+            }));
+        }
+    }
+    let version = cur.as_ref().map_or(1, |c| c.version + 1);
+    let created = cur.as_ref().is_none_or(|c| c.deleted);
+    let last_updated = instant::from_millis(ts_ms);
+    if cur.is_some() {
+        tx.execute(
+            "INSERT INTO sluice_resource_history SELECT type, id, version, last_updated, deleted, json \
+             FROM sluice_resource WHERE type = $1 AND id = $2",
+            &[&rt, &id],
+        )
+        .await
+        .map_err(pg_err)?;
+        tx.execute("DELETE FROM sluice_compartment WHERE type = $1 AND id = $2", &[&rt, &id]).await.map_err(pg_err)?;
+    }
+    let (json, patients) = match resource {
+        Some(mut r) => (Some(stamp(&mut r.resource, version as u64, last_updated)), r.patients),
+        None => (None, Vec::new()),
+    };
+    tx.execute(
+        "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json) VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (type, id) DO UPDATE SET version = EXCLUDED.version, last_updated = EXCLUDED.last_updated, \
+         deleted = EXCLUDED.deleted, json = EXCLUDED.json",
+        &[&rt, &id, &version, &ts_ms, &is_delete, &json],
+    )
+    .await
+    .map_err(pg_err)?;
+    if !patients.is_empty() {
+        tx.execute(
+            "INSERT INTO sluice_compartment (patient_id, type, id) SELECT DISTINCT unnest($1::text[]), $2, $3",
+            &[&patients, &rt, &id],
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    Ok(Some(Written {
+        resource_type: rt.into(),
+        id: id.into(),
+        version_id: version as u64,
+        last_updated,
+        created,
+        unchanged: false,
+        json,
+    }))
+}
+
+/// A SQL string literal. Only used for values already checked (type names, FHIR ids), and
+/// escaped all the same.
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The `WHERE` conditions (on `sluice_resource r`) of a filtered scan of one type, with
+/// literals inlined: `COPY` takes no parameters.
+fn scan_where(resource_type: &str, filter: &ScanFilter) -> Result<String, StoreError> {
+    if !sluice_fhir::is_r4_resource_type(resource_type) {
+        return Err(db_err(format!("'{resource_type}' is not a resource type")));
+    }
+    let mut sql = format!("r.type = {} AND NOT r.deleted", lit(resource_type));
+    if let Some(since) = filter.since {
+        sql.push_str(&format!(" AND r.last_updated > {}", instant::to_millis(since)));
+    }
+    if let Some(until) = filter.until {
+        sql.push_str(&format!(" AND r.last_updated <= {}", instant::to_millis(until)));
+    }
+    match &filter.patients {
+        None => {}
+        Some(Patients::Any) => sql.push_str(&format!(
+            " AND r.id IN (SELECT c.id FROM sluice_compartment c WHERE c.type = {})",
+            lit(resource_type)
+        )),
+        Some(Patients::Only(ids)) => {
+            let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
+            if list.is_empty() {
+                sql.push_str(" AND false");
+            } else {
+                sql.push_str(&format!(
+                    " AND r.id IN (SELECT c.id FROM sluice_compartment c WHERE c.type = {} AND c.patient_id IN ({}))",
+                    lit(resource_type),
+                    list.join(",")
+                ));
+            }
+        }
+    }
+    Ok(sql)
+}
+
+fn snapshot_name(s: &Snapshot) -> Result<&str, StoreError> {
+    s.id.strip_prefix("pg:")
+        .filter(|n| n.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+        .ok_or_else(|| StoreError::BadSnapshot(s.id.clone()))
+}
+
+impl PgStore {
+    /// A connection in a read-only transaction that imported `snapshot`.
+    async fn in_snapshot(&self, snapshot: &Snapshot) -> Result<Object, StoreError> {
+        let name = snapshot_name(snapshot)?;
+        let client = self.client().await?;
+        let imported = client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                lit(name)
+            ))
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %pg_err(e), snapshot = %snapshot.id, "importing a snapshot failed");
+                StoreError::BadSnapshot(snapshot.id.clone())
+            });
+        if let Err(e) = imported {
+            Self::end(&client).await;
+            return Err(e);
+        }
+        Ok(client)
+    }
+
+    async fn end(client: &Object) {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+}
+
+/// Rows of one load batch after lookup: what to write.
+struct Staged {
+    rows: Vec<(String, String, i64, String, Vec<String>)>,
+    replaced: Vec<(String, String)>,
+}
+
+#[async_trait]
+impl ResourceStore for PgStore {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    async fn put(&self, resource: NewResource) -> Result<Written, StoreError> {
+        let (rt, id) = (resource.resource_type.clone(), resource.id.clone());
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let ts = begin_write(&tx).await?;
+        let w = write_one(&tx, ts, &rt, &id, Some(resource)).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(w.expect("a put always writes"))
+    }
+
+    async fn delete(&self, resource_type: &str, id: &str) -> Result<Option<Written>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let ts = begin_write(&tx).await?;
+        let w = write_one(&tx, ts, resource_type, id, None).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(w)
+    }
+
+    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT version, deleted, json FROM sluice_resource WHERE type = $1 AND id = $2",
+                &[&resource_type, &id],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(match row {
+            None => ReadResult::NotFound,
+            Some(r) if r.get::<_, bool>(1) => ReadResult::Deleted(r.get::<_, i64>(0) as u64),
+            Some(r) => ReadResult::Found(r.get::<_, Option<String>>(2).unwrap_or_default()),
+        })
+    }
+
+    async fn transaction(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Written>>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let ts = begin_write(&tx).await?;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            out.push(match op {
+                WriteOp::Put(r) => {
+                    let (rt, id) = (r.resource_type.clone(), r.id.clone());
+                    write_one(&tx, ts, &rt, &id, Some(r)).await?
+                }
+                WriteOp::Delete { resource_type, id } => write_one(&tx, ts, &resource_type, &id, None).await?,
+            });
+        }
+        tx.commit().await.map_err(pg_err)?;
+        Ok(out)
+    }
+
+    async fn load(&self, mut input: mpsc::Receiver<LoadMsg>) -> Result<LoadSummary, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        let ts = begin_write(&tx).await?;
+        tx.batch_execute(
+            "CREATE TEMP TABLE sluice_load (type text NOT NULL, id text NOT NULL, version bigint NOT NULL, \
+             json text NOT NULL, patients text[] NOT NULL) ON COMMIT DROP",
+        )
+        .await
+        .map_err(pg_err)?;
+        let mut summary = LoadSummary::default();
+        loop {
+            let batch = match input.recv().await {
+                Some(LoadMsg::Batch(b)) => b,
+                Some(LoadMsg::Commit) => break,
+                Some(LoadMsg::Abort(why)) => return Err(StoreError::LoadAborted(why)),
+                None => return Err(StoreError::LoadAborted("the input ended before it was complete".into())),
+            };
+            // A resource may come twice in one batch: each run of distinct ids is merged on its own.
+            let mut run: Vec<NewResource> = Vec::with_capacity(batch.len());
+            let mut seen: HashSet<(String, String)> = HashSet::new();
+            for r in batch {
+                if !seen.insert((r.resource_type.clone(), r.id.clone())) {
+                    merge_run(&tx, ts, std::mem::take(&mut run), &mut summary).await?;
+                    seen.clear();
+                    seen.insert((r.resource_type.clone(), r.id.clone()));
+                }
+                run.push(r);
+            }
+            merge_run(&tx, ts, run, &mut summary).await?;
+        }
+        tx.commit().await.map_err(pg_err)?;
+        Ok(summary)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // 1. Stop writers for a moment: no write transaction is in flight after this.
+        let mut gate = self.client().await?;
+        let gate_tx = gate.transaction().await.map_err(pg_err)?;
+        gate_tx.execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK]).await.map_err(pg_err)?;
+        // 2. The exporting transaction: its snapshot sees every committed write.
+        let holder = self.client().await?;
+        holder.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").await.map_err(pg_err)?;
+        let row = holder
+            .query_one("SELECT pg_export_snapshot(), (extract(epoch FROM clock_timestamp()) * 1000)::bigint", &[])
+            .await;
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                Self::end(&holder).await;
+                return Err(pg_err(e));
+            }
+        };
+        let name: String = row.get(0);
+        let now: i64 = row.get(1);
+        // 3. The snapshot's time; writes after it read this and stamp a later time.
+        let time: i64 = gate_tx
+            .query_one(
+                "UPDATE sluice_clock SET snapshot_ms = GREATEST(snapshot_ms + 1, $1) RETURNING snapshot_ms",
+                &[&now],
+            )
+            .await
+            .map_err(pg_err)?
+            .get(0);
+        gate_tx.commit().await.map_err(pg_err)?;
+        let id = format!("pg:{name}");
+        self.snapshots.lock().expect("snapshot map").insert(id.clone(), holder);
+        Ok(Snapshot { id, time: instant::from_millis(time) })
+    }
+
+    async fn release(&self, snapshot: &Snapshot) {
+        let holder = self.snapshots.lock().expect("snapshot map").remove(&snapshot.id);
+        if let Some(client) = holder {
+            Self::end(&client).await;
+        }
+    }
+
+    async fn can_resume(&self, snapshot: &Snapshot) -> bool {
+        self.snapshots.lock().expect("snapshot map").contains_key(&snapshot.id)
+    }
+
+    async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError> {
+        let client = self.in_snapshot(snapshot).await?;
+        let types: Vec<String> = client
+            .query("SELECT DISTINCT type FROM sluice_resource WHERE NOT deleted", &[])
+            .await
+            .map_err(pg_err)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut out = BTreeMap::new();
+        for t in types.iter().filter(|t| sluice_fhir::is_r4_resource_type(t)) {
+            let sql = format!("SELECT count(*) FROM sluice_resource r WHERE {}", scan_where(t, filter)?);
+            let n: i64 = client.query_one(&sql, &[]).await.map_err(pg_err)?.get(0);
+            if n > 0 {
+                out.insert(t.clone(), n as u64);
+            }
+        }
+        Self::end(&client).await;
+        Ok(out)
+    }
+
+    async fn read_at(&self, snapshot: &Snapshot, resource_type: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let client = self.in_snapshot(snapshot).await?;
+        let row = client
+            .query_opt(
+                "SELECT json FROM sluice_resource WHERE type = $1 AND id = $2 AND NOT deleted",
+                &[&resource_type, &id],
+            )
+            .await
+            .map_err(pg_err);
+        Self::end(&client).await;
+        Ok(row?.map(|r| r.get(0)))
+    }
+
+    async fn scan(
+        &self,
+        snapshot: &Snapshot,
+        resource_type: &str,
+        filter: &ScanFilter,
+        batch_bytes: usize,
+        tx: mpsc::Sender<Batch>,
+    ) -> Result<(), StoreError> {
+        let client = self.in_snapshot(snapshot).await?;
+        let sql = format!(
+            "COPY (SELECT r.json FROM sluice_resource r WHERE {}) TO STDOUT (FORMAT binary)",
+            scan_where(resource_type, filter)?
+        );
+        let result = async {
+            let stream = client.copy_out(&sql).await.map_err(pg_err)?;
+            let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT]);
+            pin_mut!(rows);
+            let mut batch = Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 };
+            while let Some(row) = rows.next().await {
+                let row = row.map_err(pg_err)?;
+                let json: &str = row.try_get(0).map_err(pg_err)?;
+                batch.data.extend_from_slice(json.as_bytes());
+                batch.data.push(b'\n');
+                batch.count += 1;
+                if batch.data.len() >= batch_bytes {
+                    let full =
+                        std::mem::replace(&mut batch, Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 });
+                    if tx.send(full).await.is_err() {
+                        return Ok(()); // the reader stopped (cancelled)
+                    }
+                }
+            }
+            if batch.count > 0 {
+                let _ = tx.send(batch).await;
+            }
+            Ok(())
+        }
+        .await;
+        Self::end(&client).await;
+        result
+    }
+
+    async fn types_with_data(&self) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT DISTINCT type FROM sluice_resource WHERE NOT deleted ORDER BY type", &[])
+            .await
+            .map_err(pg_err)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// Merges resources with distinct (type, id) into the store inside a load transaction:
+/// looks up current versions, stamps `meta`, streams rows with binary COPY into the staging
+/// table, then moves replaced rows to history and upserts.
+async fn merge_run(
+    tx: &tokio_postgres::Transaction<'_>,
+    ts_ms: i64,
+    run: Vec<NewResource>,
+    summary: &mut LoadSummary,
+) -> Result<(), StoreError> {
+    if run.is_empty() {
+        return Ok(());
+    }
+    let types: Vec<&str> = run.iter().map(|r| r.resource_type.as_str()).collect();
+    let ids: Vec<&str> = run.iter().map(|r| r.id.as_str()).collect();
+    let existing: HashMap<(String, String), Current> = tx
+        .query(
+            "SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.json FROM sluice_resource r \
+             JOIN unnest($1::text[], $2::text[]) AS k(type, id) ON r.type = k.type AND r.id = k.id",
+            &[&types, &ids],
+        )
+        .await
+        .map_err(pg_err)?
+        .into_iter()
+        .map(|r| {
+            let key = (r.get::<_, String>(0), r.get::<_, String>(1));
+            (key, Current { version: r.get(2), last_updated: r.get(3), deleted: r.get(4), json: r.get(5) })
+        })
+        .collect();
+    let last_updated = instant::from_millis(ts_ms);
+    let mut staged = Staged { rows: Vec::with_capacity(run.len()), replaced: Vec::new() };
+    for mut r in run {
+        let key = (r.resource_type.clone(), r.id.clone());
+        *summary.per_type.entry(r.resource_type.clone()).or_default() += 1;
+        let version = match existing.get(&key) {
+            None => 1,
+            Some(c) => {
+                if let Some(old) = c.json.as_deref().filter(|_| !c.deleted) {
+                    let same = stamp(&mut r.resource.clone(), c.version as u64, instant::from_millis(c.last_updated));
+                    if same == old {
+                        summary.unchanged += 1;
+                        continue;
+                    }
+                }
+                if !c.deleted {
+                    summary.updated += 1;
+                }
+                staged.replaced.push(key.clone());
+                c.version + 1
+            }
+        };
+        let json = stamp(&mut r.resource, version as u64, last_updated);
+        staged.rows.push((key.0, key.1, version, json, r.patients));
+    }
+    if staged.rows.is_empty() {
+        return Ok(());
+    }
+    tx.batch_execute("TRUNCATE sluice_load").await.map_err(pg_err)?;
+    let sink = tx
+        .copy_in("COPY sluice_load (type, id, version, json, patients) FROM STDIN (FORMAT binary)")
+        .await
+        .map_err(pg_err)?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::TEXT_ARRAY]);
+    pin_mut!(writer);
+    for (t, id, v, json, patients) in &staged.rows {
+        writer.as_mut().write(&[t, id, v, json, patients]).await.map_err(pg_err)?;
+    }
+    writer.finish().await.map_err(pg_err)?;
+    if !staged.replaced.is_empty() {
+        tx.batch_execute(
+            "INSERT INTO sluice_resource_history SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.json \
+             FROM sluice_resource r JOIN sluice_load l ON r.type = l.type AND r.id = l.id; \
+             DELETE FROM sluice_compartment c USING sluice_load l WHERE c.type = l.type AND c.id = l.id;",
+        )
+        .await
+        .map_err(pg_err)?;
+    }
+    tx.execute(
+        "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json) \
+         SELECT type, id, version, $1, false, json FROM sluice_load \
+         ON CONFLICT (type, id) DO UPDATE SET version = EXCLUDED.version, last_updated = EXCLUDED.last_updated, \
+         deleted = false, json = EXCLUDED.json",
+        &[&ts_ms],
+    )
+    .await
+    .map_err(pg_err)?;
+    tx.batch_execute(
+        "INSERT INTO sluice_compartment (patient_id, type, id) \
+         SELECT DISTINCT p, l.type, l.id FROM sluice_load l, unnest(l.patients) AS p",
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! The PostgreSQL store against a real server. Runs when `SLUICE_TEST_DATABASE_URL` names an
+//! admin URL (CI sets it); each test gets its own scratch database, dropped at the end.
+
+use serde_json::{Value, json};
+use sluice_jobs::{JobError, JobRecord, JobRepo, JobStatus};
+use sluice_planner::{ExportPlan, Level, OutputFormat, TypeSelection};
+use sluice_store::{LoadMsg, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, prepare};
+use sluice_store_postgres::{PgOptions, PgStore};
+use std::collections::BTreeSet;
+use tokio::sync::mpsc;
+
+/// A scratch database; dropped (with its connections) when the value is dropped.
+struct Scratch {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Scratch {
+    async fn new() -> Option<Scratch> {
+        let Ok(admin) = std::env::var("SLUICE_TEST_DATABASE_URL") else {
+            eprintln!("SLUICE_TEST_DATABASE_URL is not set: PostgreSQL store tests skipped");
+            return None;
+        };
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("sluice_t_store_{}_{n}", std::process::id());
+        run_admin(&admin, &format!("CREATE DATABASE {name}")).await;
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b).to_string();
+        let url = format!("{base}/{name}");
+        Some(Scratch { admin, name, url })
+    }
+
+    async fn store(&self) -> PgStore {
+        PgStore::connect(&self.url, PgOptions::default()).await.unwrap()
+    }
+}
+
+async fn run_admin(admin: &str, sql: &str) {
+    let (client, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls).await.unwrap();
+    let h = tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    drop(client);
+    let _ = h.await;
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let (admin, sql) = (self.admin.clone(), format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(run_admin(&admin, &sql));
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+fn obs(id: &str, patient: &str, status: &str) -> sluice_store::NewResource {
+    prepare(
+        json!({"resourceType":"Observation","id":id,"status":status,"subject":{"reference":format!("Patient/{patient}")}}),
+        None,
+    )
+    .unwrap()
+}
+
+async fn scan_ids(store: &PgStore, snap: &Snapshot, t: &str, f: &ScanFilter) -> BTreeSet<String> {
+    let (tx, mut rx) = mpsc::channel(4);
+    let s = store.clone();
+    let (snap, t2, f2) = (snap.clone(), t.to_string(), f.clone());
+    let h = tokio::spawn(async move { s.scan(&snap, &t2, &f2, 256, tx).await });
+    let mut ids = BTreeSet::new();
+    while let Some(b) = rx.recv().await {
+        for l in b.lines() {
+            let v: Value = serde_json::from_slice(l).unwrap();
+            assert_eq!(v["resourceType"], t);
+            assert!(ids.insert(v["id"].as_str().unwrap().to_string()), "no duplicates");
+        }
+    }
+    h.await.unwrap().unwrap();
+    ids
+}
+
+fn set(ids: &[&str]) -> BTreeSet<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn versions_snapshots_and_compartments() {
+    let Some(db) = Scratch::new().await else { return };
+    let s = db.store().await;
+    let w1 = s.put(obs("a", "p1", "final")).await.unwrap();
+    assert_eq!((w1.version_id, w1.created), (1, true));
+    assert!(s.put(obs("a", "p1", "final")).await.unwrap().unchanged);
+    s.put(obs("b", "p2", "final")).await.unwrap();
+    let snap = s.snapshot().await.unwrap();
+    assert!(snap.time >= w1.last_updated);
+
+    let upd = s.put(obs("a", "p2", "amended")).await.unwrap();
+    assert_eq!(upd.version_id, 2);
+    assert!(upd.last_updated > snap.time, "writes after a snapshot are later than its time");
+    s.delete("Observation", "b").await.unwrap();
+    s.put(obs("c", "p1", "final")).await.unwrap();
+    assert_eq!(s.read("Observation", "b").await.unwrap(), ReadResult::Deleted(2));
+
+    let all = ScanFilter::default();
+    assert_eq!(scan_ids(&s, &snap, "Observation", &all).await, set(&["a", "b"]));
+    assert!(s.read_at(&snap, "Observation", "a").await.unwrap().unwrap().contains("\"final\""));
+    let p1 = ScanFilter { patients: Some(Patients::Only(vec!["p1".into()])), ..Default::default() };
+    assert_eq!(scan_ids(&s, &snap, "Observation", &p1).await, set(&["a"]), "a was in p1's compartment then");
+    s.release(&snap).await;
+    assert!(!s.can_resume(&snap).await);
+
+    let now = s.snapshot().await.unwrap();
+    assert_eq!(scan_ids(&s, &now, "Observation", &p1).await, set(&["c"]));
+    let since = ScanFilter { since: Some(snap.time), ..Default::default() };
+    assert_eq!(scan_ids(&s, &now, "Observation", &since).await, set(&["a", "c"]));
+    let any = ScanFilter { patients: Some(Patients::Any), ..Default::default() };
+    assert_eq!(s.count(&now, &any).await.unwrap().get("Observation"), Some(&2));
+    s.release(&now).await;
+}
+
+/// Writers keep creating resources while snapshots are taken: every snapshot holds exactly
+/// the resources whose lastUpdated is at or before its time (no write is half in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_under_concurrent_writes_are_exact() {
+    let Some(db) = Scratch::new().await else { return };
+    let s = db.store().await;
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let s = s.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0..150 {
+                s.put(obs(&format!("w{w}-{i}"), "p", "final")).await.unwrap();
+            }
+        }));
+    }
+    let mut snaps = Vec::new();
+    for _ in 0..10 {
+        snaps.push(s.snapshot().await.unwrap());
+        tokio::task::yield_now().await;
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // The final state: every resource with its lastUpdated.
+    let last = s.snapshot().await.unwrap();
+    let (tx, mut rx) = mpsc::channel(4);
+    let s2 = s.clone();
+    let last2 = last.clone();
+    let h = tokio::spawn(async move { s2.scan(&last2, "Observation", &ScanFilter::default(), 4096, tx).await });
+    let mut stamps = Vec::new();
+    while let Some(b) = rx.recv().await {
+        for l in b.lines() {
+            let v: Value = serde_json::from_slice(l).unwrap();
+            let t = sluice_fhir::instant::parse(v["meta"]["lastUpdated"].as_str().unwrap()).unwrap();
+            stamps.push((v["id"].as_str().unwrap().to_string(), t));
+        }
+    }
+    h.await.unwrap().unwrap();
+    assert_eq!(stamps.len(), 450);
+    for snap in &snaps {
+        let expected: BTreeSet<String> =
+            stamps.iter().filter(|(_, t)| *t <= snap.time).map(|(i, _)| i.clone()).collect();
+        assert_eq!(scan_ids(&s, snap, "Observation", &ScanFilter::default()).await, expected);
+        s.release(snap).await;
+    }
+    s.release(&last).await;
+}
+
+#[tokio::test]
+async fn a_load_is_all_or_nothing_and_merges_duplicates() {
+    let Some(db) = Scratch::new().await else { return };
+    let s = db.store().await;
+    let (tx, rx) = mpsc::channel(4);
+    let s2 = s.clone();
+    let h = tokio::spawn(async move { s2.load(rx).await });
+    tx.send(LoadMsg::Batch(vec![obs("a", "p", "final")])).await.unwrap();
+    tx.send(LoadMsg::Abort("x.ndjson:2: bad".into())).await.unwrap();
+    assert!(h.await.unwrap().unwrap_err().to_string().contains("x.ndjson:2"));
+    assert_eq!(s.read("Observation", "a").await.unwrap(), ReadResult::NotFound);
+
+    let (tx, rx) = mpsc::channel(4);
+    let s2 = s.clone();
+    let h = tokio::spawn(async move { s2.load(rx).await });
+    tx.send(LoadMsg::Batch(vec![obs("a", "p", "final"), obs("b", "p", "final"), obs("a", "q", "amended")]))
+        .await
+        .unwrap();
+    tx.send(LoadMsg::Batch(vec![obs("b", "p", "final")])).await.unwrap();
+    tx.send(LoadMsg::Commit).await.unwrap();
+    let sum = h.await.unwrap().unwrap();
+    assert_eq!(sum.per_type["Observation"], 4);
+    assert_eq!((sum.updated, sum.unchanged), (1, 1));
+    match s.read("Observation", "a").await.unwrap() {
+        ReadResult::Found(j) => {
+            let v: Value = serde_json::from_str(&j).unwrap();
+            assert_eq!((v["status"].as_str(), v["meta"]["versionId"].as_str()), (Some("amended"), Some("2")));
+        }
+        other => panic!("{other:?}"),
+    }
+    let snap = s.snapshot().await.unwrap();
+    let q = ScanFilter { patients: Some(Patients::Only(vec!["q".into()])), ..Default::default() };
+    assert_eq!(scan_ids(&s, &snap, "Observation", &q).await, set(&["a"]), "the compartment follows the last version");
+    s.release(&snap).await;
+}
+
+fn job(id: &str) -> JobRecord {
+    let plan = ExportPlan {
+        level: Level::System,
+        output_format: OutputFormat::Ndjson,
+        types: TypeSelection::All,
+        since: None,
+        until: None,
+        patients: None,
+        elements: None,
+        lenient: false,
+        ignored: vec![],
+    };
+    JobRecord::new(id.into(), plan, "u".into(), time::OffsetDateTime::now_utc())
+}
+
+/// Two servers (two pools) kick off at once: the database lets exactly one through.
+#[tokio::test]
+async fn one_active_job_across_servers() {
+    let Some(db) = Scratch::new().await else { return };
+    let (a, b) = (db.store().await, db.store().await);
+    for round in 0..5 {
+        let (ja, jb) = (job(&format!("a{round}")), job(&format!("b{round}")));
+        let (ra, rb) = tokio::join!(a.insert(&ja), b.insert(&jb));
+        let winners = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "round {round}: {ra:?} {rb:?}");
+        let (mut won, loser) = if ra.is_ok() { (ja, rb) } else { (jb, ra) };
+        assert!(matches!(loser, Err(JobError::Busy(id)) if id == won.id));
+        assert_eq!(b.get(&won.id).await.unwrap().unwrap().id, won.id, "any server reads any job");
+        won.status = JobStatus::Cancelled;
+        assert!(a.save_if(&won, &[JobStatus::Accepted]).await.unwrap());
+        assert_eq!(b.active().await.unwrap(), None);
+    }
+}

@@ -9,7 +9,7 @@
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use sluice_storage::{ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError, validate_key};
 use std::path::{Path, PathBuf};
@@ -60,21 +60,21 @@ impl SigningKey {
         }
     }
 
-    fn sign(&self, key: &str, expires: i64) -> String {
+    /// The MAC over `<key>\n<expires>`.
+    fn mac(&self, key: &str, expires: i64) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         mac.update(key.as_bytes());
         mac.update(b"\n");
         mac.update(expires.to_string().as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        mac
+    }
+
+    fn sign(&self, key: &str, expires: i64) -> String {
+        hex::encode(self.mac(key, expires).finalize().into_bytes())
     }
 
     fn verify(&self, key: &str, expires: i64, sig: &str) -> bool {
-        let Ok(sig) = hex::decode(sig) else { return false };
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
-        mac.update(key.as_bytes());
-        mac.update(b"\n");
-        mac.update(expires.to_string().as_bytes());
-        mac.verify_slice(&sig).is_ok()
+        hex::decode(sig).is_ok_and(|sig| self.mac(key, expires).verify_slice(&sig).is_ok())
     }
 }
 

@@ -133,7 +133,10 @@ fn delete_of_a_completed_export_removes_it() {
 /// finishes it, and the same status URL then gives the complete, exact data set.
 #[test]
 fn export_survives_a_killed_server() {
-    let srv = Server::loaded(THROTTLED);
+    // A short job lease: the new server takes the dead one's export over about a second
+    // after the kill (the default is 10 s).
+    let lease = ["--job-lease-ms", "1000"];
+    let srv = Server::loaded(&[THROTTLED, &lease].concat());
     let url = srv.fhir("/$export");
     let status = kickoff(&srv, &url);
     let (done, total) = wait_for_progress(&status);
@@ -141,7 +144,7 @@ fn export_survives_a_killed_server() {
 
     let addr = srv.addr().to_string();
     let dir = srv.kill();
-    let srv = Server::start(dir, &["--listen", &addr]);
+    let srv = Server::start(dir, &[&["--listen", addr.as_str()][..], &lease].concat());
     assert!(status.starts_with(&srv.url), "the restarted server answers the same status URL");
     let m = complete_manifest(&poll_until_done(&status), &url);
     let expected = reference().all();

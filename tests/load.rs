@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Output;
 
@@ -187,4 +187,37 @@ fn load_into_the_data_dir_of_a_running_server() {
         [("Patient".to_string(), ids.iter().map(|id| (id.to_string(), Cow::Owned(patient(id).to_string()))).collect())]
             .into();
     check_export(&m, &expected);
+}
+
+/// `--copies 3` loads every resource three times with consistent references: copy k's ids
+/// and references carry the prefix `c<k>-`, so each copy's Observations point at that copy's
+/// Patients.
+#[test]
+fn copies_multiply_the_data_with_consistent_references() {
+    let dir = empty_dir();
+    let out = sluice().arg("load").args(store_args(dir.path())).args(["--copies", "3", DATA]).output().unwrap();
+    assert!(out.status.success(), "load failed: {}", String::from_utf8_lossy(&out.stderr));
+    let expected = counts(&reference().all());
+    let tripled: BTreeMap<String, u64> = expected.iter().map(|(t, n)| (t.clone(), n * 3)).collect();
+    assert_eq!(summary(&String::from_utf8_lossy(&out.stdout)), tripled);
+
+    let server = Server::start(dir, &[]);
+    let manifest = export(&server, &server.fhir("/$export?_type=Patient,Observation"));
+    assert_eq!(manifest_counts(&manifest)["Patient"], 300);
+    assert_eq!(manifest_counts(&manifest)["Observation"], expected["Observation"] * 3);
+    let files = download_all(&manifest);
+    let parsed = |t: &str| -> Vec<Value> { files[t].iter().map(|l| serde_json::from_str(l).unwrap()).collect() };
+    let patients: BTreeSet<String> = parsed("Patient").iter().map(|v| v["id"].as_str().unwrap().to_string()).collect();
+    for original in reference().patient_ids() {
+        for id in [original.to_string(), format!("c1-{original}"), format!("c2-{original}")] {
+            assert!(patients.contains(&id), "Patient/{id} is missing");
+        }
+    }
+    for obs in &parsed("Observation") {
+        let id = obs["id"].as_str().unwrap();
+        let subject = obs["subject"]["reference"].as_str().unwrap().strip_prefix("Patient/").unwrap();
+        assert!(patients.contains(subject), "Observation/{id} points at a missing Patient/{subject}");
+        let prefix = |s: &str| s.strip_prefix("c1-").map(|_| 1).or(s.strip_prefix("c2-").map(|_| 2)).unwrap_or(0);
+        assert_eq!(prefix(id), prefix(subject), "Observation/{id} points into another copy: {subject}");
+    }
 }

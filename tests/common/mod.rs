@@ -313,10 +313,21 @@ impl Server {
     /// A server on `dir` (which it then owns). Listens on a free port unless `args` has
     /// `--listen`. Returns once the server printed its address.
     pub fn start(dir: TempDir, args: &[&str]) -> Server {
-        let path = dir.path().to_path_buf();
-        let log = File::options().create(true).append(true).open(log_path(&path)).expect("opening the server log");
+        let mut server = Server::spawn(dir.path(), args, "server.log");
+        server.tmp = Some(dir);
+        server
+    }
+
+    /// A second server on the store and data dir of `other`, which it does not own: two
+    /// processes sharing one database (PostgreSQL) and one export folder.
+    pub fn beside(other: &Server, args: &[&str]) -> Server {
+        Server::spawn(&other.dir, args, "peer.log")
+    }
+
+    fn spawn(path: &Path, args: &[&str], log_name: &str) -> Server {
+        let log = File::options().create(true).append(true).open(path.join(log_name)).expect("opening the server log");
         let mut cmd = sluice();
-        cmd.arg("serve").args(store_args(&path));
+        cmd.arg("serve").args(store_args(path));
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -334,7 +345,7 @@ impl Server {
                 }
             }
         });
-        let mut server = Server { child, url: String::new(), dir: path, tmp: Some(dir) };
+        let mut server = Server { child, url: String::new(), dir: path.to_path_buf(), tmp: None };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(url) => server.url = url,
             Err(_) => panic!("sluice serve did not start; its log:\n{}", server.log_tail(60)),

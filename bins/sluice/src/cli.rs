@@ -80,6 +80,9 @@ struct ServeArgs {
     /// for tests that act while an export runs. Never set it in production.
     #[arg(long, env = "SLUICE_THROTTLE_MS", hide = true)]
     throttle_ms: Option<u64>,
+    /// Milliseconds after which an export whose server stopped renewing it is taken over.
+    #[arg(long, env = "SLUICE_JOB_LEASE_MS", default_value_t = 10_000, hide = true)]
+    job_lease_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +92,10 @@ struct LoadArgs {
     /// Files or folders to load.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
+    /// Load every resource N times, copy k with ids (and references) prefixed `c<k>-`:
+    /// builds large databases from the sample sets for benchmarks.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    copies: u32,
 }
 
 /// An error for the user, printed as `sluice: <message>`.
@@ -113,7 +120,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Load(args) => {
             let store = open_store(&args.store).await?;
-            load::load_paths(store, &args.paths).await?;
+            load::load_paths(store, &args.paths, args.copies).await?;
             Ok(())
         }
         Command::Serve(args) => serve(args).await,
@@ -123,7 +130,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let store = open_store(&args.store).await?;
     if !args.load.is_empty() {
-        load::load_paths(store.clone(), &args.load).await?;
+        load::load_paths(store.clone(), &args.load, 1).await?;
     }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -149,13 +156,12 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         gzip_level: args.gzip_level,
         batch_bytes: args.batch_bytes.max(1),
         throttle: args.throttle_ms.map(Duration::from_millis),
+        lease: Duration::from_millis(args.job_lease_ms.max(100)),
         ..EngineConfig::default()
     };
     let engine = Engine::new(store.clone(), Arc::new(local.clone()), config);
-    let resumed = engine.resume_unfinished().await?;
-    if resumed > 0 {
-        tracing::info!(resumed, "resumed unfinished exports");
-    }
+    // Finishes exports whose server died (this one before a restart, or a peer).
+    engine.spawn_recovery();
     let state = http::AppState::new(engine, Some(local), base_url.clone(), Duration::from_secs(args.signed_url_ttl));
     let app = http::router(state);
     tracing::info!(store = %store.describe(), %base_url, "sluice listening");

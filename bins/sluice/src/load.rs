@@ -71,7 +71,11 @@ impl<R: Read> Read for Counting<R> {
 }
 
 /// Loads `paths` into `store` and prints a summary per type.
-pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf]) -> Result<(), CliError> {
+///
+/// With `copies` > 1, each resource is loaded `copies` times: copy `k` (from 1) gets the id
+/// `c<k>-<id>`, and every relative reference `Type/id` in it is rewritten the same way, so
+/// each copy is a consistent data set of its own (for building large benchmark databases).
+pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf], copies: u32) -> Result<(), CliError> {
     let files = discover(paths)?;
     if files.is_empty() {
         return Err("no .ndjson, .ndjson.gz or .json files found".into());
@@ -87,7 +91,7 @@ pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf]) -> Res
     let (tx, rx) = mpsc::channel(2);
     let reader_bar = bar.clone();
     let reader = std::thread::spawn(move || {
-        let result = read_files(&files, &tx, &reader_bar);
+        let result = read_files(&files, &tx, &reader_bar, copies.max(1));
         let msg = match &result {
             Ok(()) => LoadMsg::Commit,
             Err(e) => LoadMsg::Abort(e.clone()),
@@ -120,16 +124,23 @@ pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf]) -> Res
 type Sender = mpsc::Sender<LoadMsg>;
 
 /// Resources read but not yet sent, and the source bytes they came from.
-#[derive(Default)]
 struct Pending {
     resources: Vec<NewResource>,
     bytes: usize,
+    copies: u32,
 }
 
 impl Pending {
-    fn push(&mut self, r: NewResource, bytes: usize) {
+    /// Adds a resource (and its copies).
+    fn push(&mut self, r: NewResource, bytes: usize) -> Result<(), String> {
+        for k in 1..self.copies {
+            let copy = prepare(copy_of(&r.resource, k), None).map_err(|i| format!("copy {k}: {}", i.diagnostics))?;
+            self.resources.push(copy);
+            self.bytes += bytes;
+        }
         self.resources.push(r);
         self.bytes += bytes;
+        Ok(())
     }
 
     /// Sends the batch when it is full (or, with `force`, whatever there is).
@@ -143,8 +154,8 @@ impl Pending {
     }
 }
 
-fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar) -> Result<(), String> {
-    let mut batch = Pending::default();
+fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar, copies: u32) -> Result<(), String> {
+    let mut batch = Pending { resources: Vec::new(), bytes: 0, copies };
     for file in files {
         bar.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
@@ -172,7 +183,7 @@ fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar) -> Result<(), S
                 let value = serde_json::from_slice(&line)
                     .map_err(|e| format!("{}:{no}: not valid JSON: {e}", file.display()))?;
                 let r = prepare(value, None).map_err(|i| format!("{}:{no}: {}", file.display(), i.diagnostics))?;
-                batch.push(r, line.len());
+                batch.push(r, line.len()).map_err(|e| format!("{}:{no}: {e}", file.display()))?;
                 batch.flush(tx, false)?;
             }
         }
@@ -187,14 +198,14 @@ fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Pending) -> Result<
     let value: serde_json::Value =
         serde_json::from_slice(&buf).map_err(|e| format!("{}:{}: not valid JSON: {e}", file.display(), e.line()))?;
     if value.get("resourceType").and_then(|v| v.as_str()) != Some("Bundle") {
-        batch.push(prepare(value, None).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?, buf.len());
-        return Ok(());
+        let r = prepare(value, None).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?;
+        return batch.push(r, buf.len()).map_err(|e| format!("{}: {e}", file.display()));
     }
     let (_, ops) = bundle_ops(value, IdPolicy::Keep).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?;
     let per_entry = buf.len() / ops.len().max(1);
     for op in ops {
         match op {
-            Ok(WriteOp::Put(r)) => batch.push(r, per_entry),
+            Ok(WriteOp::Put(r)) => batch.push(r, per_entry).map_err(|e| format!("{}: {e}", file.display()))?,
             Ok(WriteOp::Delete { .. }) => {} // a file load only adds data
             Err(i) => {
                 return Err(format!(
@@ -207,4 +218,61 @@ fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Pending) -> Result<
         }
     }
     Ok(())
+}
+
+/// Copy `k` of a resource: its id and every relative reference `Type/id` get the prefix
+/// `c<k>-`.
+fn copy_of(resource: &serde_json::Value, k: u32) -> serde_json::Value {
+    let mut v = resource.clone();
+    let prefix = format!("c{k}-");
+    if let Some(id) = v.get_mut("id").and_then(|i| i.as_str().map(str::to_string)) {
+        v["id"] = serde_json::Value::String(format!("{prefix}{id}"));
+    }
+    prefix_references(&mut v, &prefix);
+    v
+}
+
+fn prefix_references(v: &mut serde_json::Value, prefix: &str) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                match child {
+                    serde_json::Value::String(s) if key == "reference" => {
+                        if let Some((t, rest)) = s.split_once('/')
+                            && sluice_fhir::is_r4_resource_type(t)
+                            && !rest.is_empty()
+                        {
+                            *s = format!("{t}/{prefix}{rest}");
+                        }
+                    }
+                    _ => prefix_references(child, prefix),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|c| prefix_references(c, prefix)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn copies_rewrite_ids_and_relative_references() {
+        let r = json!({"resourceType":"Observation","id":"o1",
+            "subject":{"reference":"Patient/p1"},
+            "performer":[{"reference":"Practitioner/x/_history/2"},{"reference":"#contained"}],
+            "note":[{"text":"Patient/p1 is fine"}],
+            "basedOn":[{"reference":"https://elsewhere/fhir/ServiceRequest/s"}]});
+        let c = copy_of(&r, 2);
+        assert_eq!(c["id"], "c2-o1");
+        assert_eq!(c["subject"]["reference"], "Patient/c2-p1");
+        assert_eq!(c["performer"][0]["reference"], "Practitioner/c2-x/_history/2");
+        assert_eq!(c["performer"][1]["reference"], "#contained");
+        assert_eq!(c["note"][0]["text"], "Patient/p1 is fine", "only reference elements change");
+        assert_eq!(c["basedOn"][0]["reference"], "https://elsewhere/fhir/ServiceRequest/s");
+        assert_eq!(r["id"], "o1", "the original is untouched");
+    }
 }

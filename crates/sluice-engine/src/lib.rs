@@ -49,6 +49,9 @@ pub struct EngineConfig {
     /// A pause after every batch, to slow exports down on purpose (demos, and tests that
     /// must act while an export runs). `None` in production.
     pub throttle: Option<Duration>,
+    /// A running job renews its lease every quarter of this; a job whose lease is older
+    /// (its server died) is taken over by any server sharing the store.
+    pub lease: Duration,
 }
 
 impl Default for EngineConfig {
@@ -60,6 +63,7 @@ impl Default for EngineConfig {
             gzip_level: 2,
             progress_interval: Duration::from_millis(500),
             throttle: None,
+            lease: Duration::from_secs(10),
         }
     }
 }
@@ -194,16 +198,36 @@ impl Engine {
         Ok(job)
     }
 
-    /// Restarts every job left unfinished by a previous process. A job that had a snapshot
-    /// is rerun on the same snapshot, so its result is what it would have been.
+    /// Takes over every active job whose lease expired (its server died) and runs it
+    /// again; returns how many. A job that had a snapshot is rerun on the same snapshot when
+    /// the store can still read it, so its result is what it would have been.
     pub async fn resume_unfinished(&self) -> Result<usize, JobError> {
-        let jobs = self.store.unfinished().await?;
-        let n = jobs.len();
+        let jobs = self.store.claim_stale(self.config.lease).await?;
+        let mut n = 0;
         for job in jobs {
-            tracing::info!(job = %job.id, status = job.status.as_str(), "resuming unfinished export");
+            if self.running.lock().expect("running map").contains_key(&job.id) {
+                continue; // ours, and alive
+            }
+            tracing::info!(job = %job.id, status = job.status.as_str(), "taking over an interrupted export");
             self.spawn(job);
+            n += 1;
         }
         Ok(n)
+    }
+
+    /// Runs [`Engine::resume_unfinished`] now and then every half lease, for as long as the
+    /// runtime lives: a job whose server died is finished by another one.
+    pub fn spawn_recovery(&self) -> tokio::task::JoinHandle<()> {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval((engine.config.lease / 2).max(Duration::from_millis(100)));
+            loop {
+                tick.tick().await;
+                if let Err(e) = engine.resume_unfinished().await {
+                    tracing::warn!(error = %e, "looking for interrupted exports failed");
+                }
+            }
+        })
     }
 
     /// Cancels an active export, or deletes a finished one with its files. The one-export
@@ -269,7 +293,9 @@ impl Engine {
     async fn run(&self, mut job: JobRecord, token: CancellationToken) {
         let prefix = format!("{}/", job.folder);
         let started = std::time::Instant::now();
+        let heartbeat = self.heartbeat(job.id.clone(), token.clone());
         let result = self.run_inner(&mut job, &token).await;
+        heartbeat.abort();
         match result {
             Ok(()) => {
                 let (done, _) = job.totals();
@@ -295,6 +321,27 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Renews the job's lease while it runs; stops the run when the job is no longer active
+    /// (cancelled through any server).
+    fn heartbeat(&self, id: String, token: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let store = self.store.clone();
+        let every = (self.config.lease / 4).max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match store.touch(&id).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        token.cancel();
+                        return;
+                    }
+                    Err(e) => tracing::warn!(job = %id, error = %e, "renewing the export's lease failed"),
+                }
+            }
+        })
     }
 
     async fn run_inner(&self, job: &mut JobRecord, token: &CancellationToken) -> Result<(), RunError> {

@@ -265,8 +265,9 @@ async fn an_interrupted_job_is_rerun_on_its_snapshot() {
     let late = json!({"resourceType":"Observation","id":"late","subject":{"reference":"Patient/p0"}});
     store.put(prepare(late, None).unwrap()).await.unwrap();
 
-    // Second process, same database: it finds the job and finishes it.
-    let second = Engine::new(store.clone(), Arc::new(mem.clone()), EngineConfig::default());
+    // Second process, same database: it finds the job (lease expired) and finishes it.
+    let takeover = EngineConfig { lease: Duration::ZERO, ..EngineConfig::default() };
+    let second = Engine::new(store.clone(), Arc::new(mem.clone()), takeover);
     assert_eq!(second.resume_unfinished().await.unwrap(), 1);
     second.wait(&job.id).await;
     let done = store.get(&job.id).await.unwrap().unwrap();
@@ -288,8 +289,9 @@ async fn a_job_interrupted_too_often_fails_with_an_outcome() {
     job.attempts = sluice_engine::MAX_ATTEMPTS;
     assert!(store.save_if(&job, &[JobStatus::InProgress]).await.unwrap());
 
-    let second = Engine::new(store.clone(), Arc::new(mem.clone()), EngineConfig::default());
-    second.resume_unfinished().await.unwrap();
+    let takeover = EngineConfig { lease: Duration::ZERO, ..EngineConfig::default() };
+    let second = Engine::new(store.clone(), Arc::new(mem.clone()), takeover);
+    assert_eq!(second.resume_unfinished().await.unwrap(), 1);
     second.wait(&job.id).await;
     let done = store.get(&job.id).await.unwrap().unwrap();
     assert_eq!(done.status, JobStatus::Failed);

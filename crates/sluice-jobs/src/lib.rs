@@ -202,8 +202,14 @@ pub trait JobRepo: Send + Sync {
     /// Replaces the record if its stored status is one of `expected` (compare-and-set).
     /// Returns false (and writes nothing) otherwise. The active slot follows the new status.
     async fn save_if(&self, job: &JobRecord, expected: &[JobStatus]) -> Result<bool, JobError>;
-    /// Jobs still `Accepted` or `InProgress` (after a restart: the ones to resume).
+    /// Jobs still `Accepted` or `InProgress`.
     async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError>;
+    /// Renews the lease of an active job (its runner is alive). False when the job is no
+    /// longer active (cancelled or finished, possibly by another server).
+    async fn touch(&self, id: &str) -> Result<bool, JobError>;
+    /// Claims the active jobs whose lease is older than `lease` (their runner died): renews
+    /// their lease and returns them. Each stale job is claimed by exactly one caller.
+    async fn claim_stale(&self, lease: std::time::Duration) -> Result<Vec<JobRecord>, JobError>;
     /// The id of the active job, if any.
     async fn active(&self) -> Result<Option<String>, JobError>;
 }

@@ -60,7 +60,7 @@ impl JobRepo for PgStore {
         let client = self.job_client().await?;
         let n = client
             .execute(
-                "UPDATE sluice_job SET status = $2, active = $3, record = $4, updated_at = now() \
+                "UPDATE sluice_job SET status = $2, active = $3, record = $4, updated_at = clock_timestamp() \
                  WHERE id = $1 AND status = ANY($5)",
                 &[&job.id, &job.status.as_str(), &job.status.is_active(), &record, &expected],
             )
@@ -73,6 +73,29 @@ impl JobRepo for PgStore {
         let client = self.job_client().await?;
         let rows = client
             .query("SELECT record FROM sluice_job WHERE status IN ('accepted', 'in-progress') ORDER BY updated_at", &[])
+            .await
+            .map_err(pg)?;
+        rows.iter().map(|r| decode(r.get(0))).collect()
+    }
+
+    async fn touch(&self, id: &str) -> Result<bool, JobError> {
+        let client = self.job_client().await?;
+        let n = client
+            .execute("UPDATE sluice_job SET updated_at = clock_timestamp() WHERE id = $1 AND active", &[&id])
+            .await
+            .map_err(pg)?;
+        Ok(n == 1)
+    }
+
+    async fn claim_stale(&self, lease: std::time::Duration) -> Result<Vec<JobRecord>, JobError> {
+        let client = self.job_client().await?;
+        let secs = lease.as_secs_f64();
+        let rows = client
+            .query(
+                "UPDATE sluice_job SET updated_at = clock_timestamp() \
+                 WHERE active AND updated_at <= clock_timestamp() - make_interval(secs => $1) RETURNING record",
+                &[&secs],
+            )
             .await
             .map_err(pg)?;
         rows.iter().map(|r| decode(r.get(0))).collect()

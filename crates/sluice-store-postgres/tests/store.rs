@@ -232,8 +232,11 @@ async fn one_active_job_across_servers() {
         let (mut won, loser) = if ra.is_ok() { (ja, rb) } else { (jb, ra) };
         assert!(matches!(loser, Err(JobError::Busy(id)) if id == won.id));
         assert_eq!(b.get(&won.id).await.unwrap().unwrap().id, won.id, "any server reads any job");
+        assert!(b.claim_stale(std::time::Duration::from_secs(10)).await.unwrap().is_empty(), "a live job is not taken");
+        assert!(a.touch(&won.id).await.unwrap());
         won.status = JobStatus::Cancelled;
         assert!(a.save_if(&won, &[JobStatus::Accepted]).await.unwrap());
         assert_eq!(b.active().await.unwrap(), None);
+        assert!(!b.touch(&won.id).await.unwrap());
     }
 }

@@ -11,6 +11,10 @@ fn err(e: impl std::fmt::Display) -> JobError {
     JobError::Store(e.to_string())
 }
 
+fn now_ms() -> i64 {
+    sluice_fhir::instant::to_millis(OffsetDateTime::now_utc())
+}
+
 fn active_flag(status: JobStatus) -> Option<i64> {
     status.is_active().then_some(1)
 }
@@ -35,7 +39,7 @@ impl JobRepo for SqliteStore {
         let record = serde_json::to_string(job).map_err(err)?;
         let (id, status) = (job.id.clone(), job.status);
         self.jobs_call(move |c| {
-            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let now = now_ms();
             let res = c.execute(
                 "INSERT INTO jobs(id, status, active, record, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![id, status.as_str(), active_flag(status), record, now],
@@ -73,7 +77,7 @@ impl JobRepo for SqliteStore {
         let expected: Vec<&'static str> = expected.iter().map(|s| s.as_str()).collect();
         self.jobs_call(move |c| {
             let list = expected.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",");
-            let now = OffsetDateTime::now_utc().unix_timestamp();
+            let now = now_ms();
             let n = c
                 .execute(
                     &format!(
@@ -93,6 +97,34 @@ impl JobRepo for SqliteStore {
                 .prepare("SELECT record FROM jobs WHERE status IN ('accepted','in-progress') ORDER BY updated_at")
                 .map_err(err)?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(err)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(decode(&r.map_err(err)?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn touch(&self, id: &str) -> Result<bool, JobError> {
+        let id = id.to_string();
+        self.jobs_call(move |c| {
+            let n = c
+                .execute("UPDATE jobs SET updated_at = ?2 WHERE id = ?1 AND active = 1", params![id, now_ms()])
+                .map_err(err)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn claim_stale(&self, lease: std::time::Duration) -> Result<Vec<JobRecord>, JobError> {
+        self.jobs_call(move |c| {
+            let now = now_ms();
+            let mut stmt = c
+                .prepare("UPDATE jobs SET updated_at = ?1 WHERE active = 1 AND updated_at <= ?2 RETURNING record")
+                .map_err(err)?;
+            let rows =
+                stmt.query_map(params![now, now - lease.as_millis() as i64], |r| r.get::<_, String>(0)).map_err(err)?;
             let mut out = Vec::new();
             for r in rows {
                 out.push(decode(&r.map_err(err)?)?);

@@ -220,6 +220,10 @@ async fn one_active_job_and_compare_and_set() {
     s.insert(&a).await.unwrap();
     assert!(matches!(s.insert(&job("b")).await, Err(JobError::Busy(id)) if id == "a"));
     assert_eq!(s.active().await.unwrap().as_deref(), Some("a"));
+    // Leases: a job just written is not stale; with a zero lease it is claimed, once renewed.
+    assert!(s.claim_stale(std::time::Duration::from_secs(10)).await.unwrap().is_empty());
+    assert_eq!(s.claim_stale(std::time::Duration::ZERO).await.unwrap().len(), 1);
+    assert!(s.touch("a").await.unwrap());
 
     a.status = JobStatus::InProgress;
     assert!(s.save_if(&a, &[JobStatus::Accepted]).await.unwrap());
@@ -229,6 +233,7 @@ async fn one_active_job_and_compare_and_set() {
     a.status = JobStatus::Cancelled;
     assert!(s.save_if(&a, &[JobStatus::InProgress]).await.unwrap());
     assert_eq!(s.active().await.unwrap(), None, "a cancelled job frees the slot at once");
+    assert!(!s.touch("a").await.unwrap(), "a cancelled job's runner learns it from its lease");
     s.insert(&job("b")).await.unwrap();
     assert_eq!(s.get("a").await.unwrap().unwrap().status, JobStatus::Cancelled);
     assert_eq!(s.get("b").await.unwrap().unwrap().plan.level, Level::System);

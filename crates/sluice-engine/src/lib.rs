@@ -398,7 +398,10 @@ impl Engine {
             counts.retain(|t, _| !sluice_fhir::is_patient_compartment_type(t));
             counts.extend(in_compartment);
         }
-        let types = job.plan.resolve_types(counts.keys().map(String::as_str));
+        let mut types = job.plan.resolve_types(counts.keys().map(String::as_str));
+        // Largest types first, so the big ones run alongside the many small ones instead of
+        // alone at the end.
+        types.sort_by_key(|t| std::cmp::Reverse(counts[t]));
         job.progress = types.iter().map(|t| (t.clone(), TypeProgress { done: 0, total: counts[t] })).collect();
         if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
             return Err(RunError::Cancelled);

@@ -242,13 +242,16 @@ fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The `WHERE` conditions (on `sluice_resource r`) of a filtered scan of one type, with
-/// literals inlined: `COPY` takes no parameters.
-fn scan_where(resource_type: &str, filter: &ScanFilter) -> Result<String, StoreError> {
-    if !sluice_fhir::is_r4_resource_type(resource_type) {
-        return Err(db_err(format!("'{resource_type}' is not a resource type")));
+/// The `WHERE` conditions (on `sluice_resource r`) of a filtered scan, of one type or of
+/// all types, with literals inlined: `COPY` takes no parameters.
+fn scan_where(resource_type: Option<&str>, filter: &ScanFilter) -> Result<String, StoreError> {
+    let mut sql = String::from("NOT r.deleted");
+    if let Some(t) = resource_type {
+        if !sluice_fhir::is_r4_resource_type(t) {
+            return Err(db_err(format!("'{t}' is not a resource type")));
+        }
+        sql.push_str(&format!(" AND r.type = {}", lit(t)));
     }
-    let mut sql = format!("r.type = {} AND NOT r.deleted", lit(resource_type));
     if let Some(since) = filter.since {
         sql.push_str(&format!(" AND r.last_updated > {}", instant::to_millis(since)));
     }
@@ -257,19 +260,19 @@ fn scan_where(resource_type: &str, filter: &ScanFilter) -> Result<String, StoreE
     }
     match &filter.patients {
         None => {}
-        Some(Patients::Any) => sql.push_str(&format!(
-            " AND r.id IN (SELECT c.id FROM sluice_compartment c WHERE c.type = {})",
-            lit(resource_type)
-        )),
+        Some(Patients::Any) => {
+            sql.push_str(" AND EXISTS (SELECT 1 FROM sluice_compartment c WHERE c.type = r.type AND c.id = r.id)")
+        }
         Some(Patients::Only(ids)) => {
             let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
             if list.is_empty() {
                 sql.push_str(" AND false");
             } else {
+                // Driven by the compartment index: (patient_id, type, id).
                 sql.push_str(&format!(
-                    " AND r.id IN (SELECT c.id FROM sluice_compartment c WHERE c.type = {} AND c.patient_id IN ({}))",
-                    lit(resource_type),
-                    list.join(",")
+                    " AND (r.type, r.id) IN (SELECT c.type, c.id FROM sluice_compartment c WHERE c.patient_id IN ({}){})",
+                    list.join(","),
+                    resource_type.map(|t| format!(" AND c.type = {}", lit(t))).unwrap_or_default()
                 ));
             }
         }
@@ -458,23 +461,17 @@ impl ResourceStore for PgStore {
 
     async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError> {
         let client = self.in_snapshot(snapshot).await?;
-        let types: Vec<String> = client
-            .query("SELECT DISTINCT type FROM sluice_resource WHERE NOT deleted", &[])
-            .await
-            .map_err(pg_err)?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let mut out = BTreeMap::new();
-        for t in types.iter().filter(|t| sluice_fhir::is_r4_resource_type(t)) {
-            let sql = format!("SELECT count(*) FROM sluice_resource r WHERE {}", scan_where(t, filter)?);
-            let n: i64 = client.query_one(&sql, &[]).await.map_err(pg_err)?.get(0);
-            if n > 0 {
-                out.insert(t.clone(), n as u64);
-            }
-        }
+        let sql = format!(
+            "SELECT r.type, count(*) FROM sluice_resource r WHERE {} GROUP BY r.type",
+            scan_where(None, filter)?
+        );
+        let rows = client.query(&sql, &[]).await.map_err(pg_err);
         Self::end(&client).await;
-        Ok(out)
+        Ok(rows?
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+            .filter(|(t, n)| *n > 0 && sluice_fhir::is_r4_resource_type(t))
+            .collect())
     }
 
     async fn read_at(&self, snapshot: &Snapshot, resource_type: &str, id: &str) -> Result<Option<String>, StoreError> {
@@ -501,7 +498,7 @@ impl ResourceStore for PgStore {
         let client = self.in_snapshot(snapshot).await?;
         let sql = format!(
             "COPY (SELECT r.json FROM sluice_resource r WHERE {}) TO STDOUT (FORMAT binary)",
-            scan_where(resource_type, filter)?
+            scan_where(Some(resource_type), filter)?
         );
         let result = async {
             let stream = client.copy_out(&sql).await.map_err(pg_err)?;

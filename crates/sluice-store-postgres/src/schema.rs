@@ -20,6 +20,10 @@ const MIGRATIONS: &[&str] = &[
         json         text,
         PRIMARY KEY (type, id)
      );
+     -- Exports stream this column: keep it uncompressed (no pglz on the hot path) and
+     -- inline up to a full page, so most resources are read without a TOAST lookup.
+     ALTER TABLE sluice_resource ALTER COLUMN json SET STORAGE EXTERNAL;
+     ALTER TABLE sluice_resource SET (toast_tuple_target = 8160);
      CREATE TABLE sluice_resource_history (
         type         text    NOT NULL,
         id           text    NOT NULL,

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
 use sluice_jobs::{JobError, JobRecord, JobStatus, OutputFile, TypeProgress};
 use sluice_ndjson::{Compression, Event, NdjsonWriter, SplitLimits};
-use sluice_planner::{ExportPlan, Level};
+use sluice_planner::{ExportPlan, Level, TypeSelection};
 use sluice_storage::{ObjectMeta, ObjectWriter, Storage};
 use sluice_store::{Patients, ReadResult, ResourceStore, ScanFilter, Snapshot};
 use std::collections::{BTreeMap, HashMap};
@@ -361,6 +361,7 @@ impl Engine {
             job.output.clear();
             job.error.clear();
         }
+        let phase = std::time::Instant::now();
         let recorded = match (&job.snapshot, job.transaction_time) {
             (Some(id), Some(time)) => Some(Snapshot { id: id.clone(), time }),
             _ => None,
@@ -374,6 +375,7 @@ impl Engine {
                 s
             }
         };
+        tracing::debug!(job = %job.id, ms = phase.elapsed().as_millis() as u64, "snapshot taken");
         let result = self.export_snapshot(job, token, &snapshot, from).await;
         self.store.release(&snapshot).await;
         result
@@ -391,13 +393,25 @@ impl Engine {
             return Err(RunError::Cancelled);
         }
 
+        let phase = std::time::Instant::now();
         let (compartment_filter, plain_filter) = self.filters(job, snapshot).await?;
-        let mut counts = self.store.count(snapshot, &plain_filter).await?;
-        if let Some(cf) = &compartment_filter {
-            let in_compartment = self.store.count(snapshot, cf).await?;
-            counts.retain(|t, _| !sluice_fhir::is_patient_compartment_type(t));
-            counts.extend(in_compartment);
-        }
+        let in_compartment = sluice_fhir::is_patient_compartment_type;
+        let counts = match &compartment_filter {
+            None => self.store.count(snapshot, &plain_filter).await?,
+            Some(cf) => {
+                let mut counts = self.store.count(snapshot, cf).await?;
+                counts.retain(|t, _| in_compartment(t));
+                // Types outside the compartment are read whole, and only when asked for (D8).
+                let asked_outside =
+                    matches!(&job.plan.types, TypeSelection::Only(list) if list.iter().any(|t| !in_compartment(t)));
+                if asked_outside {
+                    let all = self.store.count(snapshot, &plain_filter).await?;
+                    counts.extend(all.into_iter().filter(|(t, _)| !in_compartment(t)));
+                }
+                counts
+            }
+        };
+        tracing::debug!(job = %job.id, ms = phase.elapsed().as_millis() as u64, "filters and counts");
         let mut types = job.plan.resolve_types(counts.keys().map(String::as_str));
         // Largest types first, so the big ones run alongside the many small ones instead of
         // alone at the end.

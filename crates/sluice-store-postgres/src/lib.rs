@@ -242,42 +242,50 @@ fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The `WHERE` conditions (on `sluice_resource r`) of a filtered scan, of one type or of
-/// all types, with literals inlined: `COPY` takes no parameters.
-fn scan_where(resource_type: Option<&str>, filter: &ScanFilter) -> Result<String, StoreError> {
+/// The conditions on `sluice_resource r` for the time window of a filter.
+fn time_conditions(filter: &ScanFilter) -> String {
     let mut sql = String::from("NOT r.deleted");
-    if let Some(t) = resource_type {
-        if !sluice_fhir::is_r4_resource_type(t) {
-            return Err(db_err(format!("'{t}' is not a resource type")));
-        }
-        sql.push_str(&format!(" AND r.type = {}", lit(t)));
-    }
     if let Some(since) = filter.since {
         sql.push_str(&format!(" AND r.last_updated > {}", instant::to_millis(since)));
     }
     if let Some(until) = filter.until {
         sql.push_str(&format!(" AND r.last_updated <= {}", instant::to_millis(until)));
     }
-    match &filter.patients {
-        None => {}
-        Some(Patients::Any) => {
-            sql.push_str(" AND EXISTS (SELECT 1 FROM sluice_compartment c WHERE c.type = r.type AND c.id = r.id)")
-        }
+    sql
+}
+
+/// A query over the resources a filter selects, of one type or of all types, selecting
+/// `what` (columns of `sluice_resource r`), with literals inlined (`COPY` takes no
+/// parameters; only checked type names and FHIR ids are inlined, escaped all the same).
+///
+/// Listed patients drive the query from the compartment index, then look each resource up
+/// by primary key (a `LATERAL` join), so a small group never scans the whole table.
+fn select_sql(resource_type: Option<&str>, filter: &ScanFilter, what: &str) -> Result<String, StoreError> {
+    if let Some(t) = resource_type
+        && !sluice_fhir::is_r4_resource_type(t)
+    {
+        return Err(db_err(format!("'{t}' is not a resource type")));
+    }
+    let rtype = |col: &str| resource_type.map(|t| format!(" AND {col} = {}", lit(t))).unwrap_or_default();
+    let window = time_conditions(filter);
+    Ok(match &filter.patients {
+        None => format!("SELECT {what} FROM sluice_resource r WHERE {window}{}", rtype("r.type")),
+        Some(Patients::Any) => format!(
+            "SELECT {what} FROM sluice_resource r WHERE {window}{} \
+             AND EXISTS (SELECT 1 FROM sluice_compartment c WHERE c.type = r.type AND c.id = r.id)",
+            rtype("r.type")
+        ),
         Some(Patients::Only(ids)) => {
             let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
-            if list.is_empty() {
-                sql.push_str(" AND false");
-            } else {
-                // Driven by the compartment index: (patient_id, type, id).
-                sql.push_str(&format!(
-                    " AND (r.type, r.id) IN (SELECT c.type, c.id FROM sluice_compartment c WHERE c.patient_id IN ({}){})",
-                    list.join(","),
-                    resource_type.map(|t| format!(" AND c.type = {}", lit(t))).unwrap_or_default()
-                ));
-            }
+            let list = if list.is_empty() { "NULL".to_string() } else { list.join(",") };
+            format!(
+                "SELECT {what} FROM (SELECT DISTINCT c.type, c.id FROM sluice_compartment c \
+                 WHERE c.patient_id IN ({list}){}) k, \
+                 LATERAL (SELECT * FROM sluice_resource r WHERE r.type = k.type AND r.id = k.id AND {window}) r",
+                rtype("c.type")
+            )
         }
-    }
-    Ok(sql)
+    })
 }
 
 fn snapshot_name(s: &Snapshot) -> Result<&str, StoreError> {
@@ -461,10 +469,21 @@ impl ResourceStore for PgStore {
 
     async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError> {
         let client = self.in_snapshot(snapshot).await?;
-        let sql = format!(
-            "SELECT r.type, count(*) FROM sluice_resource r WHERE {} GROUP BY r.type",
-            scan_where(None, filter)?
-        );
+        // The compartment index holds exactly the current, non-deleted resources: without a
+        // time window it answers compartment counts alone, without touching resources.
+        let sql = match (&filter.patients, filter.since.or(filter.until)) {
+            (Some(Patients::Any), None) => {
+                "SELECT type, count(DISTINCT id) FROM sluice_compartment GROUP BY type".to_string()
+            }
+            (Some(Patients::Only(ids)), None) => {
+                let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
+                let list = if list.is_empty() { "NULL".to_string() } else { list.join(",") };
+                format!(
+                    "SELECT type, count(DISTINCT id) FROM sluice_compartment WHERE patient_id IN ({list}) GROUP BY type"
+                )
+            }
+            _ => format!("{} GROUP BY r.type", select_sql(None, filter, "r.type, count(*)")?),
+        };
         let rows = client.query(&sql, &[]).await.map_err(pg_err);
         Self::end(&client).await;
         Ok(rows?
@@ -496,10 +515,7 @@ impl ResourceStore for PgStore {
         tx: mpsc::Sender<Batch>,
     ) -> Result<(), StoreError> {
         let client = self.in_snapshot(snapshot).await?;
-        let sql = format!(
-            "COPY (SELECT r.json FROM sluice_resource r WHERE {}) TO STDOUT (FORMAT binary)",
-            scan_where(Some(resource_type), filter)?
-        );
+        let sql = format!("COPY ({}) TO STDOUT (FORMAT binary)", select_sql(Some(resource_type), filter, "r.json")?);
         let result = async {
             let stream = client.copy_out(&sql).await.map_err(pg_err)?;
             let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT]);

@@ -1,0 +1,297 @@
+//! `sluice-bench`: loads the large sample set (×copies) into a scratch PostgreSQL database,
+//! then times, through the HTTP API of a release `sluice serve`: system export (ndjson and
+//! ndjson.gz), patient export, and a group export of 10% of the patients. In the same run it
+//! times the pipe a DBA would write over the same resources in a plain `jsonb` table
+//! (`psql -c "COPY (SELECT resource FROM t) TO STDOUT (FORMAT binary)" | pigz -1 -p2`), and
+//! prints resources/s, MB/s, the server's peak RSS and the ratios.
+//!
+//! ```sh
+//! cargo run --release -p sluice-bench -- --copies 4
+//! ```
+//! Needs `psql` and `pigz` (Debian packages `postgresql-client`, `pigz`).
+
+use clap::Parser;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Parser)]
+#[command(about = "Sluice export benchmark (PostgreSQL)")]
+struct Args {
+    /// Load the data set this many times (ids prefixed per copy).
+    #[arg(long, default_value_t = 1)]
+    copies: u32,
+    /// Admin URL of the PostgreSQL server; a scratch database is created and dropped.
+    #[arg(long, env = "SLUICE_BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+    /// The folder holding the sample sets.
+    #[arg(long, default_value = "../shared/data")]
+    data: PathBuf,
+    /// Timed runs of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Keep the scratch database afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+const SETS: [&str; 3] = ["r4-615-patients", "r4-100-patients-groups", "r4-79-patients-hiv"];
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("sluice-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+fn sh(cmd: &mut Command) -> Res<String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn psql(url: &str, sql: &str) -> Res<String> {
+    sh(Command::new("psql").arg(url).args(["-v", "ON_ERROR_STOP=1", "-qAtc", sql]))
+}
+
+fn db_url(admin: &str, name: &str) -> String {
+    let server = admin.rsplit_once('/').map_or(admin, |(s, _)| s);
+    format!("{server}/{name}")
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// The release `sluice` binary next to this one, built if needed.
+fn sluice_bin() -> Res<PathBuf> {
+    sh(Command::new(env!("CARGO")).args(["build", "--release", "-q", "-p", "sluice"]))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    Ok(exe.with_file_name("sluice"))
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn start(bin: &Path, db: &str, dir: &Path) -> Res<Server> {
+        let mut child = Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", db, "--data-dir"])
+            .arg(dir)
+            .env("SLUICE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(l)) => {
+                    if let Some(u) = l.strip_prefix("sluice listening on ") {
+                        break u.trim().to_string();
+                    }
+                }
+                _ => return Err("sluice serve did not start".into()),
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Server { child, url })
+    }
+
+    fn peak_rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+/// One export through the API: (seconds, resources, bytes written).
+fn export(agent: &ureq::Agent, server: &Server, dir: &Path, path: &str) -> Res<(f64, u64, u64)> {
+    let started = Instant::now();
+    let r = agent.get(format!("{}/fhir/{path}", server.url)).header("prefer", "respond-async").call();
+    let r = r.map_err(|e| e.to_string())?;
+    if r.status() != 202 {
+        return Err(format!("kick-off {path}: {}", r.status()));
+    }
+    let loc = r.headers().get("content-location").and_then(|v| v.to_str().ok()).ok_or("no Content-Location")?;
+    let loc = loc.to_string();
+    let manifest: Value = loop {
+        let mut r = agent.get(&loc).call().map_err(|e| e.to_string())?;
+        match r.status().as_u16() {
+            200 => {
+                let text = r.body_mut().with_config().limit(1 << 30).read_to_string().map_err(|e| e.to_string())?;
+                break serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            }
+            202 => std::thread::sleep(Duration::from_millis(10)), // the benchmark polls fast to time the export itself
+            s => return Err(format!("status {s}: {}", r.body_mut().read_to_string().unwrap_or_default())),
+        }
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let count: u64 =
+        manifest["output"].as_array().map_or(0, |o| o.iter().map(|f| f["count"].as_u64().unwrap_or(0)).sum());
+    let id = loc.rsplit('/').next().unwrap_or_default();
+    let mut bytes = 0;
+    for e in std::fs::read_dir(dir.join("exports")).map_err(|e| e.to_string())?.flatten() {
+        if e.file_name().to_string_lossy().ends_with(id) {
+            for f in std::fs::read_dir(e.path()).map_err(|e| e.to_string())?.flatten() {
+                bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    // Free the disk between runs.
+    let _ = agent.delete(&loc).call();
+    Ok((secs, count, bytes))
+}
+
+fn run(args: &Args) -> Res<()> {
+    for tool in ["psql", "pigz"] {
+        sh(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
+            .map_err(|_| format!("needs {tool} (apt-get install postgresql-client pigz)"))?;
+    }
+    let bin = sluice_bin()?;
+    let name = format!("sluice_bench_{}", std::process::id());
+    psql(&args.database_url, &format!("CREATE DATABASE {name}"))?;
+    let db = db_url(&args.database_url, &name);
+    let result = bench(args, &bin, &db);
+    if !args.keep {
+        let _ = psql(&args.database_url, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+    } else {
+        println!("kept database {db}");
+    }
+    result
+}
+
+fn bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        .unwrap_or_default();
+    let pg = psql(db, "SHOW server_version")?;
+    println!("machine: {nproc} cores ({cpu}); PostgreSQL {pg}; copies: {}", args.copies);
+
+    // Load.
+    let sets: Vec<PathBuf> = SETS.iter().map(|s| args.data.join(s)).collect();
+    let started = Instant::now();
+    let out = sh(Command::new(bin)
+        .args(["load", "--database-url", db, "--copies", &args.copies.to_string()])
+        .args(&sets)
+        .env("SLUICE_LOG", "warn"))?;
+    let load_secs = started.elapsed().as_secs_f64();
+    let loaded: u64 =
+        out.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|n| n.parse().ok()).unwrap_or(0);
+    println!("load: {loaded} resources in {load_secs:.1} s = {:.0} resources/s", loaded as f64 / load_secs);
+
+    // The naive pipe's table: the same resources as jsonb.
+    psql(db, "CREATE TABLE naive AS SELECT json::jsonb AS resource FROM sluice_resource WHERE NOT deleted")?;
+    psql(db, "VACUUM ANALYZE naive")?;
+    psql(db, "VACUUM ANALYZE")?;
+
+    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let server = Server::start(bin, db, &dir)?;
+    let agent = agent();
+
+    // A Group of 10% of the patients.
+    let ids = psql(db, "SELECT id FROM sluice_resource WHERE type = 'Patient' AND NOT deleted ORDER BY id")?;
+    let ids: Vec<&str> = ids.lines().collect();
+    let tenth: Vec<Value> =
+        ids.iter().step_by(10).map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
+    let group =
+        json!({"resourceType": "Group", "id": "bench-10pct", "type": "person", "actual": true, "member": tenth});
+    let r = agent
+        .put(format!("{}/fhir/Group/bench-10pct", server.url))
+        .header("content-type", "application/fhir+json")
+        .send(group.to_string())
+        .map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("creating the 10% group: {}", r.status()));
+    }
+
+    let measure = |path: &str| -> Res<(f64, u64, u64)> {
+        let mut runs = Vec::new();
+        let (mut n, mut b) = (0, 0);
+        for _ in 0..args.runs.max(1) {
+            let (s, count, bytes) = export(&agent, &server, &dir, path)?;
+            runs.push(s);
+            (n, b) = (count, bytes);
+        }
+        Ok((median(runs), n, b))
+    };
+    let naive = || -> Res<f64> {
+        let mut runs = Vec::new();
+        for _ in 0..args.runs.max(1) {
+            let started = Instant::now();
+            sh(Command::new("sh").args([
+                "-c",
+                &format!(
+                    "psql '{db}' -c 'COPY (SELECT resource FROM naive) TO STDOUT (FORMAT binary)' | pigz -1 -p2 > /dev/null"
+                ),
+            ]))?;
+            runs.push(started.elapsed().as_secs_f64());
+        }
+        Ok(median(runs))
+    };
+
+    let naive_s = naive()?;
+    let sys_nd = measure("$export?_outputFormat=ndjson")?;
+    let sys_gz = measure("$export?_outputFormat=ndjson.gz")?;
+    let pat_gz = measure("Patient/$export?_outputFormat=ndjson.gz")?;
+    let grp_gz = measure("Group/bench-10pct/$export?_outputFormat=ndjson.gz")?;
+    let rss = server.peak_rss_mb();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!();
+    println!("{:<34} {:>8} {:>10} {:>12} {:>9}", "measurement (median)", "seconds", "resources", "resources/s", "MB/s");
+    println!(
+        "{:<34} {:>8.2} {:>10} {:>12.0} {:>9}",
+        "naive: COPY jsonb | pigz -1 -p2",
+        naive_s,
+        loaded,
+        loaded as f64 / naive_s,
+        ""
+    );
+    for (name, (s, n, b)) in [
+        ("system export, ndjson", sys_nd),
+        ("system export, ndjson.gz", sys_gz),
+        ("patient export, ndjson.gz", pat_gz),
+        ("group export (10%), ndjson.gz", grp_gz),
+    ] {
+        println!("{name:<34} {s:>8.2} {n:>10} {:>12.0} {:>9.1}", n as f64 / s, b as f64 / 1e6 / s);
+    }
+    println!();
+    println!("ratios (targets in brackets):");
+    println!("  system ndjson.gz / naive pipe   {:>6.2}   [<= 0.50]", sys_gz.0 / naive_s);
+    println!("  system ndjson / naive pipe      {:>6.2}", sys_nd.0 / naive_s);
+    println!("  group 10% / system ndjson.gz    {:>6.2}   [<= 0.15]", grp_gz.0 / sys_gz.0);
+    println!("  patient / system ndjson.gz      {:>6.2}", pat_gz.0 / sys_gz.0);
+    println!("server peak RSS: {rss:.1} MB   [<= 64 MB at 1M resources]");
+    Ok(())
+}

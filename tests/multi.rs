@@ -60,3 +60,47 @@ fn two_servers_one_export_at_a_time() {
     assert_eq!(delete(&on_b).status, 202);
     assert!(a.export_folder(&status_url).is_none(), "deleting through the other server removes the files");
 }
+
+/// The database drops every connection of a running export (as a restart or a failover
+/// does): the export ends failed with an OperationOutcome, or completed; never stuck. Its
+/// files are gone if it failed, and the next export runs normally.
+#[test]
+fn a_database_outage_ends_the_export_cleanly() {
+    if pg_admin().is_none() {
+        eprintln!("SLUICE_TEST_DATABASE_URL is not set: multi-server tests skipped");
+        return;
+    }
+    let srv = Server::loaded(SLOW);
+    let status_url = kickoff(&srv, &srv.fhir("/$export"));
+    // Wait until it is running with some resources written.
+    loop {
+        let r = get(&status_url);
+        assert_eq!(r.status, 202, "the throttled export ended early: {}", r.text());
+        if r.header("x-progress").is_some_and(|p| p.starts_with("in-progress") && !p.contains("(0/")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(r.retry_after()));
+    }
+    let url = std::fs::read_to_string(srv.dir.join("database-url")).unwrap();
+    let db = url.trim().rsplit('/').next().unwrap().to_string();
+    psql(&format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = '{db}'"));
+
+    let done = poll_until_done(&status_url);
+    match done.status {
+        200 => {
+            let m = complete_manifest(&done, &srv.fhir("/$export"));
+            check_export(&m, &reference().all());
+        }
+        500 => {
+            let oo = assert_outcome(&done, 500, &[]);
+            let text = oo.to_string();
+            assert!(text.contains("failed"), "the outcome says what failed: {text}");
+            assert!(srv.export_folder(&status_url).is_none(), "a failed export leaves no files");
+        }
+        other => panic!("the export neither completed nor failed: {other} {}", done.text()),
+    }
+    // The slot is free and the store works again.
+    let next = kickoff(&srv, &srv.fhir("/$export?_type=Patient"));
+    let m = complete_manifest(&poll_until_done(&next), &srv.fhir("/$export?_type=Patient"));
+    check_export(&m, &reference().types(&["Patient"]));
+}

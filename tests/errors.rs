@@ -153,3 +153,15 @@ fn wrong_methods_are_405() {
     assert_outcome(&send("DELETE", &srv.fhir("/metadata"), &[], None), 405, &["DELETE", "/fhir/metadata"]);
     srv.assert_alive();
 }
+
+/// Requests the router itself rejects (a path that is not UTF-8) still get an
+/// OperationOutcome, not axum's plain-text message.
+#[test]
+fn framework_rejections_are_outcomes_too() {
+    let mut srv = Server::empty(&[]);
+    let r = get(&srv.fhir("/Patient/%FF%FE"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let oo = assert_outcome(&r, 400, &[]);
+    assert!(!oo["issue"][0]["diagnostics"].as_str().unwrap_or_default().is_empty());
+    srv.assert_alive();
+}

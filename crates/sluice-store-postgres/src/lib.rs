@@ -611,6 +611,9 @@ async fn merge_run(
     if staged.rows.is_empty() {
         return Ok(());
     }
+    if staged.replaced.is_empty() {
+        return copy_new(tx, ts_ms, &staged.rows).await;
+    }
     tx.batch_execute("TRUNCATE sluice_load").await.map_err(pg_err)?;
     let sink = tx
         .copy_in("COPY sluice_load (type, id, version, json, patients) FROM STDIN (FORMAT binary)")
@@ -646,5 +649,42 @@ async fn merge_run(
     )
     .await
     .map_err(pg_err)?;
+    Ok(())
+}
+
+/// Resources none of which exist yet (the common case of a first load): streamed with
+/// binary COPY straight into their tables, without the staging table.
+async fn copy_new(
+    tx: &tokio_postgres::Transaction<'_>,
+    ts_ms: i64,
+    rows: &[(String, String, i64, String, Vec<String>)],
+) -> Result<(), StoreError> {
+    let sink = tx
+        .copy_in("COPY sluice_resource (type, id, version, last_updated, deleted, json) FROM STDIN (FORMAT binary)")
+        .await
+        .map_err(pg_err)?;
+    let writer =
+        BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT]);
+    pin_mut!(writer);
+    for (t, id, v, json, _) in rows {
+        writer.as_mut().write(&[t, id, v, &ts_ms, &false, json]).await.map_err(pg_err)?;
+    }
+    writer.finish().await.map_err(pg_err)?;
+    let sink = tx
+        .copy_in("COPY sluice_compartment (patient_id, type, id) FROM STDIN (FORMAT binary)")
+        .await
+        .map_err(pg_err)?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT, Type::TEXT]);
+    pin_mut!(writer);
+    for (t, id, _, _, patients) in rows {
+        let mut seen: Vec<&String> = Vec::with_capacity(patients.len());
+        for p in patients {
+            if !seen.contains(&p) {
+                seen.push(p);
+                writer.as_mut().write(&[p, t, id]).await.map_err(pg_err)?;
+            }
+        }
+    }
+    writer.finish().await.map_err(pg_err)?;
     Ok(())
 }

@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(outcome::not_found)
         .method_not_allowed_fallback(outcome::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(outcome::ensure_outcome))
         .layer(axum::middleware::from_fn(access_log))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(outcome::panic_response))
         .with_state(state)

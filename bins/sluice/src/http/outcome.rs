@@ -92,3 +92,35 @@ pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response 
         .unwrap_or("unknown panic");
     ApiError::internal(format!("internal error: {detail}")).into_response()
 }
+
+/// Turns any error response that is not already FHIR JSON (axum's own rejections: a body
+/// over the size limit, a path that is not UTF-8, ...) into an OperationOutcome carrying
+/// the original message, so every 4xx/5xx a client sees is an OperationOutcome.
+pub async fn ensure_outcome(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_fhir = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/fhir+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_fhir {
+        return res;
+    }
+    let retry_after = res.headers().get(header::RETRY_AFTER).cloned();
+    let body = axum::body::to_bytes(res.into_body(), 64 * 1024).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => IssueCode::TooCostly,
+        StatusCode::METHOD_NOT_ALLOWED => IssueCode::NotSupported,
+        StatusCode::NOT_FOUND => IssueCode::NotFound,
+        s if s.is_server_error() => IssueCode::Exception,
+        _ => IssueCode::Invalid,
+    };
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    let mut out = ApiError::new(status, Issue::error(code, message)).into_response();
+    if let Some(v) = retry_after {
+        out.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    out
+}

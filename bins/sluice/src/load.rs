@@ -135,10 +135,11 @@ impl Pending {
     fn push(&mut self, r: NewResource, bytes: usize) -> Result<(), String> {
         for k in 1..self.copies {
             let copy = prepare(copy_of(&r.resource, k), None).map_err(|i| format!("copy {k}: {}", i.diagnostics))?;
-            self.resources.push(copy);
+            self.resources.push(copy.pre_render());
             self.bytes += bytes;
         }
-        self.resources.push(r);
+        // Rendering here, on the reading thread, leaves the writer only the time to fill in.
+        self.resources.push(r.pre_render());
         self.bytes += bytes;
         Ok(())
     }

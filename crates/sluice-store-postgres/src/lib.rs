@@ -26,7 +26,7 @@ use futures_util::{StreamExt, pin_mut};
 use sluice_fhir::instant;
 use sluice_store::{
     Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError,
-    WriteOp, Written, stamp, valid_id,
+    WriteOp, Written, valid_id,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -179,7 +179,7 @@ async fn write_one(
     if let (Some(c), Some(r)) = (&cur, &resource)
         && let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
     {
-        let same = stamp(&mut r.resource.clone(), c.version as u64, instant::from_millis(c.last_updated));
+        let same = r.render(c.version as u64, instant::from_millis(c.last_updated));
         if same == old {
             return Ok(Some(Written {
                 resource_type: rt.into(),
@@ -206,7 +206,7 @@ async fn write_one(
         tx.execute("DELETE FROM sluice_compartment WHERE type = $1 AND id = $2", &[&rt, &id]).await.map_err(pg_err)?;
     }
     let (json, patients) = match resource {
-        Some(mut r) => (Some(stamp(&mut r.resource, version as u64, last_updated)), r.patients),
+        Some(r) => (Some(r.render(version as u64, last_updated)), r.patients),
         None => (None, Vec::new()),
     };
     tx.execute(
@@ -585,14 +585,14 @@ async fn merge_run(
         .collect();
     let last_updated = instant::from_millis(ts_ms);
     let mut staged = Staged { rows: Vec::with_capacity(run.len()), replaced: Vec::new() };
-    for mut r in run {
+    for r in run {
         let key = (r.resource_type.clone(), r.id.clone());
         *summary.per_type.entry(r.resource_type.clone()).or_default() += 1;
         let version = match existing.get(&key) {
             None => 1,
             Some(c) => {
                 if let Some(old) = c.json.as_deref().filter(|_| !c.deleted) {
-                    let same = stamp(&mut r.resource.clone(), c.version as u64, instant::from_millis(c.last_updated));
+                    let same = r.render(c.version as u64, instant::from_millis(c.last_updated));
                     if same == old {
                         summary.unchanged += 1;
                         continue;
@@ -605,7 +605,7 @@ async fn merge_run(
                 c.version + 1
             }
         };
-        let json = stamp(&mut r.resource, version as u64, last_updated);
+        let json = r.render(version as u64, last_updated);
         staged.rows.push((key.0, key.1, version, json, r.patients));
     }
     if staged.rows.is_empty() {

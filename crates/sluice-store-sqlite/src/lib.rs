@@ -20,7 +20,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, Transactio
 use sluice_fhir::instant;
 use sluice_store::{
     Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError,
-    WriteOp, Written, stamp,
+    WriteOp, Written,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -192,7 +192,7 @@ fn write_version(
     if let (Some(c), Some(r)) = (&cur, &resource)
         && let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
     {
-        let same = stamp(&mut r.resource.clone(), c.version as u64, instant::from_millis(c.last_updated));
+        let same = r.render(c.version as u64, instant::from_millis(c.last_updated));
         if same == old {
             return Ok(Some(Written {
                 resource_type: rt.to_string(),
@@ -215,8 +215,8 @@ fn write_version(
             .map_err(db_err)?;
     }
     let last_updated = instant::from_millis(ts_ms);
-    let json = resource.map(|mut r| {
-        let json = stamp(&mut r.resource, version as u64, last_updated);
+    let json = resource.map(|r| {
+        let json = r.render(version as u64, last_updated);
         (json, r.patients)
     });
     tx.prepare_cached(

@@ -48,9 +48,60 @@ pub struct NewResource {
     /// `id`.
     pub id: String,
     /// The resource; `meta.versionId`/`meta.lastUpdated` are overwritten by the store.
+    /// `Null` once [`NewResource::pre_render`] moved it into `rendered`.
     pub resource: Value,
     /// Ids of the patients whose compartment it is in.
     pub patients: Vec<String>,
+    /// The resource already rendered as version 1 (see [`NewResource::pre_render`]).
+    pub rendered: Option<Rendered>,
+}
+
+/// Compact JSON of a resource rendered as version 1, with a placeholder `lastUpdated` at a
+/// known offset: the store fills in the time without parsing or serialising again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    json: String,
+    at: usize,
+}
+
+/// Stands in for `meta.lastUpdated` in a [`Rendered`] resource; as long as a formatted
+/// instant (24 bytes), so the time is written in place.
+const PLACEHOLDER: &str = "~sluice-lastUpdated-000~";
+
+impl NewResource {
+    /// Renders the resource now, as version 1, and drops the parsed form: loads call this
+    /// on their reading thread so the writer only fills in the time.
+    pub fn pre_render(mut self) -> Self {
+        if self.rendered.is_some() {
+            return self;
+        }
+        let placeholder = time::OffsetDateTime::UNIX_EPOCH;
+        let mut json = stamp(&mut self.resource, 1, placeholder);
+        let epoch = sluice_fhir::instant::format(placeholder);
+        let key = format!("\"lastUpdated\":\"{epoch}\"");
+        let Some(pos) = json.rfind(&key) else { return self };
+        let at = pos + key.len() - epoch.len() - 1;
+        json.replace_range(at..at + epoch.len(), PLACEHOLDER);
+        self.rendered = Some(Rendered { json, at });
+        self.resource = Value::Null;
+        self
+    }
+
+    /// The JSON to store for `version` at `last_updated`.
+    pub fn render(&self, version: u64, last_updated: OffsetDateTime) -> String {
+        match &self.rendered {
+            Some(r) if version == 1 => {
+                let mut json = r.json.clone();
+                json.replace_range(r.at..r.at + PLACEHOLDER.len(), &sluice_fhir::instant::format(last_updated));
+                json
+            }
+            Some(r) => {
+                let mut v: Value = serde_json::from_str(&r.json).expect("rendered JSON parses");
+                stamp(&mut v, version, last_updated)
+            }
+            None => stamp(&mut self.resource.clone(), version, last_updated),
+        }
+    }
 }
 
 /// Checks an incoming resource (an object with a known `resourceType` and a valid `id`)
@@ -89,7 +140,7 @@ pub fn prepare(mut resource: Value, id: Option<&str>) -> Result<NewResource, Iss
         .at(format!("{rt}.id")));
     }
     let patients = sluice_fhir::patient_ids(&resource).into_iter().collect();
-    Ok(NewResource { resource_type: rt, id: rid, resource, patients })
+    Ok(NewResource { resource_type: rt, id: rid, resource, patients, rendered: None })
 }
 
 /// Whether `id` is a valid FHIR id: 1 to 64 characters of `A-Za-z0-9-.`.
@@ -310,6 +361,21 @@ mod tests {
             s,
             r#"{"resourceType":"Patient","id":"p","meta":{"profile":["x"],"versionId":"2","lastUpdated":"2024-01-02T03:04:05.678Z"},"active":true}"#
         );
+    }
+
+    #[test]
+    fn pre_rendered_resources_render_like_parsed_ones() {
+        let r =
+            prepare(json!({"resourceType":"Patient","id":"p","meta":{"profile":["x"]},"name":[{"family":"A"}]}), None)
+                .unwrap();
+        let pre = r.clone().pre_render();
+        assert_eq!(pre.resource, Value::Null);
+        let t = sluice_fhir::instant::parse("2024-01-02T03:04:05.678Z").unwrap();
+        assert_eq!(pre.render(1, t), r.render(1, t));
+        assert_eq!(pre.render(3, t), r.render(3, t), "later versions take the slow path");
+        let bare = prepare(json!({"resourceType":"Patient","id":"q"}), None).unwrap();
+        assert_eq!(bare.clone().pre_render().render(1, t), bare.render(1, t));
+        assert!(bare.render(1, t).ends_with(r#""meta":{"versionId":"1","lastUpdated":"2024-01-02T03:04:05.678Z"}}"#));
     }
 
     #[test]

@@ -8,11 +8,6 @@ mod load;
 use clap::Parser;
 use std::process::ExitCode;
 
-/// mimalloc: loads parse on one thread and free on another, which glibc's allocator handles
-/// poorly (a quarter of load CPU went to malloc/free).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()

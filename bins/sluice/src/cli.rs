@@ -165,7 +165,12 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let state = http::AppState::new(engine, Some(local), base_url.clone(), Duration::from_secs(args.signed_url_ttl));
     let app = http::router(state);
     tracing::info!(store = %store.describe(), %base_url, "sluice listening");
-    println!("sluice listening on {base_url}");
+    // Scripts and tests read this line; a closed stdout is not a reason to stop serving.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "sluice listening on {base_url}").and_then(|()| out.flush());
+    }
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     Ok(())
 }

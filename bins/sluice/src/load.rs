@@ -9,7 +9,8 @@ use flate2::read::MultiGzDecoder;
 use indicatif::{ProgressBar, ProgressStyle};
 use sluice_store::bundle::{IdPolicy, bundle_ops};
 use sluice_store::{LoadMsg, NewResource, ResourceStore, WriteOp, prepare};
-use std::io::{BufRead, BufReader, Read};
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -108,16 +109,25 @@ pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf], copies
     let summary = summary.map_err(|e| format!("load failed, nothing was written: {e}"))?;
     let secs = started.elapsed().as_secs_f64();
     let n: u64 = summary.per_type.values().sum();
-    println!("loaded {n} resources in {secs:.1}s ({:.0}/s) into {}", n as f64 / secs.max(1e-9), store.describe());
+    // The summary goes to stdout; a closed pipe (`sluice load ... | head -1`) is not an error.
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "loaded {n} resources in {secs:.1}s ({:.0}/s) into {}",
+        n as f64 / secs.max(1e-9),
+        store.describe()
+    );
     for (t, c) in &summary.per_type {
-        println!("  {t:<28} {c:>9}");
+        let _ = writeln!(out, "  {t:<28} {c:>9}");
     }
     if summary.updated > 0 {
-        println!("  ({} of them replaced an existing resource with the same type and id)", summary.updated);
+        let _ =
+            writeln!(out, "  ({} of them replaced an existing resource with the same type and id)", summary.updated);
     }
     if summary.unchanged > 0 {
-        println!("  ({} of them were already stored unchanged: no new version)", summary.unchanged);
+        let _ = writeln!(out, "  ({} of them were already stored unchanged: no new version)", summary.unchanged);
     }
+    let _ = std::io::stdout().write_all(out.as_bytes());
     Ok(())
 }
 

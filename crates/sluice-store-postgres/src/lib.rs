@@ -209,11 +209,13 @@ async fn write_one(
         Some(r) => (Some(r.render(version as u64, last_updated)), r.patients),
         None => (None, Vec::new()),
     };
+    let (patient, multi) = (patients.first(), patients.len() > 1);
     tx.execute(
-        "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json) VALUES ($1, $2, $3, $4, $5, $6) \
+        "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json, patient, multi) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
          ON CONFLICT (type, id) DO UPDATE SET version = EXCLUDED.version, last_updated = EXCLUDED.last_updated, \
-         deleted = EXCLUDED.deleted, json = EXCLUDED.json",
-        &[&rt, &id, &version, &ts_ms, &is_delete, &json],
+         deleted = EXCLUDED.deleted, json = EXCLUDED.json, patient = EXCLUDED.patient, multi = EXCLUDED.multi",
+        &[&rt, &id, &version, &ts_ms, &is_delete, &json, &patient, &multi],
     )
     .await
     .map_err(pg_err)?;
@@ -258,8 +260,8 @@ fn time_conditions(filter: &ScanFilter) -> String {
 /// `what` (columns of `sluice_resource r`), with literals inlined (`COPY` takes no
 /// parameters; only checked type names and FHIR ids are inlined, escaped all the same).
 ///
-/// Listed patients drive the query from the compartment index, then look each resource up
-/// by primary key (a `LATERAL` join), so a small group never scans the whole table.
+/// Listed patients are read through the `(type, patient)` index, so a small group reads
+/// its own rows (which a load writes close together), not the whole table.
 fn select_sql(resource_type: Option<&str>, filter: &ScanFilter, what: &str) -> Result<String, StoreError> {
     if let Some(t) = resource_type
         && !sluice_fhir::is_r4_resource_type(t)
@@ -278,11 +280,15 @@ fn select_sql(resource_type: Option<&str>, filter: &ScanFilter, what: &str) -> R
         Some(Patients::Only(ids)) => {
             let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
             let list = if list.is_empty() { "NULL".to_string() } else { list.join(",") };
+            let rt = rtype("r.type");
+            // Resources whose (least) patient is listed, read through the (type, patient)
+            // index; plus the few in several compartments whose least patient is not listed.
             format!(
-                "SELECT {what} FROM (SELECT DISTINCT c.type, c.id FROM sluice_compartment c \
-                 WHERE c.patient_id IN ({list}){}) k, \
-                 LATERAL (SELECT * FROM sluice_resource r WHERE r.type = k.type AND r.id = k.id AND {window}) r",
-                rtype("c.type")
+                "SELECT {what} FROM sluice_resource r WHERE {window}{rt} AND r.patient IN ({list}) \
+                 UNION ALL \
+                 SELECT {what} FROM sluice_resource r WHERE {window}{rt} AND r.multi AND r.patient NOT IN ({list}) \
+                 AND EXISTS (SELECT 1 FROM sluice_compartment c WHERE c.type = r.type AND c.id = r.id \
+                 AND c.patient_id IN ({list}))"
             )
         }
     })
@@ -482,7 +488,7 @@ impl ResourceStore for PgStore {
                     "SELECT type, count(DISTINCT id) FROM sluice_compartment WHERE patient_id IN ({list}) GROUP BY type"
                 )
             }
-            _ => format!("{} GROUP BY r.type", select_sql(None, filter, "r.type, count(*)")?),
+            _ => format!("SELECT type, count(*) FROM ({}) x GROUP BY type", select_sql(None, filter, "r.type")?),
         };
         let rows = client.query(&sql, &[]).await.map_err(pg_err);
         Self::end(&client).await;
@@ -635,10 +641,10 @@ async fn merge_run(
         .map_err(pg_err)?;
     }
     tx.execute(
-        "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json) \
-         SELECT type, id, version, $1, false, json FROM sluice_load \
+        "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json, patient, multi) \
+         SELECT type, id, version, $1, false, json, patients[1], cardinality(patients) > 1 FROM sluice_load \
          ON CONFLICT (type, id) DO UPDATE SET version = EXCLUDED.version, last_updated = EXCLUDED.last_updated, \
-         deleted = false, json = EXCLUDED.json",
+         deleted = false, json = EXCLUDED.json, patient = EXCLUDED.patient, multi = EXCLUDED.multi",
         &[&ts_ms],
     )
     .await
@@ -660,14 +666,17 @@ async fn copy_new(
     rows: &[(String, String, i64, String, Vec<String>)],
 ) -> Result<(), StoreError> {
     let sink = tx
-        .copy_in("COPY sluice_resource (type, id, version, last_updated, deleted, json) FROM STDIN (FORMAT binary)")
+        .copy_in(
+            "COPY sluice_resource (type, id, version, last_updated, deleted, json, patient, multi) FROM STDIN (FORMAT binary)",
+        )
         .await
         .map_err(pg_err)?;
-    let writer =
-        BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT]);
+    let types = [Type::TEXT, Type::TEXT, Type::INT8, Type::INT8, Type::BOOL, Type::TEXT, Type::TEXT, Type::BOOL];
+    let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
-    for (t, id, v, json, _) in rows {
-        writer.as_mut().write(&[t, id, v, &ts_ms, &false, json]).await.map_err(pg_err)?;
+    for (t, id, v, json, patients) in rows {
+        let (patient, multi) = (patients.first(), patients.len() > 1);
+        writer.as_mut().write(&[t, id, v, &ts_ms, &false, json, &patient, &multi]).await.map_err(pg_err)?;
     }
     writer.finish().await.map_err(pg_err)?;
     let sink = tx

@@ -18,8 +18,14 @@ const MIGRATIONS: &[&str] = &[
         last_updated bigint  NOT NULL,
         deleted      boolean NOT NULL DEFAULT false,
         json         text,
+        -- The resource's patient (the least id of its compartment; NULL outside it) and
+        -- whether it belongs to more than one: group exports read by patient.
+        patient      text,
+        multi        boolean NOT NULL DEFAULT false,
         PRIMARY KEY (type, id)
      );
+     CREATE INDEX sluice_resource_patient ON sluice_resource (type, patient) WHERE patient IS NOT NULL;
+     CREATE INDEX sluice_resource_multi ON sluice_resource (type) WHERE multi;
      -- Exports stream this column: keep it uncompressed (no pglz on the hot path) and
      -- inline up to a full page, so most resources are read without a TOAST lookup.
      ALTER TABLE sluice_resource ALTER COLUMN json SET STORAGE EXTERNAL;

@@ -108,6 +108,18 @@ async fn versions_snapshots_and_compartments() {
     assert!(s.read_at(&snap, "Observation", "a").await.unwrap().unwrap().contains("\"final\""));
     let p1 = ScanFilter { patients: Some(Patients::Only(vec!["p1".into()])), ..Default::default() };
     assert_eq!(scan_ids(&s, &snap, "Observation", &p1).await, set(&["a"]), "a was in p1's compartment then");
+    // A resource in two compartments is found through either patient.
+    let shared = json!({"resourceType":"Observation","id":"shared","subject":{"reference":"Patient/p1"},
+        "performer":[{"reference":"Patient/p2"}]});
+    s.put(prepare(shared, None).unwrap()).await.unwrap();
+    let later = s.snapshot().await.unwrap();
+    let p2 = ScanFilter { patients: Some(Patients::Only(vec!["p2".into()])), ..Default::default() };
+    assert!(scan_ids(&s, &later, "Observation", &p2).await.contains("shared"), "found through its second patient");
+    assert!(scan_ids(&s, &later, "Observation", &p1).await.contains("shared"), "found through its first patient");
+    let both = ScanFilter { patients: Some(Patients::Only(vec!["p1".into(), "p2".into()])), ..Default::default() };
+    assert_eq!(scan_ids(&s, &later, "Observation", &both).await, set(&["a", "c", "shared"]), "each once");
+    s.release(&later).await;
+    s.delete("Observation", "shared").await.unwrap();
     s.release(&snap).await;
     assert!(!s.can_resume(&snap).await);
 

@@ -82,7 +82,7 @@ pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf], copies
         return Err("no .ndjson, .ndjson.gz or .json files found".into());
     }
     let total: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
-    let bar = ProgressBar::new(total);
+    let bar = ProgressBar::new(total * u64::from(copies.max(1)));
     bar.set_style(
         ProgressStyle::with_template("{spinner} loading [{bar:30}] {bytes}/{total_bytes} {msg} ({eta})")
             .expect("static template")
@@ -137,17 +137,17 @@ type Sender = mpsc::Sender<LoadMsg>;
 struct Pending {
     resources: Vec<NewResource>,
     bytes: usize,
-    copies: u32,
+    /// Which copy is being read (0: the original).
+    copy: u32,
 }
 
 impl Pending {
-    /// Adds a resource (and its copies).
+    /// Adds a resource (as the current copy).
     fn push(&mut self, r: NewResource, bytes: usize) -> Result<(), String> {
-        for k in 1..self.copies {
-            let copy = prepare(copy_of(&r.resource, k), None).map_err(|i| format!("copy {k}: {}", i.diagnostics))?;
-            self.resources.push(copy.pre_render());
-            self.bytes += bytes;
-        }
+        let r = match self.copy {
+            0 => r,
+            k => prepare(copy_of(&r.resource, k), None).map_err(|i| format!("copy {k}: {}", i.diagnostics))?,
+        };
         // Rendering here, on the reading thread, leaves the writer only the time to fill in.
         self.resources.push(r.pre_render());
         self.bytes += bytes;
@@ -165,15 +165,25 @@ impl Pending {
     }
 }
 
+/// Reads the files once per copy, so each copy keeps the files' order (a patient's resources
+/// stay close together, as in the source).
 fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar, copies: u32) -> Result<(), String> {
-    let mut batch = Pending { resources: Vec::new(), bytes: 0, copies };
+    let mut batch = Pending { resources: Vec::new(), bytes: 0, copy: 0 };
+    for copy in 0..copies {
+        batch.copy = copy;
+        read_all(files, tx, bar, &mut batch)?;
+    }
+    batch.flush(tx, true)
+}
+
+fn read_all(files: &[PathBuf], tx: &Sender, bar: &ProgressBar, batch: &mut Pending) -> Result<(), String> {
     for file in files {
         bar.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
         let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
         let counted = Counting { inner: f, bar: bar.clone() };
         let name = file.to_string_lossy();
         if name.ends_with(".json") {
-            read_json_file(file, counted, &mut batch)?;
+            read_json_file(file, counted, batch)?;
         } else {
             let reader: Box<dyn Read> =
                 if name.ends_with(".gz") { Box::new(MultiGzDecoder::new(counted)) } else { Box::new(counted) };
@@ -200,7 +210,7 @@ fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar, copies: u32) ->
         }
         batch.flush(tx, false)?;
     }
-    batch.flush(tx, true)
+    Ok(())
 }
 
 fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Pending) -> Result<(), String> {

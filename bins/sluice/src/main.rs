@@ -8,7 +8,22 @@ mod load;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// glibc gives each thread that allocates its own malloc arena (up to 8 per core); with the
+/// export's worker threads that fragmentation cost a third of the server's memory (67 MB
+/// against 43 MB at 1M resources). Two arenas are plenty for this workload.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator tunable; it is called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info".into()))

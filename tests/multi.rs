@@ -76,7 +76,7 @@ fn a_database_outage_ends_the_export_cleanly() {
     loop {
         let r = get(&status_url);
         assert_eq!(r.status, 202, "the throttled export ended early: {}", r.text());
-        if r.header("x-progress").is_some_and(|p| p.starts_with("in-progress") && !p.contains("(0/")) {
+        if r.header("x-progress").is_some_and(|p| p.ends_with(" resources)") && !p.contains("(0/")) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_secs(r.retry_after()));

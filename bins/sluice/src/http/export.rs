@@ -116,6 +116,7 @@ pub async fn status(State(app): State<AppState>, Path(id): Path<String>) -> Resu
             let (done, total) = job.totals();
             let progress = match job.status {
                 JobStatus::Accepted => "accepted: waiting to start".to_string(),
+                _ if job.progress.is_empty() => "in-progress: 0% (taking the snapshot, counting resources)".to_string(),
                 _ => format!("in-progress: {}% ({done}/{total} resources)", job.percent()),
             };
             let mut res = StatusCode::ACCEPTED.into_response();

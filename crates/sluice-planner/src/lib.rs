@@ -191,6 +191,21 @@ pub struct ExportPlan {
 }
 
 impl ExportPlan {
+    /// A plan for `level` with every default: all types, ndjson, no filters, strict.
+    pub fn new(level: Level) -> Self {
+        ExportPlan {
+            level,
+            output_format: OutputFormat::Ndjson,
+            types: TypeSelection::All,
+            since: None,
+            until: None,
+            patients: None,
+            elements: None,
+            lenient: false,
+            ignored: Vec::new(),
+        }
+    }
+
     /// The resource types this plan exports given the types that have data, sorted and
     /// deduplicated.
     ///

@@ -178,19 +178,9 @@ async fn write_one(
     }
     if let (Some(c), Some(r)) = (&cur, &resource)
         && let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
+        && let Some(w) = r.unchanged_from(old, c.version as u64, instant::from_millis(c.last_updated))
     {
-        let same = r.render(c.version as u64, instant::from_millis(c.last_updated));
-        if same == old {
-            return Ok(Some(Written {
-                resource_type: rt.into(),
-                id: id.into(),
-                version_id: c.version as u64,
-                last_updated: instant::from_millis(c.last_updated),
-                created: false,
-                unchanged: true,
-                json: Some(same),
-            }));
-        }
+        return Ok(Some(w));
     }
     let version = cur.as_ref().map_or(1, |c| c.version + 1);
     let created = cur.as_ref().is_none_or(|c| c.deleted);
@@ -526,19 +516,14 @@ impl ResourceStore for PgStore {
             let stream = client.copy_out(&sql).await.map_err(pg_err)?;
             let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT]);
             pin_mut!(rows);
-            let mut batch = Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 };
+            let mut batch = Batch::with_capacity(batch_bytes);
             while let Some(row) = rows.next().await {
                 let row = row.map_err(pg_err)?;
                 let json: &str = row.try_get(0).map_err(pg_err)?;
-                batch.data.extend_from_slice(json.as_bytes());
-                batch.data.push(b'\n');
-                batch.count += 1;
-                if batch.data.len() >= batch_bytes {
-                    let full =
-                        std::mem::replace(&mut batch, Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 });
-                    if tx.send(full).await.is_err() {
-                        return Ok(()); // the reader stopped (cancelled)
-                    }
+                if let Some(full) = batch.push(json.as_bytes(), batch_bytes)
+                    && tx.send(full).await.is_err()
+                {
+                    return Ok(()); // the reader stopped (cancelled)
                 }
             }
             if batch.count > 0 {
@@ -597,12 +582,11 @@ async fn merge_run(
         let version = match existing.get(&key) {
             None => 1,
             Some(c) => {
-                if let Some(old) = c.json.as_deref().filter(|_| !c.deleted) {
-                    let same = r.render(c.version as u64, instant::from_millis(c.last_updated));
-                    if same == old {
-                        summary.unchanged += 1;
-                        continue;
-                    }
+                if let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
+                    && r.unchanged_from(old, c.version as u64, instant::from_millis(c.last_updated)).is_some()
+                {
+                    summary.unchanged += 1;
+                    continue;
                 }
                 if !c.deleted {
                     summary.updated += 1;

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 use sluice_jobs::{JobError, JobRecord, JobRepo, JobStatus};
-use sluice_planner::{ExportPlan, Level, OutputFormat, TypeSelection};
+use sluice_planner::{ExportPlan, Level};
 use sluice_store::{LoadMsg, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, prepare};
 use sluice_store_postgres::{PgOptions, PgStore};
 use std::collections::BTreeSet;
@@ -217,17 +217,7 @@ async fn a_load_is_all_or_nothing_and_merges_duplicates() {
 }
 
 fn job(id: &str) -> JobRecord {
-    let plan = ExportPlan {
-        level: Level::System,
-        output_format: OutputFormat::Ndjson,
-        types: TypeSelection::All,
-        since: None,
-        until: None,
-        patients: None,
-        elements: None,
-        lenient: false,
-        ignored: vec![],
-    };
+    let plan = ExportPlan::new(Level::System);
     JobRecord::new(id.into(), plan, "u".into(), time::OffsetDateTime::now_utc())
 }
 

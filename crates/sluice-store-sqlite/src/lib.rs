@@ -191,19 +191,9 @@ fn write_version(
     }
     if let (Some(c), Some(r)) = (&cur, &resource)
         && let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
+        && let Some(w) = r.unchanged_from(old, c.version as u64, instant::from_millis(c.last_updated))
     {
-        let same = r.render(c.version as u64, instant::from_millis(c.last_updated));
-        if same == old {
-            return Ok(Some(Written {
-                resource_type: rt.to_string(),
-                id: id.to_string(),
-                version_id: c.version as u64,
-                last_updated: instant::from_millis(c.last_updated),
-                created: false,
-                unchanged: true,
-                json: Some(same),
-            }));
-        }
+        return Ok(Some(w));
     }
     let seq = *next_seq;
     *next_seq += 1;
@@ -434,18 +424,13 @@ impl ResourceStore for SqliteStore {
         self.with_reader(move |c| {
             let mut stmt = c.prepare(&sql).map_err(db_err)?;
             let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(db_err)?;
-            let mut batch = Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 };
+            let mut batch = Batch::with_capacity(batch_bytes);
             while let Some(row) = rows.next().map_err(db_err)? {
                 let json = row.get_ref(0).map_err(db_err)?.as_str().map_err(db_err)?;
-                batch.data.extend_from_slice(json.as_bytes());
-                batch.data.push(b'\n');
-                batch.count += 1;
-                if batch.data.len() >= batch_bytes {
-                    let full =
-                        std::mem::replace(&mut batch, Batch { data: Vec::with_capacity(batch_bytes + 4096), count: 0 });
-                    if tx.blocking_send(full).is_err() {
-                        return Ok(()); // the reader stopped (cancelled)
-                    }
+                if let Some(full) = batch.push(json.as_bytes(), batch_bytes)
+                    && tx.blocking_send(full).is_err()
+                {
+                    return Ok(()); // the reader stopped (cancelled)
                 }
             }
             if batch.count > 0 {

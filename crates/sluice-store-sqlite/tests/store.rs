@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 use sluice_jobs::{JobError, JobRecord, JobRepo, JobStatus};
-use sluice_planner::{ExportPlan, Level, OutputFormat, TypeSelection};
+use sluice_planner::{ExportPlan, Level};
 use sluice_store::{LoadMsg, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError, WriteOp, prepare};
 use sluice_store_sqlite::SqliteStore;
 use std::collections::BTreeMap;
@@ -199,17 +199,7 @@ async fn state_survives_reopening() {
 }
 
 fn job(id: &str) -> JobRecord {
-    let plan = ExportPlan {
-        level: Level::System,
-        output_format: OutputFormat::Ndjson,
-        types: TypeSelection::All,
-        since: None,
-        until: None,
-        patients: None,
-        elements: None,
-        lenient: false,
-        ignored: vec![],
-    };
+    let plan = ExportPlan::new(Level::System);
     JobRecord::new(id.into(), plan, "http://x/fhir/$export".into(), time::OffsetDateTime::now_utc())
 }
 

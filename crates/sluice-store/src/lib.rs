@@ -87,6 +87,22 @@ impl NewResource {
         self
     }
 
+    /// The write is a no-op when this resource equals the current version (stored as
+    /// `current_json`, version `version` at `last_updated`) in everything but `meta`: then
+    /// this returns what to report, and nothing should be written.
+    pub fn unchanged_from(&self, current_json: &str, version: u64, last_updated: OffsetDateTime) -> Option<Written> {
+        let same = self.render(version, last_updated);
+        (same == current_json).then(|| Written {
+            resource_type: self.resource_type.clone(),
+            id: self.id.clone(),
+            version_id: version,
+            last_updated,
+            created: false,
+            unchanged: true,
+            json: Some(same),
+        })
+    }
+
     /// The JSON to store for `version` at `last_updated`.
     pub fn render(&self, version: u64, last_updated: OffsetDateTime) -> String {
         match &self.rendered {
@@ -234,6 +250,20 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// An empty batch with room for about `bytes` bytes.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Batch { data: Vec::with_capacity(bytes + 4096), count: 0 }
+    }
+
+    /// Appends one line (compact JSON without `\n`). Once the batch holds `limit` bytes it
+    /// is returned to be sent, and this one starts again empty.
+    pub fn push(&mut self, json: &[u8], limit: usize) -> Option<Batch> {
+        self.data.extend_from_slice(json);
+        self.data.push(b'\n');
+        self.count += 1;
+        (self.data.len() >= limit).then(|| std::mem::replace(self, Batch::with_capacity(limit)))
+    }
+
     /// The lines without their `\n`.
     pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
         self.data.split(|&b| b == b'\n').filter(|l| !l.is_empty())

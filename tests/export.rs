@@ -365,3 +365,35 @@ fn capability_statement() {
         assert!(listed.contains(t), "rest[0].resource does not list {t}");
     }
 }
+
+/// Every manifest entry carries the file's size and SHA-256, which match the bytes served;
+/// the export folder ends with `manifest.json` (relative names) and an empty `_SUCCESS`.
+#[test]
+fn files_have_sizes_and_checksums_and_the_folder_is_sealed() {
+    use sha2::{Digest, Sha256};
+    let srv = Server::loaded(&[]);
+    let url = with_query(&srv.fhir("/$export"), &[("_outputFormat", "ndjson.gz"), ("_type", "Patient,Condition")]);
+    let status = kickoff(&srv, &url);
+    let m = complete_manifest(&poll_until_done(&status), &url);
+    let entries = m["output"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    for e in entries {
+        let served = get(e["url"].as_str().unwrap());
+        assert_eq!(served.status, 200);
+        assert_eq!(e["extension"]["size"].as_u64(), Some(served.body.len() as u64), "size of {}", e["type"]);
+        let sha = hex::encode(Sha256::digest(&served.body));
+        assert_eq!(e["extension"]["sha256"].as_str(), Some(sha.as_str()), "checksum of {}", e["type"]);
+    }
+
+    let folder = srv.export_folder(&status).expect("the export folder");
+    assert_eq!(std::fs::read(folder.join("_SUCCESS")).expect("_SUCCESS").len(), 0);
+    let local: Value = serde_json::from_slice(&std::fs::read(folder.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(local["transactionTime"], m["transactionTime"]);
+    assert_eq!(local["request"], m["request"]);
+    for (l, e) in local["output"].as_array().unwrap().iter().zip(entries) {
+        let name = l["url"].as_str().unwrap();
+        assert!(folder.join(name).is_file(), "manifest.json names {name}, which is in the folder");
+        assert!(e["url"].as_str().unwrap().split('?').next().unwrap().ends_with(&format!("/{name}")));
+        assert_eq!((&l["type"], &l["count"], &l["extension"]), (&e["type"], &e["count"], &e["extension"]));
+    }
+}

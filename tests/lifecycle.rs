@@ -192,3 +192,30 @@ fn writes_during_an_export_go_to_the_next_since_export() {
     conditions.insert("during-export".into(), Cow::Owned(new_condition.to_string()));
     check_export(&export(&srv, &since), &expected);
 }
+
+/// While an export runs, the 202's body is the same progress as JSON, per type.
+#[test]
+fn progress_is_also_json() {
+    let srv = Server::loaded(THROTTLED);
+    let status = kickoff(&srv, &srv.fhir("/$export"));
+    let (done, total) = wait_for_progress(&status);
+    assert!(done > 0 && done <= total);
+    let r = get(&status);
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(r.media_type(), "application/json");
+    let body = r.json();
+    assert_eq!(body["status"], "in-progress");
+    let (now_done, now_total) = progress_counts(r.header("x-progress").unwrap()).expect("counts in X-Progress");
+    assert_eq!((body["done"].as_u64(), body["total"].as_u64()), (Some(now_done), Some(now_total)));
+    assert!(body["percent"].as_u64().unwrap() < 100);
+    let types = body["types"].as_object().unwrap();
+    assert_eq!(types.len(), DATA_COUNTS.len(), "every type of the data set has a progress entry");
+    let sum: u64 = types.values().map(|t| t["done"].as_u64().unwrap()).sum();
+    assert_eq!(sum, now_done);
+    for (t, p) in types {
+        let expected = DATA_COUNTS.iter().find(|(n, _)| n == t).unwrap().1 as u64;
+        assert_eq!(p["total"].as_u64(), Some(expected), "total of {t}");
+        assert!(p["done"].as_u64().unwrap() <= expected);
+    }
+    assert_eq!(delete(&status).status, 202);
+}

@@ -19,6 +19,7 @@ mod manifest;
 pub use manifest::{Manifest, manifest};
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
 use sluice_jobs::{JobError, JobRecord, JobStatus, OutputFile, TypeProgress};
 use sluice_ndjson::{Compression, Event, NdjsonWriter, SplitLimits};
@@ -483,6 +484,7 @@ impl Engine {
         files.sort_by(|a, b| a.resource_type.cmp(&b.resource_type).then(natural_key(&a.key).cmp(&natural_key(&b.key))));
         job.output = files;
         job.error = self.write_error_file(job).await?;
+        self.write_completion_markers(job).await?;
         job.status = JobStatus::Completed;
         job.finished_at = Some(OffsetDateTime::now_utc());
         if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
@@ -537,6 +539,24 @@ impl Engine {
         Ok((Some(ScanFilter { patients: Some(patients), ..plain.clone() }), plain))
     }
 
+    /// Writes `manifest.json` (file names relative to the folder) and then an empty
+    /// `_SUCCESS` into the export folder, last: a bucket-event pipeline can start on
+    /// `_SUCCESS` without polling.
+    async fn write_completion_markers(&self, job: &JobRecord) -> Result<(), RunError> {
+        let body = manifest::folder_manifest(job).to_string();
+        for (name, data, content_type) in
+            [("manifest.json", body.into_bytes(), "application/json"), ("_SUCCESS", Vec::new(), "text/plain")]
+        {
+            let meta = ObjectMeta { content_type: content_type.into(), content_encoding: None };
+            let mut w = self.storage.create(&format!("{}/{name}", job.folder), meta).await?;
+            if !data.is_empty() {
+                w.write(Bytes::from(data)).await?;
+            }
+            w.finish().await?;
+        }
+        Ok(())
+    }
+
     /// Lenient mode: the ignored parameters as an OperationOutcome ndjson file.
     async fn write_error_file(&self, job: &JobRecord) -> Result<Vec<OutputFile>, RunError> {
         if job.plan.ignored.is_empty() {
@@ -549,6 +569,7 @@ impl Engine {
             data.push(b'\n');
         }
         let key = format!("{}/OperationOutcome.ndjson", job.folder);
+        let sha256 = Some(hex::encode(Sha256::digest(&data)));
         let mut w = self.storage.create(&key, ObjectMeta::ndjson(false)).await?;
         w.write(Bytes::from(data)).await?;
         let bytes = w.finish().await?;
@@ -557,6 +578,7 @@ impl Engine {
             key,
             count: job.plan.ignored.len() as u64,
             bytes,
+            sha256,
         }])
     }
 }
@@ -590,6 +612,62 @@ pub fn group_members(group: &serde_json::Value, at: OffsetDateTime) -> Vec<Strin
         }
     }
     out
+}
+
+/// The ndjson writer plus a running SHA-256 of each file's bytes. Lives on blocking threads
+/// between batches: neither compression nor hashing runs on the async reactor.
+struct Encoder {
+    writer: NdjsonWriter,
+    digest: Option<(u32, Sha256)>,
+}
+
+/// What encoding produced: bytes for a file, or a finished file with its SHA-256.
+enum Encoded {
+    Data { file: u32, bytes: Vec<u8> },
+    Finished { summary: sluice_ndjson::FileSummary, sha256: String },
+}
+
+impl Encoder {
+    fn digest(&mut self, events: Vec<Event>) -> Vec<Encoded> {
+        events
+            .into_iter()
+            .map(|ev| match ev {
+                Event::Data { file, bytes } => {
+                    if self.digest.as_ref().is_none_or(|(f, _)| *f != file) {
+                        self.digest = Some((file, Sha256::new()));
+                    }
+                    self.digest.as_mut().expect("set above").1.update(&bytes);
+                    Encoded::Data { file, bytes }
+                }
+                Event::Finished(summary) => {
+                    let hasher = match self.digest.take() {
+                        Some((f, h)) if f == summary.file => h,
+                        other => {
+                            self.digest = other;
+                            Sha256::new()
+                        }
+                    };
+                    Encoded::Finished { summary, sha256: hex::encode(hasher.finalize()) }
+                }
+            })
+            .collect()
+    }
+
+    fn encode<'a>(
+        &mut self,
+        lines: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<Encoded>, sluice_ndjson::NdjsonError> {
+        let mut events = Vec::new();
+        self.writer.write_lines(lines, &mut events)?;
+        Ok(self.digest(events))
+    }
+
+    fn finish(mut self) -> Result<Vec<Encoded>, sluice_ndjson::NdjsonError> {
+        let mut events = Vec::new();
+        let writer = std::mem::replace(&mut self.writer, NdjsonWriter::new(Compression::None, SplitLimits::default()));
+        writer.finish(&mut events)?;
+        Ok(self.digest(events))
+    }
 }
 
 /// One resource type of one export.
@@ -629,7 +707,7 @@ impl Part {
             Compression::None
         };
         let subset = elements::Subsetter::for_type(self.plan.elements.as_deref(), &self.resource_type);
-        let mut writer = Some(NdjsonWriter::new(compression, cfg.split));
+        let mut writer = Some(Encoder { writer: NdjsonWriter::new(compression, cfg.split), digest: None });
         let mut open: Option<(u32, Box<dyn ObjectWriter>)> = None;
         let mut files = Vec::new();
         let counter = &self.done[&self.resource_type];
@@ -645,15 +723,14 @@ impl Part {
                 let mut w = writer.take().expect("writer present between batches");
                 let subset = subset.clone();
                 let (w, events) = tokio::task::spawn_blocking(move || {
-                    let mut events = Vec::new();
                     let res = match &subset {
-                        None => w.write_lines(batch.lines(), &mut events),
+                        None => w.encode(batch.lines()),
                         Some(s) => {
                             let lines: Vec<Vec<u8>> = batch.lines().map(|l| s.apply(l)).collect();
-                            w.write_lines(lines.iter().map(Vec::as_slice), &mut events)
+                            w.encode(lines.iter().map(Vec::as_slice))
                         }
                     };
-                    (w, res.map(|()| events))
+                    (w, res)
                 })
                 .await
                 .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?;
@@ -677,13 +754,10 @@ impl Part {
                 RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}")))
             })??;
             let w = writer.take().expect("writer present at end");
-            let events = tokio::task::spawn_blocking(move || {
-                let mut events = Vec::new();
-                w.finish(&mut events).map(|()| events)
-            })
-            .await
-            .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?
-            .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding failed: {e}"))))?;
+            let events = tokio::task::spawn_blocking(move || w.finish())
+                .await
+                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?
+                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding failed: {e}"))))?;
             self.handle(events, &mut open, &mut files).await
         }
         .await;
@@ -701,13 +775,13 @@ impl Part {
 
     async fn handle(
         &self,
-        events: Vec<Event>,
+        events: Vec<Encoded>,
         open: &mut Option<(u32, Box<dyn ObjectWriter>)>,
         files: &mut Vec<OutputFile>,
     ) -> Result<(), RunError> {
         for ev in events {
             match ev {
-                Event::Data { file, bytes } => {
+                Encoded::Data { file, bytes } => {
                     if open.as_ref().is_none_or(|(f, _)| *f != file) {
                         let meta = ObjectMeta::ndjson(self.plan.output_format.is_gzip());
                         let w = self.engine.storage.create(&self.key(file), meta).await?;
@@ -716,7 +790,7 @@ impl Part {
                     let (_, w) = open.as_mut().expect("opened above");
                     w.write(Bytes::from(bytes)).await?;
                 }
-                Event::Finished(summary) => {
+                Encoded::Finished { summary, sha256 } => {
                     let (f, w) = open.take().ok_or_else(|| {
                         RunError::Failed(Issue::fatal(
                             IssueCode::Exception,
@@ -736,6 +810,7 @@ impl Part {
                         key: self.key(f),
                         count: summary.resources,
                         bytes,
+                        sha256: Some(sha256),
                     });
                 }
             }

@@ -26,7 +26,7 @@ pub async fn manifest(job: &JobRecord, storage: &dyn Storage, ttl: Duration) -> 
             for f in &files {
                 let signed = storage.signed_url(&f.key, ttl).await?;
                 earliest = Some(earliest.map_or(signed.expires, |e| e.min(signed.expires)));
-                out.push(json!({"type": f.resource_type, "url": signed.url, "count": f.count}));
+                out.push(entry(f, signed.url));
             }
             Ok::<_, StorageError>((out, earliest))
         }
@@ -44,4 +44,31 @@ pub async fn manifest(job: &JobRecord, storage: &dyn Storage, ttl: Duration) -> 
         "error": error,
     });
     Ok(Manifest { body, expires })
+}
+
+/// One manifest entry; `extension` carries the file's size in bytes and its SHA-256 (hex)
+/// so a client can check what it downloaded.
+fn entry(f: &OutputFile, url: String) -> Value {
+    let mut e = json!({"type": f.resource_type, "url": url, "count": f.count});
+    let mut ext = json!({"size": f.bytes});
+    if let Some(sha) = &f.sha256 {
+        ext["sha256"] = json!(sha);
+    }
+    e["extension"] = ext;
+    e
+}
+
+/// The manifest written into the export folder as `manifest.json`: the same as the one
+/// served, with file names relative to the folder instead of signed URLs.
+pub fn folder_manifest(job: &JobRecord) -> Value {
+    let rel = |files: &[OutputFile]| -> Vec<Value> {
+        files.iter().map(|f| entry(f, f.key.rsplit('/').next().unwrap_or(&f.key).to_string())).collect()
+    };
+    json!({
+        "transactionTime": job.transaction_time.map(sluice_fhir::instant::format),
+        "request": job.request_url,
+        "requiresAccessToken": false,
+        "output": rel(&job.output),
+        "error": rel(&job.error),
+    })
 }

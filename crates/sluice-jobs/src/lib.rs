@@ -88,6 +88,9 @@ pub struct OutputFile {
     pub count: u64,
     /// Size in bytes as stored.
     pub bytes: u64,
+    /// SHA-256 of the bytes as stored, in hex.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// Per-type progress: resources written and resources to write.

@@ -119,7 +119,22 @@ pub async fn status(State(app): State<AppState>, Path(id): Path<String>) -> Resu
                 _ if job.progress.is_empty() => "in-progress: 0% (taking the snapshot, counting resources)".to_string(),
                 _ => format!("in-progress: {}% ({done}/{total} resources)", job.percent()),
             };
-            let mut res = StatusCode::ACCEPTED.into_response();
+            // The same progress as JSON, for tools: overall and per type.
+            let types: serde_json::Map<String, serde_json::Value> = job
+                .progress
+                .iter()
+                .map(|(t, p)| (t.clone(), serde_json::json!({"done": p.done, "total": p.total})))
+                .collect();
+            let body = serde_json::json!({
+                "status": job.status.as_str(),
+                "percent": job.percent(),
+                "done": done,
+                "total": total,
+                "types": types,
+                "transactionTime": job.transaction_time.map(sluice_fhir::instant::format),
+            });
+            let mut res =
+                (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
             let h = res.headers_mut();
             h.insert("x-progress", HeaderValue::from_str(&progress).map_err(ApiError::internal)?);
             h.insert(header::RETRY_AFTER, HeaderValue::from(POLL_SECONDS));

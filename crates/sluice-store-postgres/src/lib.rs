@@ -2,7 +2,9 @@
 //!
 //! - `sluice_resource` holds the current version of every resource (tombstones included) with
 //!   its JSON as `text`, exactly the bytes an export writes; older versions move to
-//!   `sluice_resource_history`. `sluice_compartment(patient_id, type, id)` indexes the
+//!   `sluice_resource_history`. Each resource records its (least) patient, indexed with its
+//!   type; `sluice_compartment(patient_id, type, id)` holds every membership of the few
+//!   resources that are in more than one patient's compartment. Together they index the
 //!   Patient compartment of the current versions.
 //! - Loads stream rows with binary `COPY` into a staging table and merge them in one
 //!   transaction.
@@ -209,7 +211,7 @@ async fn write_one(
     )
     .await
     .map_err(pg_err)?;
-    if !patients.is_empty() {
+    if multi {
         tx.execute(
             "INSERT INTO sluice_compartment (patient_id, type, id) SELECT DISTINCT unnest($1::text[]), $2, $3",
             &[&patients, &rt, &id],
@@ -250,7 +252,7 @@ fn time_conditions(filter: &ScanFilter) -> String {
 /// `what` (columns of `sluice_resource r`), with literals inlined (`COPY` takes no
 /// parameters; only checked type names and FHIR ids are inlined, escaped all the same).
 ///
-/// Listed patients are read through the `(type, patient)` index, so a small group reads
+/// Listed patients are read through the `(patient, type)` index, so a small group reads
 /// its own rows (which a load writes close together), not the whole table.
 fn select_sql(resource_type: Option<&str>, filter: &ScanFilter, what: &str) -> Result<String, StoreError> {
     if let Some(t) = resource_type
@@ -262,16 +264,15 @@ fn select_sql(resource_type: Option<&str>, filter: &ScanFilter, what: &str) -> R
     let window = time_conditions(filter);
     Ok(match &filter.patients {
         None => format!("SELECT {what} FROM sluice_resource r WHERE {window}{}", rtype("r.type")),
-        Some(Patients::Any) => format!(
-            "SELECT {what} FROM sluice_resource r WHERE {window}{} \
-             AND EXISTS (SELECT 1 FROM sluice_compartment c WHERE c.type = r.type AND c.id = r.id)",
-            rtype("r.type")
-        ),
+        // A resource is in some compartment exactly when it has a (least) patient.
+        Some(Patients::Any) => {
+            format!("SELECT {what} FROM sluice_resource r WHERE {window}{} AND r.patient IS NOT NULL", rtype("r.type"))
+        }
         Some(Patients::Only(ids)) => {
             let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
             let list = if list.is_empty() { "NULL".to_string() } else { list.join(",") };
             let rt = rtype("r.type");
-            // Resources whose (least) patient is listed, read through the (type, patient)
+            // Resources whose (least) patient is listed, read through the (patient, type)
             // index; plus the few in several compartments whose least patient is not listed.
             format!(
                 "SELECT {what} FROM sluice_resource r WHERE {window}{rt} AND r.patient IN ({list}) \
@@ -465,21 +466,7 @@ impl ResourceStore for PgStore {
 
     async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError> {
         let client = self.in_snapshot(snapshot).await?;
-        // The compartment index holds exactly the current, non-deleted resources: without a
-        // time window it answers compartment counts alone, without touching resources.
-        let sql = match (&filter.patients, filter.since.or(filter.until)) {
-            (Some(Patients::Any), None) => {
-                "SELECT type, count(DISTINCT id) FROM sluice_compartment GROUP BY type".to_string()
-            }
-            (Some(Patients::Only(ids)), None) => {
-                let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
-                let list = if list.is_empty() { "NULL".to_string() } else { list.join(",") };
-                format!(
-                    "SELECT type, count(DISTINCT id) FROM sluice_compartment WHERE patient_id IN ({list}) GROUP BY type"
-                )
-            }
-            _ => format!("SELECT type, count(*) FROM ({}) x GROUP BY type", select_sql(None, filter, "r.type")?),
-        };
+        let sql = format!("SELECT type, count(*) FROM ({}) x GROUP BY type", select_sql(None, filter, "r.type")?);
         let rows = client.query(&sql, &[]).await.map_err(pg_err);
         Self::end(&client).await;
         Ok(rows?
@@ -635,7 +622,7 @@ async fn merge_run(
     .map_err(pg_err)?;
     tx.batch_execute(
         "INSERT INTO sluice_compartment (patient_id, type, id) \
-         SELECT DISTINCT p, l.type, l.id FROM sluice_load l, unnest(l.patients) AS p",
+         SELECT DISTINCT p, l.type, l.id FROM sluice_load l, unnest(l.patients) AS p WHERE cardinality(l.patients) > 1",
     )
     .await
     .map_err(pg_err)?;
@@ -669,7 +656,7 @@ async fn copy_new(
         .map_err(pg_err)?;
     let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::TEXT, Type::TEXT]);
     pin_mut!(writer);
-    for (t, id, _, _, patients) in rows {
+    for (t, id, _, _, patients) in rows.iter().filter(|r| r.4.len() > 1) {
         let mut seen: Vec<&String> = Vec::with_capacity(patients.len());
         for p in patients {
             if !seen.contains(&p) {

@@ -24,7 +24,7 @@ const MIGRATIONS: &[&str] = &[
         multi        boolean NOT NULL DEFAULT false,
         PRIMARY KEY (type, id)
      );
-     CREATE INDEX sluice_resource_patient ON sluice_resource (type, patient) WHERE patient IS NOT NULL;
+     CREATE INDEX sluice_resource_patient ON sluice_resource (patient, type) WHERE patient IS NOT NULL;
      CREATE INDEX sluice_resource_multi ON sluice_resource (type) WHERE multi;
      -- Exports stream this column: keep it uncompressed (no pglz on the hot path) and
      -- inline up to a full page, so most resources are read without a TOAST lookup.

@@ -397,3 +397,44 @@ fn files_have_sizes_and_checksums_and_the_folder_is_sealed() {
         assert_eq!((&l["type"], &l["count"], &l["extension"]), (&e["type"], &e["count"], &e["extension"]));
     }
 }
+
+/// With `_since`, resources deleted since are listed in `deleted` (Bundle ndjson with one
+/// DELETE entry each, IG format) and never in `output`; patient and group exports list the
+/// deletions of their own patients only. Without `_since` there is no `deleted` array.
+#[test]
+fn since_lists_deletions_in_the_deleted_array() {
+    let srv = Server::loaded(&[]);
+    let first = export(&srv, &srv.fhir("/$export?_type=Patient"));
+    assert!(first.get("deleted").is_none(), "no deleted array without _since");
+    let t = first["transactionTime"].as_str().unwrap().to_string();
+
+    // Delete one Observation of a patient (its only compartment).
+    let reference = reference();
+    let obs_id = reference.all()["Observation"]
+        .keys()
+        .find(|id| compartment_patients(&reference.resource("Observation", id)).len() == 1)
+        .unwrap()
+        .clone();
+    let owner = compartment_patients(&reference.resource("Observation", &obs_id)).into_iter().next().unwrap();
+    let other = reference.patient_ids().into_iter().find(|p| *p != owner).unwrap().to_string();
+    assert_eq!(delete(&srv.fhir(&format!("/Observation/{obs_id}"))).status, 200);
+
+    let deleted_of = |m: &Value| -> Vec<Value> {
+        let files = download_entries(&m["deleted"]);
+        files.values().flatten().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let expected_line = json!({"resourceType": "Bundle", "type": "transaction",
+        "entry": [{"request": {"method": "DELETE", "url": format!("Observation/{obs_id}")}}]});
+
+    let url = with_query(&srv.fhir("/$export"), &[("_since", &t)]);
+    let m = export(&srv, &url);
+    assert_eq!(manifest_counts(&m), Default::default(), "nothing changed but the deletion: {m}");
+    assert_eq!(m["deleted"][0]["type"], "Bundle");
+    assert_eq!(deleted_of(&m), vec![expected_line.clone()]);
+
+    let url = with_query(&srv.fhir("/Patient/$export"), &[("_since", &t), ("patient", &owner)]);
+    assert_eq!(deleted_of(&export(&srv, &url)), vec![expected_line], "the owner's export lists it");
+    let url = with_query(&srv.fhir("/Patient/$export"), &[("_since", &t), ("patient", &other)]);
+    let m = export(&srv, &url);
+    assert_eq!(m["deleted"], json!([]), "another patient's export does not");
+}

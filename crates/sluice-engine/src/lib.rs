@@ -126,6 +126,12 @@ struct Running {
     done: tokio::sync::watch::Receiver<bool>,
 }
 
+/// What one part reads, in order: (resource type, filter).
+type Sources = Vec<(String, ScanFilter)>;
+
+/// The progress entry of the deletions part (`_since` exports).
+const DELETED: &str = "deleted";
+
 /// A job interrupted this many times (crashes, restarts) is failed instead of rerun.
 pub const MAX_ATTEMPTS: u32 = 3;
 
@@ -396,59 +402,69 @@ impl Engine {
 
         let phase = std::time::Instant::now();
         let (compartment_filter, plain_filter) = self.filters(job, snapshot).await?;
-        let in_compartment = sluice_fhir::is_patient_compartment_type;
-        let counts = match &compartment_filter {
-            None => self.store.count(snapshot, &plain_filter).await?,
-            Some(cf) => {
-                let mut counts = self.store.count(snapshot, cf).await?;
-                counts.retain(|t, _| in_compartment(t));
-                // Types outside the compartment are read whole, and only when asked for (D8).
-                let asked_outside =
-                    matches!(&job.plan.types, TypeSelection::Only(list) if list.iter().any(|t| !in_compartment(t)));
-                if asked_outside {
-                    let all = self.store.count(snapshot, &plain_filter).await?;
-                    counts.extend(all.into_iter().filter(|(t, _)| !in_compartment(t)));
-                }
-                counts
-            }
+        let counts = self.counts(job, snapshot, compartment_filter.as_ref(), &plain_filter).await?;
+        // With `_since`, the resources deleted since are listed too (D12).
+        let deleted = |f: &ScanFilter| ScanFilter { deleted: true, ..f.clone() };
+        let (del_compartment, del_plain) = (compartment_filter.as_ref().map(deleted), deleted(&plain_filter));
+        let del_counts = match job.plan.since {
+            Some(_) => self.counts(job, snapshot, del_compartment.as_ref(), &del_plain).await?,
+            None => BTreeMap::new(),
         };
         tracing::debug!(job = %job.id, ms = phase.elapsed().as_millis() as u64, "filters and counts");
         let mut types = job.plan.resolve_types(counts.keys().map(String::as_str));
         // Largest types first, so the big ones run alongside the many small ones instead of
         // alone at the end.
         types.sort_by_key(|t| std::cmp::Reverse(counts[t]));
-        job.progress = types.iter().map(|t| (t.clone(), TypeProgress { done: 0, total: counts[t] })).collect();
+        let del_types = job.plan.resolve_types(del_counts.keys().map(String::as_str));
+        let pick = |t: &str, comp: Option<&ScanFilter>, plain: &ScanFilter| match comp {
+            Some(cf) if sluice_fhir::is_patient_compartment_type(t) => cf.clone(),
+            _ => plain.clone(),
+        };
+        // One part per type; the deletions of every type go into one `Bundle` part.
+        let mut plan_parts: Vec<(String, Sources, bool)> = Vec::new();
+        job.progress.clear();
+        for t in &types {
+            job.progress.insert(t.clone(), TypeProgress { done: 0, total: counts[t] });
+            plan_parts.push((t.clone(), vec![(t.clone(), pick(t, compartment_filter.as_ref(), &plain_filter))], false));
+        }
+        if !del_types.is_empty() {
+            let total = del_types.iter().map(|t| del_counts[t]).sum();
+            job.progress.insert(DELETED.to_string(), TypeProgress { done: 0, total });
+            let sources =
+                del_types.iter().map(|t| (t.clone(), pick(t, del_compartment.as_ref(), &del_plain))).collect();
+            plan_parts.push(("Bundle".to_string(), sources, true));
+        }
         if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
             return Err(RunError::Cancelled);
         }
 
         let done: Arc<BTreeMap<String, AtomicU64>> =
-            Arc::new(types.iter().map(|t| (t.clone(), AtomicU64::new(0))).collect());
+            Arc::new(job.progress.keys().map(|k| (k.clone(), AtomicU64::new(0))).collect());
         let limit = Arc::new(Semaphore::new(self.config.parallelism.max(1)));
         let mut parts = tokio::task::JoinSet::new();
-        for t in &types {
-            let filter = match &compartment_filter {
-                Some(cf) if sluice_fhir::is_patient_compartment_type(t) => cf.clone(),
-                _ => plain_filter.clone(),
-            };
+        for (t, sources, del) in plan_parts {
             let part = Part {
                 engine: self.clone(),
                 job_folder: job.folder.clone(),
                 plan: job.plan.clone(),
                 snapshot: snapshot.clone(),
-                resource_type: t.clone(),
-                filter,
+                progress_key: if del { DELETED.to_string() } else { t.clone() },
+                resource_type: t,
+                deleted: del,
+                sources,
                 done: done.clone(),
                 token: token.clone(),
             };
             let limit = limit.clone();
             parts.spawn(async move {
                 let _permit = limit.acquire_owned().await.map_err(|_| RunError::Cancelled)?;
-                part.run().await
+                let del = part.deleted;
+                part.run().await.map(|files| (del, files))
             });
         }
 
         let mut files: Vec<OutputFile> = Vec::new();
+        let mut deleted_files: Vec<OutputFile> = Vec::new();
         let mut ticker = tokio::time::interval(self.config.progress_interval);
         ticker.tick().await;
         let mut failure: Option<RunError> = None;
@@ -456,7 +472,8 @@ impl Engine {
             tokio::select! {
                 joined = parts.join_next() => {
                     match joined.expect("set is not empty") {
-                        Ok(Ok(mut f)) => files.append(&mut f),
+                        Ok(Ok((false, mut f))) => files.append(&mut f),
+                        Ok(Ok((true, mut f))) => deleted_files.append(&mut f),
                         Ok(Err(e)) => { failure.get_or_insert(e); token.cancel(); }
                         Err(join) => {
                             failure.get_or_insert(RunError::Failed(Issue::fatal(IssueCode::Exception, format!("an export worker crashed: {join}"))));
@@ -481,8 +498,11 @@ impl Engine {
         }
         Self::copy_progress(job, &done);
 
-        files.sort_by(|a, b| a.resource_type.cmp(&b.resource_type).then(natural_key(&a.key).cmp(&natural_key(&b.key))));
+        let order = |a: &OutputFile, b: &OutputFile| natural_key(&a.key).cmp(&natural_key(&b.key));
+        files.sort_by(|a, b| a.resource_type.cmp(&b.resource_type).then(order(a, b)));
+        deleted_files.sort_by(|a, b| a.key.cmp(&b.key).then(order(a, b)));
         job.output = files;
+        job.deleted = deleted_files;
         job.error = self.write_error_file(job).await?;
         self.write_completion_markers(job).await?;
         job.status = JobStatus::Completed;
@@ -491,6 +511,28 @@ impl Engine {
             return Err(RunError::Cancelled);
         }
         Ok(())
+    }
+
+    /// Per-type counts of what the export reads: compartment types through the compartment
+    /// filter at patient and group level, other types whole and only when asked for (D8).
+    async fn counts(
+        &self,
+        job: &JobRecord,
+        snapshot: &Snapshot,
+        compartment_filter: Option<&ScanFilter>,
+        plain_filter: &ScanFilter,
+    ) -> Result<BTreeMap<String, u64>, RunError> {
+        let in_compartment = sluice_fhir::is_patient_compartment_type;
+        let Some(cf) = compartment_filter else { return Ok(self.store.count(snapshot, plain_filter).await?) };
+        let mut counts = self.store.count(snapshot, cf).await?;
+        counts.retain(|t, _| in_compartment(t));
+        let asked_outside =
+            matches!(&job.plan.types, TypeSelection::Only(list) if list.iter().any(|t| !in_compartment(t)));
+        if asked_outside {
+            let all = self.store.count(snapshot, plain_filter).await?;
+            counts.extend(all.into_iter().filter(|(t, _)| !in_compartment(t)));
+        }
+        Ok(counts)
     }
 
     fn copy_progress(job: &mut JobRecord, done: &BTreeMap<String, AtomicU64>) {
@@ -509,7 +551,7 @@ impl Engine {
         snapshot: &Snapshot,
     ) -> Result<(Option<ScanFilter>, ScanFilter), RunError> {
         let plan = &job.plan;
-        let plain = ScanFilter { since: plan.since, until: plan.until, patients: None };
+        let plain = ScanFilter { since: plan.since, until: plan.until, patients: None, deleted: false };
         let patients = match &plan.level {
             Level::System => return Ok((None, plain)),
             Level::Patient => match &plan.patients {
@@ -677,7 +719,12 @@ struct Part {
     plan: ExportPlan,
     snapshot: Snapshot,
     resource_type: String,
-    filter: ScanFilter,
+    /// The part's entry in the job's progress.
+    progress_key: String,
+    /// Whether this part lists deletions (IG `deleted` Bundles) instead of resources.
+    deleted: bool,
+    /// What it reads, in order: (resource type, filter). One entry, except for deletions.
+    sources: Sources,
     done: Arc<BTreeMap<String, AtomicU64>>,
     token: CancellationToken,
 }
@@ -693,66 +740,72 @@ impl Part {
 
     async fn run(self) -> Result<Vec<OutputFile>, RunError> {
         let cfg = &self.engine.config;
-        let (tx, mut rx) = mpsc::channel(2);
-        let scan = {
-            let store = self.engine.store.clone();
-            let (snap, rt, filter, bytes) =
-                (self.snapshot.clone(), self.resource_type.clone(), self.filter.clone(), cfg.batch_bytes);
-            tokio::spawn(async move { store.scan(&snap, &rt, &filter, bytes, tx).await })
-        };
-        let scan_abort = scan.abort_handle();
+        let mut scans: Vec<tokio::task::AbortHandle> = Vec::new();
         let compression = if self.plan.output_format.is_gzip() {
             Compression::Gzip { level: cfg.gzip_level }
         } else {
             Compression::None
         };
-        let subset = elements::Subsetter::for_type(self.plan.elements.as_deref(), &self.resource_type);
         let mut writer = Some(Encoder { writer: NdjsonWriter::new(compression, cfg.split), digest: None });
         let mut open: Option<(u32, Box<dyn ObjectWriter>)> = None;
         let mut files = Vec::new();
-        let counter = &self.done[&self.resource_type];
+        let counter = &self.done[&self.progress_key];
 
         let result: Result<(), RunError> = async {
-            loop {
-                let batch = tokio::select! {
-                    b = rx.recv() => b,
-                    _ = self.token.cancelled() => return Err(RunError::Cancelled),
+            for (rt, filter) in &self.sources {
+                let (tx, mut rx) = mpsc::channel(2);
+                let scan = {
+                    let store = self.engine.store.clone();
+                    let (snap, rt, filter, bytes) =
+                        (self.snapshot.clone(), rt.clone(), filter.clone(), cfg.batch_bytes);
+                    tokio::spawn(async move { store.scan(&snap, &rt, &filter, bytes, tx).await })
                 };
-                let Some(batch) = batch else { break };
-                let n = batch.count;
-                let mut w = writer.take().expect("writer present between batches");
-                let subset = subset.clone();
-                let (w, events) = tokio::task::spawn_blocking(move || {
-                    let res = match &subset {
-                        None => w.encode(batch.lines()),
-                        Some(s) => {
-                            let lines: Vec<Vec<u8>> = batch.lines().map(|l| s.apply(l)).collect();
-                            w.encode(lines.iter().map(Vec::as_slice))
-                        }
-                    };
-                    (w, res)
-                })
-                .await
-                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?;
-                writer = Some(w);
-                let events = events.map_err(|e| {
-                    RunError::Failed(Issue::fatal(
-                        IssueCode::Exception,
-                        format!("encoding {} failed: {e}", self.resource_type),
-                    ))
-                })?;
-                self.handle(events, &mut open, &mut files).await?;
-                counter.fetch_add(n, Ordering::Relaxed);
-                if let Some(pause) = cfg.throttle {
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
+                scans.push(scan.abort_handle());
+                let subset =
+                    if self.deleted { None } else { elements::Subsetter::for_type(self.plan.elements.as_deref(), rt) };
+                loop {
+                    let batch = tokio::select! {
+                        b = rx.recv() => b,
                         _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                    };
+                    let Some(batch) = batch else { break };
+                    let n = batch.count;
+                    let mut w = writer.take().expect("writer present between batches");
+                    let subset = subset.clone();
+                    let (w, events) = tokio::task::spawn_blocking(move || {
+                        let res = match &subset {
+                            None => w.encode(batch.lines()),
+                            Some(s) => {
+                                let lines: Vec<Vec<u8>> = batch.lines().map(|l| s.apply(l)).collect();
+                                w.encode(lines.iter().map(Vec::as_slice))
+                            }
+                        };
+                        (w, res)
+                    })
+                    .await
+                    .map_err(|e| {
+                        RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}")))
+                    })?;
+                    writer = Some(w);
+                    let events = events.map_err(|e| {
+                        RunError::Failed(Issue::fatal(
+                            IssueCode::Exception,
+                            format!("encoding {} failed: {e}", self.resource_type),
+                        ))
+                    })?;
+                    self.handle(events, &mut open, &mut files).await?;
+                    counter.fetch_add(n, Ordering::Relaxed);
+                    if let Some(pause) = cfg.throttle {
+                        tokio::select! {
+                            _ = tokio::time::sleep(pause) => {}
+                            _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                        }
                     }
                 }
+                scan.await.map_err(|e| {
+                    RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}")))
+                })??;
             }
-            scan.await.map_err(|e| {
-                RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}")))
-            })??;
             let w = writer.take().expect("writer present at end");
             let events = tokio::task::spawn_blocking(move || w.finish())
                 .await
@@ -764,7 +817,7 @@ impl Part {
 
         if let Err(e) = result {
             // Stop reading before the snapshot is released, then drop what was written.
-            scan_abort.abort();
+            scans.iter().for_each(tokio::task::AbortHandle::abort);
             if let Some((_, w)) = open.take() {
                 w.abort().await;
             }

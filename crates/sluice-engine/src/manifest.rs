@@ -33,16 +33,20 @@ pub async fn manifest(job: &JobRecord, storage: &dyn Storage, ttl: Duration) -> 
     };
     let (output, e1) = entries(&job.output).await?;
     let (error, e2) = entries(&job.error).await?;
-    for e in [e1, e2].into_iter().flatten() {
+    let (deleted, e3) = entries(&job.deleted).await?;
+    for e in [e1, e2, e3].into_iter().flatten() {
         expires = expires.min(e);
     }
-    let body = json!({
+    let mut body = json!({
         "transactionTime": job.transaction_time.map(sluice_fhir::instant::format),
         "request": job.request_url,
         "requiresAccessToken": false,
         "output": output,
         "error": error,
     });
+    if job.plan.since.is_some() {
+        body["deleted"] = Value::Array(deleted);
+    }
     Ok(Manifest { body, expires })
 }
 
@@ -64,11 +68,15 @@ pub fn folder_manifest(job: &JobRecord) -> Value {
     let rel = |files: &[OutputFile]| -> Vec<Value> {
         files.iter().map(|f| entry(f, f.key.rsplit('/').next().unwrap_or(&f.key).to_string())).collect()
     };
-    json!({
+    let mut body = json!({
         "transactionTime": job.transaction_time.map(sluice_fhir::instant::format),
         "request": job.request_url,
         "requiresAccessToken": false,
         "output": rel(&job.output),
         "error": rel(&job.error),
-    })
+    });
+    if job.plan.since.is_some() {
+        body["deleted"] = Value::Array(rel(&job.deleted));
+    }
+    body
 }

@@ -130,6 +130,9 @@ pub struct JobRecord {
     pub output: Vec<OutputFile>,
     /// Error files (OperationOutcome ndjson), in manifest order.
     pub error: Vec<OutputFile>,
+    /// With `_since`: files listing the resources deleted since (Bundle ndjson).
+    #[serde(default)]
+    pub deleted: Vec<OutputFile>,
     /// Why the job failed or was cancelled.
     pub outcome: Option<OperationOutcome>,
     /// Per-type progress.
@@ -163,6 +166,7 @@ impl JobRecord {
             finished_at: None,
             output: Vec::new(),
             error: Vec::new(),
+            deleted: Vec::new(),
             outcome: None,
             progress: BTreeMap::new(),
             attempts: 0,

@@ -143,6 +143,7 @@ struct Current {
     last_updated: i64,
     deleted: bool,
     json: Option<String>,
+    patient: Option<String>,
 }
 
 /// Starts a write: the shared write lock, then a `lastUpdated` later than every snapshot.
@@ -168,12 +169,18 @@ async fn write_one(
 ) -> Result<Option<Written>, StoreError> {
     let cur = tx
         .query_opt(
-            "SELECT version, last_updated, deleted, json FROM sluice_resource WHERE type = $1 AND id = $2 FOR UPDATE",
+            "SELECT version, last_updated, deleted, json, patient FROM sluice_resource WHERE type = $1 AND id = $2 FOR UPDATE",
             &[&rt, &id],
         )
         .await
         .map_err(pg_err)?
-        .map(|r| Current { version: r.get(0), last_updated: r.get(1), deleted: r.get(2), json: r.get(3) });
+        .map(|r| Current {
+            version: r.get(0),
+            last_updated: r.get(1),
+            deleted: r.get(2),
+            json: r.get(3),
+            patient: r.get(4),
+        });
     let is_delete = resource.is_none();
     if is_delete && cur.as_ref().is_none_or(|c| c.deleted) {
         return Ok(None);
@@ -201,7 +208,10 @@ async fn write_one(
         Some(r) => (Some(r.render(version as u64, last_updated)), r.patients),
         None => (None, Vec::new()),
     };
-    let (patient, multi) = (patients.first(), patients.len() > 1);
+    // A tombstone keeps its resource's patient, so `_since` exports of a patient or group
+    // can list the deletion.
+    let kept = cur.as_ref().and_then(|c| c.patient.clone());
+    let (patient, multi) = if is_delete { (kept.as_ref(), false) } else { (patients.first(), patients.len() > 1) };
     tx.execute(
         "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json, patient, multi) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
@@ -238,7 +248,7 @@ fn lit(s: &str) -> String {
 
 /// The conditions on `sluice_resource r` for the time window of a filter.
 fn time_conditions(filter: &ScanFilter) -> String {
-    let mut sql = String::from("NOT r.deleted");
+    let mut sql = format!("r.deleted = {}", filter.deleted);
     if let Some(since) = filter.since {
         sql.push_str(&format!(" AND r.last_updated > {}", instant::to_millis(since)));
     }
@@ -498,7 +508,13 @@ impl ResourceStore for PgStore {
         tx: mpsc::Sender<Batch>,
     ) -> Result<(), StoreError> {
         let client = self.in_snapshot(snapshot).await?;
-        let sql = format!("COPY ({}) TO STDOUT (FORMAT binary)", select_sql(Some(resource_type), filter, "r.json")?);
+        let what = if filter.deleted {
+            let (pre, post) = sluice_store::DELETED_LINE;
+            format!("'{pre}' || r.type || '/' || r.id || '{post}' AS json")
+        } else {
+            "r.json".to_string()
+        };
+        let sql = format!("COPY ({}) TO STDOUT (FORMAT binary)", select_sql(Some(resource_type), filter, &what)?);
         let result = async {
             let stream = client.copy_out(&sql).await.map_err(pg_err)?;
             let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT]);
@@ -558,7 +574,10 @@ async fn merge_run(
         .into_iter()
         .map(|r| {
             let key = (r.get::<_, String>(0), r.get::<_, String>(1));
-            (key, Current { version: r.get(2), last_updated: r.get(3), deleted: r.get(4), json: r.get(5) })
+            (
+                key,
+                Current { version: r.get(2), last_updated: r.get(3), deleted: r.get(4), json: r.get(5), patient: None },
+            )
         })
         .collect();
     let last_updated = instant::from_millis(ts_ms);

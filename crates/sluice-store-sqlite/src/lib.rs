@@ -239,7 +239,16 @@ fn parse_snapshot(s: &Snapshot) -> Result<i64, StoreError> {
 /// SQL (after `FROM resource_version r WHERE`) and its parameters for a filtered scan.
 fn visible_where(snap: i64, filter: &ScanFilter) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value as V;
-    let mut sql = String::from("r.seq <= ?1 AND (r.superseded IS NULL OR r.superseded > ?1) AND r.deleted = 0");
+    let mut sql = format!(
+        "r.seq <= ?1 AND (r.superseded IS NULL OR r.superseded > ?1) AND r.deleted = {}",
+        i32::from(filter.deleted)
+    );
+    // A tombstone has no compartment of its own: the version it replaced has.
+    let member = if filter.deleted {
+        "(SELECT p.seq FROM resource_version p WHERE p.type = r.type AND p.id = r.id AND p.superseded = r.seq)"
+    } else {
+        "r.seq"
+    };
     let mut args = vec![V::Integer(snap)];
     if let Some(since) = filter.since {
         args.push(V::Integer(instant::to_millis(since)));
@@ -251,16 +260,28 @@ fn visible_where(snap: i64, filter: &ScanFilter) -> (String, Vec<rusqlite::types
     }
     match &filter.patients {
         None => {}
-        Some(Patients::Any) => sql.push_str(" AND EXISTS (SELECT 1 FROM compartment c WHERE c.seq = r.seq)"),
+        Some(Patients::Any) => {
+            sql.push_str(&format!(" AND EXISTS (SELECT 1 FROM compartment c WHERE c.seq = {member})"))
+        }
         Some(Patients::Only(ids)) => {
             args.push(V::Text(serde_json::to_string(ids).expect("ids serialise")));
             sql.push_str(&format!(
-                " AND r.seq IN (SELECT c.seq FROM compartment c WHERE c.patient_id IN (SELECT value FROM json_each(?{})))",
+                " AND {member} IN (SELECT c.seq FROM compartment c WHERE c.patient_id IN (SELECT value FROM json_each(?{})))",
                 args.len()
             ));
         }
     }
     (sql, args)
+}
+
+/// The column a scan yields: the stored JSON, or the IG line of a deleted resource.
+fn line_sql(filter: &ScanFilter) -> String {
+    if filter.deleted {
+        let (pre, post) = sluice_store::DELETED_LINE;
+        format!("'{pre}' || r.type || '/' || r.id || '{post}'")
+    } else {
+        "r.json".to_string()
+    }
 }
 
 #[async_trait]
@@ -419,8 +440,11 @@ impl ResourceStore for SqliteStore {
         let snap = parse_snapshot(snapshot)?;
         let (cond, mut args) = visible_where(snap, filter);
         args.push(rusqlite::types::Value::Text(resource_type.to_string()));
-        let sql =
-            format!("SELECT r.json FROM resource_version r WHERE r.type = ?{} AND {cond} ORDER BY r.seq", args.len());
+        let sql = format!(
+            "SELECT {} FROM resource_version r WHERE r.type = ?{} AND {cond} ORDER BY r.seq",
+            line_sql(filter),
+            args.len()
+        );
         self.with_reader(move |c| {
             let mut stmt = c.prepare(&sql).map_err(db_err)?;
             let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(db_err)?;

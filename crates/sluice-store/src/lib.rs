@@ -229,7 +229,16 @@ pub struct ScanFilter {
     /// `Some(Patients::Any)` = in some patient's compartment; `Some(Patients::Only(ids))`
     /// = in the compartment of one of these patients.
     pub patients: Option<Patients>,
+    /// Select the resources deleted in the window instead (their current version is a
+    /// tombstone; the compartment is the one of the version before the deletion). A scan
+    /// then yields one IG "deleted" line per resource: a `transaction` Bundle with a
+    /// `DELETE` entry for `Type/id`.
+    pub deleted: bool,
 }
+
+/// The SQL text of the IG's line for a deleted resource, around `Type/id`: prefix and suffix.
+pub const DELETED_LINE: (&str, &str) =
+    (r#"{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"DELETE","url":""#, r#""}}]}"#);
 
 /// A compartment restriction.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,6 +4,8 @@ use crate::{http, load};
 use clap::{Args, Parser, Subcommand};
 use sluice_engine::{Engine, EngineConfig};
 use sluice_ndjson::SplitLimits;
+use sluice_storage::CloudOptions;
+use sluice_storage_config::{ConfiguredStorage, StorageEnv};
 use sluice_storage_local::{LocalStorage, SigningKey};
 use sluice_store::ResourceStore;
 use sluice_store_postgres::{PgOptions, PgStore};
@@ -23,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Bulk-load .ndjson, .ndjson.gz and Bundle .json files or folders into the store.
     Load(LoadArgs),
 }
@@ -80,9 +82,55 @@ struct ServeArgs {
     /// for tests that act while an export runs. Never set it in production.
     #[arg(long, env = "SLUICE_THROTTLE_MS", hide = true)]
     throttle_ms: Option<u64>,
+    #[command(flatten)]
+    cloud: CloudArgs,
     /// Milliseconds after which an export whose server stopped renewing it is taken over.
     #[arg(long, env = "SLUICE_JOB_LEASE_MS", default_value_t = 10_000, hide = true)]
     job_lease_ms: u64,
+}
+
+/// Cloud storage for export files, configured exactly as in Aidbox (DESIGN.md §1).
+#[derive(Debug, Args)]
+struct CloudArgs {
+    /// Where export files go: aws, azure or gcp (unset: local disk under the data dir).
+    #[arg(long, env = "BOX_FHIR_BULK_STORAGE_PROVIDER")]
+    storage_provider: Option<String>,
+    /// AWS: the id of the AwsAccount resource (region and, optionally, keys).
+    #[arg(long, env = "BOX_FHIR_BULK_STORAGE_AWS_ACCOUNT")]
+    aws_account: Option<String>,
+    /// AWS: the S3 bucket.
+    #[arg(long, env = "BOX_FHIR_BULK_STORAGE_AWS_BUCKET")]
+    aws_bucket: Option<String>,
+    /// Azure: the id of the AzureContainer resource (storage account, container, account).
+    #[arg(long, env = "BOX_FHIR_BULK_STORAGE_AZURE_CONTAINER")]
+    azure_container: Option<String>,
+    /// GCP: the bucket.
+    #[arg(long, env = "BOX_FHIR_BULK_STORAGE_GCP_BUCKET")]
+    gcp_bucket: Option<String>,
+    /// GCP: the id of the GcpServiceAccount resource (unset: application default credentials).
+    #[arg(long, env = "BOX_FHIR_BULK_STORAGE_GCP_SERVICE_ACCOUNT")]
+    gcp_service_account: Option<String>,
+    /// A custom endpoint for the provider: S3-compatible stores (MinIO) and emulators.
+    #[arg(long, env = "SLUICE_STORAGE_ENDPOINT")]
+    storage_endpoint: Option<String>,
+    /// Bytes per uploaded part (S3 multipart part, Azure block, GCS chunk).
+    #[arg(long, env = "SLUICE_STORAGE_PART_BYTES", default_value_t = 8 << 20, hide = true)]
+    storage_part_bytes: usize,
+}
+
+impl CloudArgs {
+    fn env(&self) -> StorageEnv {
+        let clean = |v: &Option<String>| v.as_ref().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        StorageEnv {
+            provider: clean(&self.storage_provider),
+            aws_account: clean(&self.aws_account),
+            aws_bucket: clean(&self.aws_bucket),
+            azure_container: clean(&self.azure_container),
+            gcp_bucket: clean(&self.gcp_bucket),
+            gcp_service_account: clean(&self.gcp_service_account),
+            endpoint: clean(&self.storage_endpoint),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -123,7 +171,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             load::load_paths(store, &args.paths, args.copies).await?;
             Ok(())
         }
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
     }
 }
 
@@ -159,7 +207,18 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         lease: Duration::from_millis(args.job_lease_ms.max(100)),
         ..EngineConfig::default()
     };
-    let engine = Engine::new(store.clone(), Arc::new(local.clone()), config);
+    let cloud = CloudOptions { part_bytes: args.cloud.storage_part_bytes, ..CloudOptions::default() };
+    let storages = ConfiguredStorage::new(args.cloud.env(), store.clone(), Arc::new(local.clone()), cloud);
+    let provider = storages.env().provider.clone().unwrap_or_else(|| "local".into());
+    let engine = Engine::new(store.clone(), Arc::new(storages), config);
+    // Say now if storage is not usable, rather than at the first kick-off; the resources it
+    // needs may still be created over the API, so this is not fatal.
+    match engine.storage_for_new_export().await {
+        Ok((s, _)) => tracing::info!(storage = %s.describe(), "export storage"),
+        Err(e) => {
+            tracing::warn!(%provider, error = %e, "export storage is not usable yet; kick-offs answer 500 until it is")
+        }
+    }
     // Finishes exports whose server died (this one before a restart, or a peer).
     engine.spawn_recovery();
     let state = http::AppState::new(engine, Some(local), base_url.clone(), Duration::from_secs(args.signed_url_ttl));

@@ -24,7 +24,7 @@ use sluice_fhir::{Issue, IssueCode, OperationOutcome};
 use sluice_jobs::{JobError, JobRecord, JobStatus, OutputFile, TypeProgress};
 use sluice_ndjson::{Compression, Event, NdjsonWriter, SplitLimits};
 use sluice_planner::{ExportPlan, Level, TypeSelection};
-use sluice_storage::{ObjectMeta, ObjectWriter, Storage};
+use sluice_storage::{ObjectMeta, ObjectWriter, Storage, StorageError, StorageSource};
 use sluice_store::{Patients, ReadResult, ResourceStore, ScanFilter, Snapshot};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -142,15 +142,15 @@ const CANCEL_WAIT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Engine {
     store: Arc<dyn ResourceStore>,
-    storage: Arc<dyn Storage>,
+    storages: Arc<dyn StorageSource>,
     config: EngineConfig,
     running: Arc<Mutex<HashMap<String, Running>>>,
 }
 
 impl Engine {
-    /// An engine over a store and a storage.
-    pub fn new(store: Arc<dyn ResourceStore>, storage: Arc<dyn Storage>, config: EngineConfig) -> Self {
-        Engine { store, storage, config, running: Default::default() }
+    /// An engine over a store, writing where `storages` says.
+    pub fn new(store: Arc<dyn ResourceStore>, storages: Arc<dyn StorageSource>, config: EngineConfig) -> Self {
+        Engine { store, storages, config, running: Default::default() }
     }
 
     /// The store.
@@ -158,13 +158,25 @@ impl Engine {
         &self.store
     }
 
-    /// The storage.
-    pub fn storage(&self) -> &Arc<dyn Storage> {
-        &self.storage
+    /// Where new exports go, or why storage is not usable ([`StorageError::NotConfigured`]):
+    /// a kick-off checks this before anything else.
+    pub async fn storage_for_new_export(&self) -> Result<(Arc<dyn Storage>, serde_json::Value), StorageError> {
+        self.storages.current().await
     }
 
-    /// Checks the plan against the store, records an `Accepted` job and starts it.
-    pub async fn kickoff(&self, plan: ExportPlan, request_url: String) -> Result<JobRecord, KickoffError> {
+    /// The storage `job` wrote its files to.
+    pub async fn storage_of(&self, job: &JobRecord) -> Result<Arc<dyn Storage>, StorageError> {
+        self.storages.open(&job.storage).await
+    }
+
+    /// Checks the plan against the store, records an `Accepted` job writing to `storage` (a
+    /// description from [`Engine::storage_for_new_export`]) and starts it.
+    pub async fn kickoff(
+        &self,
+        plan: ExportPlan,
+        request_url: String,
+        storage: serde_json::Value,
+    ) -> Result<JobRecord, KickoffError> {
         let internal = |e: &dyn std::fmt::Display| KickoffError::Internal(e.to_string());
         if let Level::Group(id) = &plan.level {
             match self.store.read("Group", id).await.map_err(|e| internal(&e))? {
@@ -195,7 +207,8 @@ impl Engine {
                 ));
             }
         }
-        let job = JobRecord::new(uuid::Uuid::new_v4().to_string(), plan, request_url, OffsetDateTime::now_utc());
+        let mut job = JobRecord::new(uuid::Uuid::new_v4().to_string(), plan, request_url, OffsetDateTime::now_utc());
+        job.storage = storage;
         match self.store.insert(&job).await {
             Ok(()) => {}
             Err(JobError::Busy(id)) => return Err(KickoffError::Busy(id)),
@@ -268,8 +281,15 @@ impl Engine {
                 if let Some(mut done) = local {
                     let _ = tokio::time::timeout(CANCEL_WAIT, done.wait_for(|d| *d)).await;
                 }
-            } else if let Err(e) = self.storage.delete_prefix(&format!("{}/", job.folder)).await {
-                tracing::warn!(job = %id, error = %e, "deleting the files of a deleted export failed");
+            } else {
+                let prefix = format!("{}/", job.folder);
+                let deleted = match self.storage_of(&job).await {
+                    Ok(storage) => storage.delete_prefix(&prefix).await.map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = deleted {
+                    tracing::warn!(job = %id, error = %e, "deleting the files of a deleted export failed");
+                }
             }
             tracing::info!(job = %id, was = was.as_str(), "export cancelled");
             return Ok(());
@@ -301,23 +321,33 @@ impl Engine {
         let prefix = format!("{}/", job.folder);
         let started = std::time::Instant::now();
         let heartbeat = self.heartbeat(job.id.clone(), token.clone());
-        let result = self.run_inner(&mut job, &token).await;
+        let (storage, result) = match self.storage_of(&job).await {
+            Ok(storage) => {
+                let result = self.run_inner(&mut job, &token, &storage).await;
+                (Some(storage), result)
+            }
+            Err(e) => (None, Err(RunError::from(e))),
+        };
         heartbeat.abort();
+        let cleanup = |what: &'static str| {
+            let (storage, prefix, id) = (storage.clone(), prefix.clone(), job.id.clone());
+            async move {
+                if let Some(storage) = storage
+                    && let Err(e) = storage.delete_prefix(&prefix).await
+                {
+                    tracing::warn!(job = %id, error = %e, "cleaning up a {what} export failed");
+                }
+            }
+        };
         match result {
             Ok(()) => {
                 let (done, _) = job.totals();
                 tracing::info!(job = %job.id, resources = done, files = job.output.len(), elapsed_ms = started.elapsed().as_millis() as u64, "export completed");
             }
-            Err(RunError::Cancelled) => {
-                if let Err(e) = self.storage.delete_prefix(&prefix).await {
-                    tracing::warn!(job = %job.id, error = %e, "cleaning up a cancelled export failed");
-                }
-            }
+            Err(RunError::Cancelled) => cleanup("cancelled").await,
             Err(RunError::Failed(issue)) => {
                 tracing::error!(job = %job.id, error = %issue.diagnostics, "export failed");
-                if let Err(e) = self.storage.delete_prefix(&prefix).await {
-                    tracing::warn!(job = %job.id, error = %e, "cleaning up a failed export failed");
-                }
+                cleanup("failed").await;
                 job.status = JobStatus::Failed;
                 job.finished_at = Some(OffsetDateTime::now_utc());
                 job.output.clear();
@@ -351,7 +381,12 @@ impl Engine {
         })
     }
 
-    async fn run_inner(&self, job: &mut JobRecord, token: &CancellationToken) -> Result<(), RunError> {
+    async fn run_inner(
+        &self,
+        job: &mut JobRecord,
+        token: &CancellationToken,
+        storage: &Arc<dyn Storage>,
+    ) -> Result<(), RunError> {
         let from = job.status;
         job.attempts += 1;
         if job.attempts > MAX_ATTEMPTS {
@@ -364,7 +399,7 @@ impl Engine {
         }
         // A rerun after a restart starts over on the same snapshot: drop what it wrote.
         if job.attempts > 1 {
-            self.storage.delete_prefix(&format!("{}/", job.folder)).await?;
+            storage.delete_prefix(&format!("{}/", job.folder)).await?;
             job.output.clear();
             job.error.clear();
         }
@@ -383,7 +418,7 @@ impl Engine {
             }
         };
         tracing::debug!(job = %job.id, ms = phase.elapsed().as_millis() as u64, "snapshot taken");
-        let result = self.export_snapshot(job, token, &snapshot, from).await;
+        let result = self.export_snapshot(job, token, &snapshot, from, storage).await;
         self.store.release(&snapshot).await;
         result
     }
@@ -394,6 +429,7 @@ impl Engine {
         token: &CancellationToken,
         snapshot: &Snapshot,
         from: JobStatus,
+        storage: &Arc<dyn Storage>,
     ) -> Result<(), RunError> {
         job.status = JobStatus::InProgress;
         if !self.store.save_if(job, &[from]).await? {
@@ -445,6 +481,7 @@ impl Engine {
         for (t, sources, del) in plan_parts {
             let part = Part {
                 engine: self.clone(),
+                storage: storage.clone(),
                 job_folder: job.folder.clone(),
                 plan: job.plan.clone(),
                 snapshot: snapshot.clone(),
@@ -503,8 +540,8 @@ impl Engine {
         deleted_files.sort_by(|a, b| a.key.cmp(&b.key).then(order(a, b)));
         job.output = files;
         job.deleted = deleted_files;
-        job.error = self.write_error_file(job).await?;
-        self.write_completion_markers(job).await?;
+        job.error = self.write_error_file(job, storage).await?;
+        self.write_completion_markers(job, storage).await?;
         job.status = JobStatus::Completed;
         job.finished_at = Some(OffsetDateTime::now_utc());
         if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
@@ -584,13 +621,13 @@ impl Engine {
     /// Writes `manifest.json` (file names relative to the folder) and then an empty
     /// `_SUCCESS` into the export folder, last: a bucket-event pipeline can start on
     /// `_SUCCESS` without polling.
-    async fn write_completion_markers(&self, job: &JobRecord) -> Result<(), RunError> {
+    async fn write_completion_markers(&self, job: &JobRecord, storage: &Arc<dyn Storage>) -> Result<(), RunError> {
         let body = manifest::folder_manifest(job).to_string();
         for (name, data, content_type) in
             [("manifest.json", body.into_bytes(), "application/json"), ("_SUCCESS", Vec::new(), "text/plain")]
         {
             let meta = ObjectMeta { content_type: content_type.into(), content_encoding: None };
-            let mut w = self.storage.create(&format!("{}/{name}", job.folder), meta).await?;
+            let mut w = storage.create(&format!("{}/{name}", job.folder), meta).await?;
             if !data.is_empty() {
                 w.write(Bytes::from(data)).await?;
             }
@@ -600,7 +637,7 @@ impl Engine {
     }
 
     /// Lenient mode: the ignored parameters as an OperationOutcome ndjson file.
-    async fn write_error_file(&self, job: &JobRecord) -> Result<Vec<OutputFile>, RunError> {
+    async fn write_error_file(&self, job: &JobRecord, storage: &Arc<dyn Storage>) -> Result<Vec<OutputFile>, RunError> {
         if job.plan.ignored.is_empty() {
             return Ok(Vec::new());
         }
@@ -612,7 +649,7 @@ impl Engine {
         }
         let key = format!("{}/OperationOutcome.ndjson", job.folder);
         let sha256 = Some(hex::encode(Sha256::digest(&data)));
-        let mut w = self.storage.create(&key, ObjectMeta::ndjson(false)).await?;
+        let mut w = storage.create(&key, ObjectMeta::ndjson(false)).await?;
         w.write(Bytes::from(data)).await?;
         let bytes = w.finish().await?;
         Ok(vec![OutputFile {
@@ -715,6 +752,7 @@ impl Encoder {
 /// One resource type of one export.
 struct Part {
     engine: Engine,
+    storage: Arc<dyn Storage>,
     job_folder: String,
     plan: ExportPlan,
     snapshot: Snapshot,
@@ -837,7 +875,7 @@ impl Part {
                 Encoded::Data { file, bytes } => {
                     if open.as_ref().is_none_or(|(f, _)| *f != file) {
                         let meta = ObjectMeta::ndjson(self.plan.output_format.is_gzip());
-                        let w = self.engine.storage.create(&self.key(file), meta).await?;
+                        let w = self.storage.create(&self.key(file), meta).await?;
                         *open = Some((file, w));
                     }
                     let (_, w) = open.as_mut().expect("opened above");

@@ -7,7 +7,7 @@ use sluice_engine::{Engine, EngineConfig, KickoffError};
 use sluice_jobs::{JobRepo, JobStatus};
 use sluice_ndjson::SplitLimits;
 use sluice_planner::{KickoffRequest, Level, plan};
-use sluice_storage::{MemoryStorage, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError};
+use sluice_storage::{FixedStorage, MemoryStorage, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError};
 use sluice_store::{ResourceStore, prepare};
 use sluice_store_sqlite::SqliteStore;
 use std::io::Read;
@@ -53,7 +53,7 @@ fn lines(bytes: &[u8], gzip: bool) -> Vec<Value> {
 }
 
 async fn run(engine: &Engine, p: sluice_planner::ExportPlan) -> sluice_jobs::JobRecord {
-    let job = engine.kickoff(p, "http://x/fhir/$export".into()).await.unwrap();
+    let job = engine.kickoff(p, "http://x/fhir/$export".into(), Value::Null).await.unwrap();
     engine.wait(&job.id).await;
     engine.store().get(&job.id).await.unwrap().unwrap()
 }
@@ -63,7 +63,7 @@ async fn system_export_writes_every_type_and_a_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_data(dir.path()).await;
     let mem = MemoryStorage::new();
-    let engine = Engine::new(store, Arc::new(mem.clone()), EngineConfig::default());
+    let engine = Engine::new(store, Arc::new(FixedStorage(Arc::new(mem.clone()))), EngineConfig::default());
     let job = run(&engine, get_plan(Level::System, &[])).await;
     assert_eq!(job.status, JobStatus::Completed, "{:?}", job.outcome);
     let counts: Vec<(&str, u64)> = job.output.iter().map(|f| (f.resource_type.as_str(), f.count)).collect();
@@ -93,7 +93,7 @@ async fn patient_and_group_exports_follow_the_compartment() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_data(dir.path()).await;
     let mem = MemoryStorage::new();
-    let engine = Engine::new(store, Arc::new(mem.clone()), EngineConfig::default());
+    let engine = Engine::new(store, Arc::new(FixedStorage(Arc::new(mem.clone()))), EngineConfig::default());
     let job = run(&engine, get_plan(Level::Patient, &[])).await;
     let types: Vec<_> = job.output.iter().map(|f| (f.resource_type.clone(), f.count)).collect();
     assert_eq!(types, vec![("Observation".into(), 15), ("Patient".into(), 3)], "no Group, no Organization");
@@ -109,9 +109,9 @@ async fn patient_and_group_exports_follow_the_compartment() {
     expected.push("Patient/p0".into());
     assert_eq!(ids, expected, "the inactive member p2 is skipped");
 
-    let missing = engine.kickoff(get_plan(Level::Group("nope".into()), &[]), "u".into()).await;
+    let missing = engine.kickoff(get_plan(Level::Group("nope".into()), &[]), "u".into(), Value::Null).await;
     assert!(matches!(missing, Err(KickoffError::NotFound(_))));
-    let missing = engine.kickoff(get_plan(Level::Patient, &[("patient", "zz")]), "u".into()).await;
+    let missing = engine.kickoff(get_plan(Level::Patient, &[("patient", "zz")]), "u".into(), Value::Null).await;
     assert!(matches!(missing, Err(KickoffError::NotFound(i)) if i.diagnostics.contains("zz")));
 }
 
@@ -125,7 +125,7 @@ async fn split_gzip_files_are_named_and_counted() {
         batch_bytes: 100,
         ..EngineConfig::default()
     };
-    let engine = Engine::new(store, Arc::new(mem.clone()), config);
+    let engine = Engine::new(store, Arc::new(FixedStorage(Arc::new(mem.clone()))), config);
     let job = run(&engine, get_plan(Level::System, &[("_type", "Observation"), ("_outputFormat", "ndjson.gz")])).await;
     let names: Vec<(String, u64)> =
         job.output.iter().map(|f| (f.key.rsplit('/').next().unwrap().to_string(), f.count)).collect();
@@ -157,17 +157,17 @@ async fn cancel_removes_everything_and_frees_the_slot() {
     let store = store_with_data(dir.path()).await;
     let mem = MemoryStorage::new();
     let config = EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
-    let engine = Engine::new(store, Arc::new(mem.clone()), config);
-    let job = engine.kickoff(get_plan(Level::System, &[]), "u".into()).await.unwrap();
+    let engine = Engine::new(store, Arc::new(FixedStorage(Arc::new(mem.clone()))), config);
+    let job = engine.kickoff(get_plan(Level::System, &[]), "u".into(), Value::Null).await.unwrap();
     assert!(
-        matches!(engine.kickoff(get_plan(Level::System, &[]), "u".into()).await, Err(KickoffError::Busy(id)) if id == job.id)
+        matches!(engine.kickoff(get_plan(Level::System, &[]), "u".into(), Value::Null).await, Err(KickoffError::Busy(id)) if id == job.id)
     );
     engine.cancel(&job.id).await.unwrap();
     assert!(mem.keys().is_empty(), "nothing of a cancelled export remains: {:?}", mem.keys());
     assert_eq!(engine.store().get(&job.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
     assert!(engine.cancel(&job.id).await.is_err(), "a second DELETE finds nothing");
     // The slot is free at once.
-    let next = engine.kickoff(get_plan(Level::System, &[("_type", "Patient")]), "u".into()).await.unwrap();
+    let next = engine.kickoff(get_plan(Level::System, &[("_type", "Patient")]), "u".into(), Value::Null).await.unwrap();
     engine.cancel(&next.id).await.unwrap();
 }
 
@@ -211,7 +211,7 @@ async fn a_storage_failure_fails_the_job_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let store = store_with_data(dir.path()).await;
     let mem = MemoryStorage::new();
-    let engine = Engine::new(store, Arc::new(Broken(mem.clone())), EngineConfig::default());
+    let engine = Engine::new(store, Arc::new(FixedStorage(Arc::new(Broken(mem.clone())))), EngineConfig::default());
     let job = run(&engine, get_plan(Level::System, &[])).await;
     assert_eq!(job.status, JobStatus::Failed);
     let issue = &job.outcome.unwrap().issues[0];
@@ -238,8 +238,8 @@ fn crash_mid_export(
         rt.block_on(async move {
             let slow =
                 EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
-            let engine = Engine::new(store.clone(), Arc::new(mem), slow);
-            let job = engine.kickoff(plan, "u".into()).await.unwrap();
+            let engine = Engine::new(store.clone(), Arc::new(FixedStorage(Arc::new(mem))), slow);
+            let job = engine.kickoff(plan, "u".into(), Value::Null).await.unwrap();
             loop {
                 let j = store.get(&job.id).await.unwrap().unwrap();
                 if j.status == JobStatus::InProgress && !j.progress.is_empty() {
@@ -267,7 +267,7 @@ async fn an_interrupted_job_is_rerun_on_its_snapshot() {
 
     // Second process, same database: it finds the job (lease expired) and finishes it.
     let takeover = EngineConfig { lease: Duration::ZERO, ..EngineConfig::default() };
-    let second = Engine::new(store.clone(), Arc::new(mem.clone()), takeover);
+    let second = Engine::new(store.clone(), Arc::new(FixedStorage(Arc::new(mem.clone()))), takeover);
     assert_eq!(second.resume_unfinished().await.unwrap(), 1);
     second.wait(&job.id).await;
     let done = store.get(&job.id).await.unwrap().unwrap();
@@ -290,7 +290,7 @@ async fn a_job_interrupted_too_often_fails_with_an_outcome() {
     assert!(store.save_if(&job, &[JobStatus::InProgress]).await.unwrap());
 
     let takeover = EngineConfig { lease: Duration::ZERO, ..EngineConfig::default() };
-    let second = Engine::new(store.clone(), Arc::new(mem.clone()), takeover);
+    let second = Engine::new(store.clone(), Arc::new(FixedStorage(Arc::new(mem.clone()))), takeover);
     assert_eq!(second.resume_unfinished().await.unwrap(), 1);
     second.wait(&job.id).await;
     let done = store.get(&job.id).await.unwrap().unwrap();

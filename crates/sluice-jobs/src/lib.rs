@@ -139,6 +139,10 @@ pub struct JobRecord {
     pub progress: BTreeMap<String, TypeProgress>,
     /// How many times the job was (re)started, counting restarts after a crash.
     pub attempts: u32,
+    /// Where the files go: the storage description chosen at kick-off (provider, bucket,
+    /// names of configuration resources; never secrets). `Null`: the server's default.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub storage: serde_json::Value,
 }
 
 impl JobRecord {
@@ -170,6 +174,7 @@ impl JobRecord {
             outcome: None,
             progress: BTreeMap::new(),
             attempts: 0,
+            storage: serde_json::Value::Null,
         }
     }
 

@@ -7,12 +7,15 @@
 //! half-written file that looks complete. Download links are handed out as signed URLs
 //! with an expiry, created afresh each time they are asked for.
 
+pub mod cloud;
 mod memory;
 
+pub use cloud::{CloudOptions, CloudStorage, ObjectBackend, PartUpload};
 pub use memory::MemoryStorage;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::sync::Arc;
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -61,6 +64,17 @@ pub enum StorageError {
         /// What went wrong.
         reason: String,
     },
+    /// A transient failure (timeout, throttling, 5xx, connection reset): worth retrying.
+    #[error("storage '{location}' is unavailable: {reason}")]
+    Unavailable {
+        /// Bucket, container or folder (never credentials).
+        location: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Storage is not configured well enough to be used; says what is missing.
+    #[error("export storage is not usable: {0}")]
+    NotConfigured(String),
     /// A local I/O error.
     #[error("I/O error on '{location}': {source}")]
     Io {
@@ -95,6 +109,34 @@ pub trait Storage: Send + Sync {
     /// Deletes every object whose key starts with `prefix` (a folder such as `2024..._uuid/`);
     /// returns how many were deleted.
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, StorageError>;
+}
+
+/// Where exports go: the storage a new export uses, and the storage an earlier export was
+/// written to. A server whose storage configuration can change implements it; a fixed one
+/// is [`FixedStorage`].
+#[async_trait]
+pub trait StorageSource: Send + Sync {
+    /// The storage for a new export, with a description of it (no secrets) that is saved
+    /// with the job, or why storage is not usable now.
+    async fn current(&self) -> Result<(Arc<dyn Storage>, serde_json::Value), StorageError>;
+    /// The storage a description from [`StorageSource::current`] names; `Null` (jobs saved
+    /// before descriptions existed) means the default storage.
+    async fn open(&self, target: &serde_json::Value) -> Result<Arc<dyn Storage>, StorageError>;
+}
+
+/// One storage for every export.
+#[derive(Clone)]
+pub struct FixedStorage(pub Arc<dyn Storage>);
+
+#[async_trait]
+impl StorageSource for FixedStorage {
+    async fn current(&self) -> Result<(Arc<dyn Storage>, serde_json::Value), StorageError> {
+        Ok((self.0.clone(), serde_json::Value::Null))
+    }
+
+    async fn open(&self, _target: &serde_json::Value) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(self.0.clone())
+    }
 }
 
 /// Checks that `key` is a relative path without `..`, empty or absolute segments.

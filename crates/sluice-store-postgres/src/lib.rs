@@ -19,6 +19,7 @@
 //!   Later writes read it and stamp a strictly later time.
 //! - The one-active-export rule is a unique partial index on `sluice_job(active)`.
 
+mod config;
 mod jobs;
 mod schema;
 

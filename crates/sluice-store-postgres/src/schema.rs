@@ -59,6 +59,14 @@ const MIGRATIONS: &[&str] = &[
         snapshot_ms bigint  NOT NULL
      );
      INSERT INTO sluice_clock (one, snapshot_ms) VALUES (true, 0);",
+    // 2: configuration resources (AwsAccount, ...), apart from FHIR data.
+    "CREATE TABLE sluice_config (
+        type       text        NOT NULL,
+        id         text        NOT NULL,
+        json       text        NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (type, id)
+     );",
 ];
 
 /// Brings the database up to the latest schema.

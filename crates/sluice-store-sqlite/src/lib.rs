@@ -12,6 +12,7 @@
 //! write's `lastUpdated`, while later writes get strictly later times: `_since` chains
 //! across exports are exact.
 
+mod config;
 mod jobs;
 mod schema;
 

@@ -31,6 +31,13 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
      );
      CREATE TABLE kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 2: configuration resources (AwsAccount, ...), apart from FHIR data.
+    "CREATE TABLE config (
+        type TEXT NOT NULL,
+        id   TEXT NOT NULL,
+        json TEXT NOT NULL,
+        PRIMARY KEY (type, id)
+     ) WITHOUT ROWID;",
 ];
 
 /// Brings the database up to the latest schema, one transaction per migration.

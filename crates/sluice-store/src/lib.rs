@@ -301,9 +301,22 @@ pub struct LoadSummary {
     pub unchanged: u64,
 }
 
-/// Versioned FHIR resources with snapshots; the jobs live in the same database.
+/// Configuration resources (`AwsAccount`, `AzureContainer`, ...): JSON documents kept
+/// apart from FHIR data, so that no export can ever read them.
 #[async_trait]
-pub trait ResourceStore: JobRepo + Send + Sync {
+pub trait ConfigRepo: Send + Sync {
+    /// Creates or replaces `resource_type/id`; returns whether it was created.
+    async fn config_put(&self, resource_type: &str, id: &str, json: &str) -> Result<bool, StoreError>;
+    /// The stored JSON of `resource_type/id`.
+    async fn config_get(&self, resource_type: &str, id: &str) -> Result<Option<String>, StoreError>;
+    /// Deletes `resource_type/id`; returns whether it existed.
+    async fn config_delete(&self, resource_type: &str, id: &str) -> Result<bool, StoreError>;
+}
+
+/// Versioned FHIR resources with snapshots; the jobs and the configuration resources live
+/// in the same database.
+#[async_trait]
+pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
     /// A short description (kind and location, no secrets).
     fn describe(&self) -> String;
 

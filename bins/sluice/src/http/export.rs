@@ -65,6 +65,10 @@ async fn kickoff(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // Storage first, as Aidbox does: a misconfigured server says so whatever the request.
+    let (_, storage) = app.inner.engine.storage_for_new_export().await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
+    })?;
     let query: Vec<(String, String)> = uri
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
@@ -86,7 +90,7 @@ async fn kickoff(
         ApiError::new(status, issues)
     })?;
     let request_url = format!("{}{}", app.inner.base_url, uri.path_and_query().map_or(uri.path(), |p| p.as_str()));
-    let job = app.inner.engine.kickoff(plan, request_url).await.map_err(|e| match e {
+    let job = app.inner.engine.kickoff(plan, request_url, storage).await.map_err(|e| match e {
         KickoffError::Busy(id) => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             Issue::error(
@@ -147,7 +151,9 @@ pub async fn status(State(app): State<AppState>, Path(id): Path<String>) -> Resu
             Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, outcome))
         }
         JobStatus::Completed => {
-            let storage = app.inner.engine.storage().clone();
+            let storage = app.inner.engine.storage_of(&job).await.map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
+            })?;
             let m = sluice_engine::manifest(&job, storage.as_ref(), app.inner.ttl)
                 .await
                 .map_err(|e| ApiError::internal(format!("signing download links failed: {e}")))?;

@@ -1,6 +1,7 @@
 //! The HTTP API: FHIR base `/fhir` (bulk export, status, a little REST) and `/files` for
 //! signed downloads of local export files. Every error is an `OperationOutcome`.
 
+mod config;
 mod export;
 mod files;
 mod metadata;
@@ -54,6 +55,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/fhir", fhir)
         .route("/files/{*key}", get(files::download))
+        .route("/{type}/{id}", get(config::get).put(config::put).delete(config::delete))
         .fallback(outcome::not_found)
         .method_not_allowed_fallback(outcome::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -1,0 +1,381 @@
+//! The GCS backend against a real fake-gcs-server, through `CloudStorage` and the `Storage`
+//! trait. Start the server with `bash .ci/emulators/gcs.sh start` and export the
+//! `SLUICE_TEST_GCS_ENDPOINT` it prints. Without the variable the tests are skipped, except
+//! in CI (`CI=true`), where they fail.
+//!
+//! fake-gcs-server takes an object's Content-Type from the media part of a multipart upload
+//! or from the last chunk request of a resumable one, not from the object metadata the
+//! client sends as the JSON API specifies (fake-gcs-server issue #1098), and the SDK sends
+//! the type only in that metadata. So the tests read the Content-Type from the requests
+//! themselves, through a recording proxy, and check the rest on the stored objects.
+
+use bytes::Bytes;
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use sluice_storage::{CloudOptions, CloudStorage, ObjectMeta, Storage, StorageError};
+use sluice_storage_gcs::{GcsBackend, GcsConfig};
+use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The smallest part size: parts are sent as soon as they reach it.
+const PART: usize = 256 * 1024;
+
+fn endpoint() -> Option<String> {
+    match std::env::var("SLUICE_TEST_GCS_ENDPOINT") {
+        Ok(e) if !e.trim().is_empty() => Some(e.trim().trim_end_matches('/').to_string()),
+        _ if std::env::var("CI").as_deref() == Ok("true") => panic!(
+            "SLUICE_TEST_GCS_ENDPOINT is not set: run `bash .ci/emulators/gcs.sh start` and export the variable it prints"
+        ),
+        _ => {
+            eprintln!("skipping: SLUICE_TEST_GCS_ENDPOINT is not set (see `bash .ci/emulators/gcs.sh start`)");
+            None
+        }
+    }
+}
+
+/// Percent-encodes one path segment or query value.
+fn enc(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A fresh, empty bucket with a unique name.
+fn fresh_bucket(endpoint: &str, test: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let name = format!("sluice-{test}-{}-{}-{nanos}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    ureq::post(&format!("{endpoint}/storage/v1/b"))
+        .header("content-type", "application/json")
+        .send(serde_json::json!({ "name": name }).to_string())
+        .unwrap_or_else(|e| panic!("creating bucket {name} on {endpoint}: {e}"));
+    name
+}
+
+/// A TCP proxy in front of the emulator that keeps every byte the client sends.
+struct Recorder {
+    endpoint: String,
+    sent: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Recorder {
+    async fn start(upstream: &str) -> Recorder {
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let log = sent.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(&upstream).await else { continue };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let upload = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n) = client_read.read(&mut buf).await {
+                            if n == 0 || server_write.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            log.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                        let _ = server_write.shutdown().await;
+                    };
+                    let download = async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    };
+                    tokio::join!(upload, download);
+                });
+            }
+        });
+        Recorder { endpoint, sent }
+    }
+
+    /// Everything sent so far, as text (binary bytes replaced).
+    fn sent(&self) -> String {
+        String::from_utf8_lossy(&self.sent.lock().unwrap()).into_owned()
+    }
+
+    /// Checks that object metadata with these fields was sent for `key`'s upload.
+    fn assert_sent_metadata(&self, content_type: &str, content_encoding: Option<&str>) {
+        let sent = self.sent();
+        assert!(sent.contains(&format!("\"contentType\":\"{content_type}\"")), "no contentType sent");
+        if let Some(encoding) = content_encoding {
+            assert!(sent.contains(&format!("\"contentEncoding\":\"{encoding}\"")), "no contentEncoding sent");
+        }
+    }
+}
+
+async fn storage(endpoint: &str, bucket: &str) -> CloudStorage<GcsBackend> {
+    let backend = GcsBackend::connect(GcsConfig {
+        bucket: bucket.to_string(),
+        endpoint: Some(endpoint.to_string()),
+        service_account: None,
+    })
+    .await
+    .unwrap();
+    let options = CloudOptions { part_bytes: PART, first_backoff: Duration::from_millis(10), ..Default::default() };
+    CloudStorage::new(backend, options)
+}
+
+/// Writes `chunks` to `key` and returns the size `finish` reports.
+async fn write(storage: &CloudStorage<GcsBackend>, key: &str, meta: ObjectMeta, chunks: &[&[u8]]) -> u64 {
+    let mut writer = storage.create(key, meta).await.unwrap();
+    for chunk in chunks {
+        writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+    }
+    writer.finish().await.unwrap()
+}
+
+/// The object's JSON metadata, or `None` if it does not exist.
+fn metadata(endpoint: &str, bucket: &str, key: &str) -> Option<serde_json::Value> {
+    match ureq::get(&format!("{endpoint}/storage/v1/b/{bucket}/o/{}", enc(key))).call() {
+        Ok(mut response) => Some(serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap()),
+        Err(ureq::Error::StatusCode(404)) => None,
+        Err(e) => panic!("metadata of {key}: {e}"),
+    }
+}
+
+/// Names of all objects in the bucket, sorted (read through the JSON API, not the backend).
+fn object_names(endpoint: &str, bucket: &str) -> Vec<String> {
+    let mut response = ureq::get(&format!("{endpoint}/storage/v1/b/{bucket}/o")).call().unwrap();
+    let list: serde_json::Value = serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap();
+    let mut names: Vec<String> = list["items"]
+        .as_array()
+        .map(|items| items.iter().map(|i| i["name"].as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// GETs a signed URL (asking for gzip as-is) and returns the Content-Encoding and body.
+fn fetch(url: &str) -> (Option<String>, Vec<u8>) {
+    let mut response =
+        ureq::get(url).header("accept-encoding", "gzip").call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let encoding = response.headers().get("content-encoding").map(|v| v.to_str().unwrap().to_string());
+    let body = response.body_mut().with_config().limit(256 << 20).read_to_vec().unwrap();
+    (encoding, body)
+}
+
+/// Deterministic bytes that do not compress (xorshift).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// Splits `data` into chunks of odd, varying sizes.
+fn odd_chunks(data: &[u8]) -> Vec<&[u8]> {
+    let sizes = [1, 4097, 65_537, 300_001, 77, 1_048_583, 13];
+    let mut chunks = Vec::new();
+    let mut rest = data;
+    for size in sizes.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (head, tail) = rest.split_at((*size).min(rest.len()));
+        chunks.push(head);
+        rest = tail;
+    }
+    chunks
+}
+
+#[tokio::test]
+async fn small_object_and_signed_url() {
+    let Some(ep) = endpoint() else { return };
+    let bucket = fresh_bucket(&ep, "small");
+    let recorder = Recorder::start(&ep).await;
+    let storage = storage(&recorder.endpoint, &bucket).await;
+    assert_eq!(storage.describe(), format!("gs://{bucket}"));
+
+    let key = "2024-03-01T120000Z_job/Patient 1.ndjson";
+    let body = b"{\"resourceType\":\"Patient\",\"id\":\"1\"}\n{\"resourceType\":\"Patient\",\"id\":\"2\"}\n";
+    let size = write(&storage, key, ObjectMeta::ndjson(false), &[&body[..10], &body[10..]]).await;
+    assert_eq!(size, body.len() as u64);
+
+    recorder.assert_sent_metadata("application/fhir+ndjson", None);
+    assert!(!recorder.sent().contains("contentEncoding"));
+    let meta = metadata(&ep, &bucket, key).expect("object exists");
+    assert!(meta.get("contentEncoding").is_none_or(|v| v.as_str() == Some("")), "{meta}");
+    assert_eq!(meta["size"], body.len().to_string());
+
+    let signed = storage.signed_url(key, Duration::from_secs(600)).await.unwrap();
+    let path = format!("/{bucket}/2024-03-01T120000Z_job/Patient%201.ndjson?X-Goog-Algorithm=GOOG4-RSA-SHA256&");
+    assert!(signed.url.starts_with(&format!("{}{path}", recorder.endpoint)), "{}", signed.url);
+    assert!(signed.url.contains("X-Goog-Signature="), "{}", signed.url);
+    let now = time::OffsetDateTime::now_utc();
+    assert!(signed.expires > now + Duration::from_secs(590) && signed.expires <= now + Duration::from_secs(600));
+    let (encoding, fetched) = fetch(&signed.url);
+    assert_eq!(encoding, None);
+    assert_eq!(fetched, body);
+}
+
+#[tokio::test]
+async fn gzip_object_keeps_its_encoding() {
+    let Some(ep) = endpoint() else { return };
+    let bucket = fresh_bucket(&ep, "gzip");
+    let recorder = Recorder::start(&ep).await;
+    let storage = storage(&recorder.endpoint, &bucket).await;
+
+    let plain = b"{\"resourceType\":\"Observation\",\"id\":\"o1\"}\n".repeat(50);
+    let gz = gzip(&plain);
+    let key = "job/Observation.ndjson.gz";
+    assert_eq!(write(&storage, key, ObjectMeta::ndjson(true), &[&gz]).await, gz.len() as u64);
+
+    recorder.assert_sent_metadata("application/fhir+ndjson", Some("gzip"));
+    let meta = metadata(&ep, &bucket, key).unwrap();
+    assert_eq!(meta["contentEncoding"], "gzip");
+
+    let signed = storage.signed_url(key, Duration::from_secs(60)).await.unwrap();
+    let (encoding, fetched) = fetch(&signed.url);
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(fetched, gz);
+}
+
+#[tokio::test]
+async fn multipart_object_is_reassembled_exactly() {
+    let Some(ep) = endpoint() else { return };
+    let bucket = fresh_bucket(&ep, "multipart");
+    // Only the session start goes through the recorder: the chunks go to the session URL
+    // the emulator hands out, which points at the emulator itself.
+    let recorder = Recorder::start(&ep).await;
+    let storage = storage(&recorder.endpoint, &bucket).await;
+
+    // Larger than the SDK's 8 MiB chunk, so the resumable upload takes several requests,
+    // and not a multiple of the 256 KiB part size. Gzip so both metadata fields are set.
+    let data = gzip(&noise(9 * 1024 * 1024 + 12_345, 7));
+    assert!(data.len() > 9 * 1024 * 1024 && data.len() % PART != 0);
+    let key = "job/Encounter.ndjson.gz";
+    let size = write(&storage, key, ObjectMeta::ndjson(true), &odd_chunks(&data)).await;
+    assert_eq!(size, data.len() as u64);
+
+    recorder.assert_sent_metadata("application/fhir+ndjson", Some("gzip"));
+    assert!(recorder.sent().contains("uploadType=resumable"));
+    let meta = metadata(&ep, &bucket, key).unwrap();
+    assert_eq!(meta["contentEncoding"], "gzip");
+    assert_eq!(meta["size"], data.len().to_string());
+
+    let signed = storage.signed_url(key, Duration::from_secs(3600)).await.unwrap();
+    let (encoding, fetched) = fetch(&signed.url);
+    assert_eq!(encoding.as_deref(), Some("gzip"));
+    assert_eq!(fetched.len(), data.len());
+    assert!(fetched == data, "downloaded bytes differ from the uploaded ones");
+
+    // Exactly one part plus one byte: the smallest multi-part object.
+    let data = noise(PART + 1, 9);
+    assert_eq!(write(&storage, "job/edge.ndjson", ObjectMeta::ndjson(false), &[&data]).await, data.len() as u64);
+    let (_, fetched) = fetch(&storage.signed_url("job/edge.ndjson", Duration::from_secs(60)).await.unwrap().url);
+    assert!(fetched == data);
+}
+
+#[tokio::test]
+async fn abort_and_drop_leave_no_object() {
+    let Some(ep) = endpoint() else { return };
+    let bucket = fresh_bucket(&ep, "abort");
+    let storage = storage(&ep, &bucket).await;
+    let data = noise(3 * PART + 5, 3);
+
+    // Aborted after parts were uploaded.
+    let mut writer = storage.create("job/aborted.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+    writer.write(Bytes::from(data.clone())).await.unwrap();
+    writer.abort().await;
+
+    // Dropped without finish or abort (e.g. a cancelled task).
+    let mut writer = storage.create("job/dropped.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+    writer.write(Bytes::from(data.clone())).await.unwrap();
+    drop(writer);
+
+    // Aborted before the first part was full: nothing was ever sent.
+    let mut writer = storage.create("job/small.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+    writer.write(Bytes::from_static(b"{}\n")).await.unwrap();
+    writer.abort().await;
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(object_names(&ep, &bucket), Vec::<String>::new());
+    assert!(metadata(&ep, &bucket, "job/aborted.ndjson").is_none());
+}
+
+#[tokio::test]
+async fn delete_prefix_removes_only_the_prefix() {
+    let Some(ep) = endpoint() else { return };
+    let bucket = fresh_bucket(&ep, "delete");
+    let backend =
+        GcsBackend::connect(GcsConfig { bucket: bucket.clone(), endpoint: Some(ep.clone()), service_account: None })
+            .await
+            .unwrap()
+            // Small pages, so that listing has to follow page tokens.
+            .with_list_page_size(2);
+    let storage = CloudStorage::new(backend, CloudOptions { part_bytes: PART, ..Default::default() });
+
+    let doomed = ["job1/a.ndjson", "job1/b.ndjson", "job1/sub/c.ndjson", "job1/d.ndjson", "job1/e.ndjson"];
+    let kept = ["job10/x.ndjson", "job2/y.ndjson", "job1.ndjson"];
+    for key in doomed.iter().chain(&kept) {
+        write(&storage, key, ObjectMeta::ndjson(false), &[b"{}\n"]).await;
+    }
+    assert_eq!(storage.delete_prefix("job1/").await.unwrap(), doomed.len() as u64);
+    let mut want: Vec<String> = kept.iter().map(|k| k.to_string()).collect();
+    want.sort();
+    assert_eq!(object_names(&ep, &bucket), want);
+
+    // Nothing left under the prefix: a second call deletes nothing.
+    assert_eq!(storage.delete_prefix("job1/").await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn missing_bucket_errors_name_the_bucket() {
+    let Some(ep) = endpoint() else { return };
+    let missing = format!("sluice-missing-{}", std::process::id());
+    let err =
+        GcsBackend::connect(GcsConfig { bucket: missing.clone(), endpoint: Some(ep.clone()), service_account: None })
+            .await
+            .unwrap_err();
+    assert!(matches!(err, StorageError::Backend { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&missing) && text.contains("not found"), "{text}");
+
+    // A bucket that disappears after connecting: both upload paths report it.
+    let bucket = fresh_bucket(&ep, "vanish");
+    let storage = storage(&ep, &bucket).await;
+    ureq::delete(&format!("{ep}/storage/v1/b/{bucket}")).call().unwrap();
+
+    let mut writer = storage.create("job/small.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+    writer.write(Bytes::from_static(b"{}\n")).await.unwrap();
+    let text = writer.finish().await.unwrap_err().to_string();
+    assert!(text.contains(&bucket), "{text}");
+
+    let mut writer = storage.create("job/large.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+    let data = Bytes::from(noise(4 * PART, 5));
+    let result = match writer.write(data).await {
+        Ok(()) => writer.finish().await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let text = result.unwrap_err().to_string();
+    assert!(text.contains(&bucket), "{text}");
+
+    let text = storage.delete_prefix("job/").await.unwrap_err().to_string();
+    assert!(text.contains(&bucket) && text.contains("not found"), "{text}");
+}

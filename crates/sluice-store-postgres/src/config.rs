@@ -1,0 +1,41 @@
+//! [`ConfigRepo`] in the `sluice_config` table.
+
+use crate::{PgStore, pg_err};
+use async_trait::async_trait;
+use sluice_store::{ConfigRepo, StoreError};
+
+#[async_trait]
+impl ConfigRepo for PgStore {
+    async fn config_put(&self, resource_type: &str, id: &str, json: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        // `xmax = 0` holds for a freshly inserted row, not for one the upsert updated.
+        let row = client
+            .query_one(
+                "INSERT INTO sluice_config (type, id, json) VALUES ($1, $2, $3)
+                 ON CONFLICT (type, id) DO UPDATE SET json = EXCLUDED.json, updated_at = now()
+                 RETURNING (xmax = 0)",
+                &[&resource_type, &id, &json],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(row.get(0))
+    }
+
+    async fn config_get(&self, resource_type: &str, id: &str) -> Result<Option<String>, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt("SELECT json FROM sluice_config WHERE type = $1 AND id = $2", &[&resource_type, &id])
+            .await
+            .map_err(pg_err)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn config_delete(&self, resource_type: &str, id: &str) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute("DELETE FROM sluice_config WHERE type = $1 AND id = $2", &[&resource_type, &id])
+            .await
+            .map_err(pg_err)?;
+        Ok(n > 0)
+    }
+}

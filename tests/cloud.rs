@@ -204,6 +204,33 @@ fn s3_export_end_to_end() {
     export_end_to_end(&S3::new(endpoint, true));
 }
 
+/// DELETE while an export runs removes the files it already wrote to the bucket.
+#[test]
+fn s3_cancel_removes_what_was_written() {
+    let Some(endpoint) = emulator("SLUICE_TEST_S3_ENDPOINT") else { return };
+    let s3 = S3::new(endpoint, true);
+    let mut args = s3.server_args();
+    // Slow, with small files, so that some are finished while the export still runs.
+    args.extend(["--throttle-ms", "20", "--batch-bytes", "16384", "--max-file-resources", "100"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let srv = Server::loaded(&args);
+    s3.configure(&srv);
+    let status = kickoff(&srv, &srv.fhir("/$export"));
+    let started = std::time::Instant::now();
+    loop {
+        let r = get(&status);
+        assert_eq!(r.status, 202, "the throttled export finished before any file could be seen: {}", r.text());
+        if !s3.list("").is_empty() {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "no object was written within a minute");
+        std::thread::sleep(std::time::Duration::from_secs(r.retry_after()));
+    }
+    assert_eq!(delete(&status).status, 202);
+    assert_eq!(s3.list(""), BTreeSet::new(), "the cancelled export's objects are gone");
+    assert_eq!(get(&status).status, 404);
+}
+
 #[test]
 fn s3_missing_bucket_fails_naming_it() {
     let Some(endpoint) = emulator("SLUICE_TEST_S3_ENDPOINT") else { return };

@@ -251,3 +251,177 @@ impl<B: ObjectBackend> ObjectWriter for CloudWriter<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// What the fake backend saw and holds.
+    #[derive(Default)]
+    struct State {
+        objects: BTreeMap<String, Vec<u8>>,
+        puts: usize,
+        uploads: usize,
+        parts: Vec<usize>,
+        aborted: usize,
+        /// Fail this many part uploads with `Unavailable` before succeeding.
+        flaky_parts: usize,
+        /// Fail every part upload for good.
+        broken_parts: bool,
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake(Arc<Mutex<State>>);
+
+    struct FakeUpload {
+        key: String,
+        parts: Vec<Bytes>,
+        state: Arc<Mutex<State>>,
+    }
+
+    #[async_trait]
+    impl PartUpload for FakeUpload {
+        async fn put_part(&mut self, index: u32, data: Bytes) -> Result<(), StorageError> {
+            let mut s = self.state.lock().unwrap();
+            if s.broken_parts {
+                return Err(StorageError::Backend { location: "fake".into(), reason: "denied".into() });
+            }
+            if s.flaky_parts > 0 {
+                s.flaky_parts -= 1;
+                return Err(StorageError::Unavailable { location: "fake".into(), reason: "503".into() });
+            }
+            assert_eq!(index as usize, self.parts.len(), "parts arrive in order");
+            s.parts.push(data.len());
+            self.parts.push(data);
+            Ok(())
+        }
+
+        async fn complete(&mut self) -> Result<(), StorageError> {
+            let bytes = self.parts.iter().flat_map(|p| p.iter().copied()).collect();
+            self.state.lock().unwrap().objects.insert(self.key.clone(), bytes);
+            Ok(())
+        }
+
+        async fn abort(&mut self) {
+            self.state.lock().unwrap().aborted += 1;
+        }
+    }
+
+    #[async_trait]
+    impl ObjectBackend for Fake {
+        fn describe(&self) -> String {
+            "fake://bucket".into()
+        }
+        fn min_part_bytes(&self) -> usize {
+            10
+        }
+        async fn put_object(&self, key: &str, _meta: &ObjectMeta, data: Bytes) -> Result<(), StorageError> {
+            let mut s = self.0.lock().unwrap();
+            s.puts += 1;
+            s.objects.insert(key.into(), data.to_vec());
+            Ok(())
+        }
+        async fn start_upload(&self, key: &str, _meta: &ObjectMeta) -> Result<Box<dyn PartUpload>, StorageError> {
+            self.0.lock().unwrap().uploads += 1;
+            Ok(Box::new(FakeUpload { key: key.into(), parts: Vec::new(), state: self.0.clone() }))
+        }
+        async fn signed_url(&self, key: &str, ttl: Duration) -> Result<SignedUrl, StorageError> {
+            Ok(SignedUrl { url: format!("fake://{key}"), expires: time::OffsetDateTime::now_utc() + ttl })
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+            Ok(self.0.lock().unwrap().objects.keys().filter(|k| k.starts_with(prefix)).cloned().collect())
+        }
+        async fn delete(&self, key: &str) -> Result<(), StorageError> {
+            self.0.lock().unwrap().objects.remove(key);
+            Ok(())
+        }
+    }
+
+    fn storage(fake: &Fake, part_bytes: usize) -> CloudStorage<Fake> {
+        let options = CloudOptions { part_bytes, first_backoff: Duration::from_millis(1), ..CloudOptions::default() };
+        CloudStorage::new(fake.clone(), options)
+    }
+
+    async fn write(storage: &CloudStorage<Fake>, key: &str, chunks: &[&[u8]]) -> Result<u64, StorageError> {
+        let mut w = storage.create(key, ObjectMeta::ndjson(false)).await?;
+        for c in chunks {
+            w.write(Bytes::copy_from_slice(c)).await?;
+        }
+        w.finish().await
+    }
+
+    #[tokio::test]
+    async fn a_small_object_is_one_request() {
+        let fake = Fake::default();
+        let n = write(&storage(&fake, 16), "f/a", &[b"hello ", b"world"]).await.unwrap();
+        assert_eq!(n, 11);
+        let s = fake.0.lock().unwrap();
+        assert_eq!((s.puts, s.uploads), (1, 0));
+        assert_eq!(s.objects["f/a"], b"hello world");
+    }
+
+    #[tokio::test]
+    async fn a_large_object_goes_up_in_full_parts_and_is_reassembled() {
+        let fake = Fake::default();
+        let data: Vec<u8> = (0..40u8).collect();
+        let chunks: Vec<&[u8]> = vec![&data[..3], &data[3..20], &data[20..21], &data[21..]];
+        assert_eq!(write(&storage(&fake, 16), "f/big", &chunks).await.unwrap(), 40);
+        let s = fake.0.lock().unwrap();
+        assert_eq!((s.puts, s.uploads), (0, 1));
+        assert_eq!(s.parts, vec![16, 16, 8]);
+        assert_eq!(s.objects["f/big"], data);
+    }
+
+    #[tokio::test]
+    async fn parts_are_never_smaller_than_the_provider_minimum() {
+        let fake = Fake::default();
+        write(&storage(&fake, 1), "f/x", &[&[7u8; 25]]).await.unwrap();
+        assert_eq!(fake.0.lock().unwrap().parts, vec![10, 10, 5]);
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried() {
+        let fake = Fake::default();
+        fake.0.lock().unwrap().flaky_parts = 2;
+        write(&storage(&fake, 10), "f/y", &[&[1u8; 25]]).await.unwrap();
+        let s = fake.0.lock().unwrap();
+        assert_eq!(s.parts, vec![10, 10, 5]);
+        assert_eq!(s.objects["f/y"], vec![1u8; 25]);
+    }
+
+    #[tokio::test]
+    async fn too_many_transient_failures_give_up_and_abort() {
+        let fake = Fake::default();
+        fake.0.lock().unwrap().flaky_parts = 100;
+        let e = write(&storage(&fake, 10), "f/z", &[&[1u8; 25]]).await.unwrap_err();
+        assert!(matches!(e, StorageError::Unavailable { .. }), "{e}");
+        let s = fake.0.lock().unwrap();
+        assert_eq!(s.aborted, 1);
+        assert!(!s.objects.contains_key("f/z"));
+        assert_eq!(s.flaky_parts, 100 - CloudOptions::default().attempts, "one try plus the retries");
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_not_retried_and_aborts() {
+        let fake = Fake::default();
+        fake.0.lock().unwrap().broken_parts = true;
+        let e = write(&storage(&fake, 10), "f/w", &[&[1u8; 25]]).await.unwrap_err();
+        assert!(matches!(e, StorageError::Backend { .. }), "{e}");
+        assert_eq!(fake.0.lock().unwrap().aborted, 1);
+    }
+
+    #[tokio::test]
+    async fn delete_prefix_deletes_only_the_prefix() {
+        let fake = Fake::default();
+        let st = storage(&fake, 10);
+        for k in ["a/1", "a/2", "ab/3", "b/a/4"] {
+            write(&st, k, &[b"x"]).await.unwrap();
+        }
+        assert_eq!(st.delete_prefix("a/").await.unwrap(), 2);
+        let keys: Vec<String> = fake.0.lock().unwrap().objects.keys().cloned().collect();
+        assert_eq!(keys, vec!["ab/3", "b/a/4"]);
+        assert!(st.create("../x", ObjectMeta::ndjson(false)).await.is_err(), "keys are checked");
+    }
+}

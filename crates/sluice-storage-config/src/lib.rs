@@ -210,6 +210,7 @@ impl ConfiguredStorage {
                         Some(sluice_storage_gcs::GcsServiceAccount {
                             client_email: resources::field(&a, "service-account-email").unwrap_or_default().to_string(),
                             private_key: resources::field(&a, "private-key").unwrap_or_default().to_string(),
+                            private_key_id: resources::field(&a, "private-key-id").map(str::to_string),
                         })
                     }
                     None => None,

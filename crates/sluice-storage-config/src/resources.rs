@@ -32,7 +32,7 @@ pub const CONFIG_TYPES: [ConfigType; 4] = [
     ConfigType {
         name: "GcpServiceAccount",
         required: &["service-account-email", "private-key"],
-        optional: &[],
+        optional: &["private-key-id"],
         secrets: &["private-key"],
     },
 ];

@@ -51,7 +51,12 @@
 //! [`PartUpload::put_part`] go through a channel holding at most one part into the SDK's
 //! upload task, which sends them in chunks of 8 MiB and retries lost chunks itself. An
 //! object becomes visible only when its upload is finalized, so an aborted upload leaves
-//! nothing behind.
+//! nothing behind. Memory per open upload: the part being handed over, one part in the
+//! channel, and the SDK's 8 MiB chunk (plus at most one part it has not cut yet).
+//!
+//! Uploads go through the SDK's JSON API client; listing and deleting objects use the JSON
+//! API directly (with the same credentials), since the SDK's `StorageControl` client speaks
+//! gRPC only, which emulators do not.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -79,6 +84,10 @@ const UPLOAD_CHUNK_BYTES: usize = 8 << 20;
 
 /// Longest wait for a single-request upload (at most one part).
 const PUT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Longest time a resumable upload may go without taking the next part (or finishing):
+/// the SDK's own retries give up after 5 minutes, so this only ends uploads that hang.
+const STALL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Longest wait for one list or delete request.
 const JSON_API_TIMEOUT: Duration = Duration::from_secs(60);
@@ -112,6 +121,9 @@ pub struct GcsServiceAccount {
     /// The PKCS#8 PEM private key (`-----BEGIN PRIVATE KEY-----`), as in the key file's
     /// `private_key` field.
     pub private_key: String,
+    /// The key's id (the key file's `private_key_id`), sent as the `kid` of the self-signed
+    /// tokens that authorize requests; optional, as in Aidbox's `GcpServiceAccount`.
+    pub private_key_id: Option<String>,
 }
 
 impl std::fmt::Debug for GcsServiceAccount {
@@ -119,6 +131,7 @@ impl std::fmt::Debug for GcsServiceAccount {
         f.debug_struct("GcsServiceAccount")
             .field("client_email", &self.client_email)
             .field("private_key", &"[redacted]")
+            .field("private_key_id", &self.private_key_id)
             .finish()
     }
 }
@@ -315,7 +328,7 @@ impl GcsBackend {
         if let Some(token) = page_token {
             url.push_str(&format!("&pageToken={}", encode(token)));
         }
-        let what = format!("listing '{prefix}'");
+        let what = if prefix.is_empty() { "listing objects".to_string() } else { format!("listing '{prefix}'") };
         let (status, body) = self.json_request(&what, self.http.get(url)).await?;
         if !status.is_success() {
             return Err(self.status_error(&what, status, &body));
@@ -449,7 +462,7 @@ async fn service_account_auth(key: &GcsServiceAccount) -> Result<(Credentials, S
         "type": "service_account",
         "client_email": key.client_email,
         "private_key": key.private_key,
-        "private_key_id": "",
+        "private_key_id": key.private_key_id.as_deref().unwrap_or_default(),
         "project_id": "",
     });
     let credentials = credentials::service_account::Builder::new(json.clone())
@@ -516,7 +529,10 @@ impl ObjectBackend for GcsBackend {
             // Always one request: resumable uploads start at sizes above this one.
             .with_resumable_upload_threshold(size.saturating_add(1));
         if let Some(encoding) = &meta.content_encoding {
-            request = request.set_content_encoding(encoding);
+            // `no-transform`: GCS serves the stored gzip bytes to every client instead of
+            // decompressing for those that do not send `Accept-Encoding: gzip`, so the
+            // manifest's size and SHA-256 always match the download (D10).
+            request = request.set_content_encoding(encoding).set_cache_control("no-transform");
         }
         match tokio::time::timeout(PUT_TIMEOUT, request.send_unbuffered()).await {
             Ok(Ok(_)) => {
@@ -538,7 +554,10 @@ impl ObjectBackend for GcsBackend {
             .with_resumable_upload_threshold(0_usize)
             .with_resumable_upload_buffer_size(UPLOAD_CHUNK_BYTES);
         if let Some(encoding) = &meta.content_encoding {
-            request = request.set_content_encoding(encoding);
+            // `no-transform`: GCS serves the stored gzip bytes to every client instead of
+            // decompressing for those that do not send `Accept-Encoding: gzip`, so the
+            // manifest's size and SHA-256 always match the download (D10).
+            request = request.set_content_encoding(encoding).set_cache_control("no-transform");
         }
         let task = tokio::spawn(request.send_buffered());
         tracing::debug!(bucket = %self.bucket, key, "started resumable upload");
@@ -652,20 +671,26 @@ impl GcsUpload {
         if let Some(reason) = &self.failure {
             return Err(self.error(reason.clone()));
         }
-        let Some(task) = self.task.take() else {
+        let Some(mut task) = self.task.take() else {
             return Err(self.error(format!("upload of '{}' is already finished", self.key)));
         };
         self.tx = None;
         let what = format!("resumable upload of '{}'", self.key);
-        let reason = match task.await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => match classify_sdk_error(&e) {
+        let outcome = tokio::time::timeout(STALL_TIMEOUT, &mut task).await;
+        let reason = match outcome {
+            Err(_) => {
+                // Dropping a JoinHandle would leave the task running.
+                task.abort();
+                format!("{what} stalled: not finished after {} s", STALL_TIMEOUT.as_secs())
+            }
+            Ok(Ok(Ok(_))) => return Ok(()),
+            Ok(Ok(Err(e))) => match classify_sdk_error(&e) {
                 ErrorClass::NoBucket => format!("{what} failed: bucket '{}' not found", self.bucket),
                 ErrorClass::Denied => format!("{what} failed: permission denied: {}", short_msg(&e)),
                 ErrorClass::Transient => format!("{what} failed after the SDK's retries: {}", short(&e.to_string())),
                 ErrorClass::Permanent => format!("{what} failed: {}", short(&e.to_string())),
             },
-            Err(e) => format!("{what}: the upload task failed: {e}"),
+            Ok(Err(e)) => format!("{what}: the upload task failed: {e}"),
         };
         self.failure = Some(reason.clone());
         Err(self.error(reason))
@@ -687,12 +712,21 @@ impl PartUpload for GcsUpload {
         let Some(tx) = &self.tx else {
             return Err(self.error(format!("upload of '{}' is already finished", self.key)));
         };
-        if tx.send(Feed::Part(data)).await.is_err() {
-            // The task ended early: report why.
-            self.join().await?;
-            let reason = format!("upload of '{}' ended before all parts were sent", self.key);
-            self.failure = Some(reason.clone());
-            return Err(self.error(reason));
+        match tokio::time::timeout(STALL_TIMEOUT, tx.send(Feed::Part(data))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                // The task ended early: report why.
+                self.join().await?;
+                let reason = format!("upload of '{}' ended before all parts were sent", self.key);
+                self.failure = Some(reason.clone());
+                return Err(self.error(reason));
+            }
+            Err(_) => {
+                self.abort().await;
+                let reason = format!("upload of '{}' stalled: no progress for {} s", self.key, STALL_TIMEOUT.as_secs());
+                self.failure = Some(reason.clone());
+                return Err(self.error(reason));
+            }
         }
         self.next_index += 1;
         Ok(())
@@ -700,8 +734,9 @@ impl PartUpload for GcsUpload {
 
     async fn complete(&mut self) -> Result<(), StorageError> {
         if let Some(tx) = self.tx.take() {
-            // A send error means the task has ended; `join` says how.
-            let _ = tx.send(Feed::End).await;
+            // A send error means the task has ended, and a timeout that it hangs; `join`
+            // says how.
+            let _ = tokio::time::timeout(STALL_TIMEOUT, tx.send(Feed::End)).await;
         }
         self.join().await?;
         tracing::debug!(bucket = %self.bucket, key = %self.key, parts = self.next_index, "finished resumable upload");

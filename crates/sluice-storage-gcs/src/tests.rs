@@ -56,6 +56,7 @@ fn key_config(endpoint: Option<&str>) -> GcsConfig {
         service_account: Some(GcsServiceAccount {
             client_email: TEST_EMAIL.to_string(),
             private_key: TEST_PRIVATE_KEY.to_string(),
+            private_key_id: None,
         }),
     }
 }
@@ -266,4 +267,23 @@ fn helpers() {
     let date = signed_url_date("http://h/b/o?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Date=20240301T120005Z&x=1");
     assert_eq!(date, Some(time::macros::datetime!(2024-03-01 12:00:05 UTC)));
     assert_eq!(signed_url_date("http://h/b/o?X-Goog-Date=bad"), None);
+}
+
+#[tokio::test]
+async fn channel_source_ends_only_when_told() {
+    let (tx, rx) = mpsc::channel(1);
+    let mut source = ChannelSource { rx, ended: false };
+    tx.send(Feed::Part(Bytes::from_static(b"ab"))).await.unwrap();
+    assert_eq!(source.next().await.unwrap().unwrap(), Bytes::from_static(b"ab"));
+    tx.send(Feed::End).await.unwrap();
+    assert!(source.next().await.is_none());
+    assert!(source.next().await.is_none());
+
+    // Closed without `End`: an error, so the SDK never finalizes a partial object.
+    let (tx, rx) = mpsc::channel(1);
+    let mut source = ChannelSource { rx, ended: false };
+    tx.send(Feed::Part(Bytes::from_static(b"ab"))).await.unwrap();
+    drop(tx);
+    assert!(source.next().await.unwrap().is_ok());
+    assert!(source.next().await.unwrap().is_err());
 }

@@ -8,6 +8,9 @@
 //! client sends as the JSON API specifies (fake-gcs-server issue #1098), and the SDK sends
 //! the type only in that metadata. So the tests read the Content-Type from the requests
 //! themselves, through a recording proxy, and check the rest on the stored objects.
+//!
+//! The tests run on a multi-threaded runtime: the test body makes blocking HTTP calls
+//! (ureq) while the proxy's tasks run on the worker threads.
 
 use bytes::Bytes;
 use flate2::Compression;
@@ -204,7 +207,7 @@ fn odd_chunks(data: &[u8]) -> Vec<&[u8]> {
     chunks
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_object_and_signed_url() {
     let Some(ep) = endpoint() else { return };
     let bucket = fresh_bucket(&ep, "small");
@@ -234,7 +237,7 @@ async fn small_object_and_signed_url() {
     assert_eq!(fetched, body);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gzip_object_keeps_its_encoding() {
     let Some(ep) = endpoint() else { return };
     let bucket = fresh_bucket(&ep, "gzip");
@@ -256,7 +259,7 @@ async fn gzip_object_keeps_its_encoding() {
     assert_eq!(fetched, gz);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_object_is_reassembled_exactly() {
     let Some(ep) = endpoint() else { return };
     let bucket = fresh_bucket(&ep, "multipart");
@@ -268,7 +271,7 @@ async fn multipart_object_is_reassembled_exactly() {
     // Larger than the SDK's 8 MiB chunk, so the resumable upload takes several requests,
     // and not a multiple of the 256 KiB part size. Gzip so both metadata fields are set.
     let data = gzip(&noise(9 * 1024 * 1024 + 12_345, 7));
-    assert!(data.len() > 9 * 1024 * 1024 && data.len() % PART != 0);
+    assert!(data.len() > 9 * 1024 * 1024 && !data.len().is_multiple_of(PART));
     let key = "job/Encounter.ndjson.gz";
     let size = write(&storage, key, ObjectMeta::ndjson(true), &odd_chunks(&data)).await;
     assert_eq!(size, data.len() as u64);
@@ -292,7 +295,7 @@ async fn multipart_object_is_reassembled_exactly() {
     assert!(fetched == data);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_and_drop_leave_no_object() {
     let Some(ep) = endpoint() else { return };
     let bucket = fresh_bucket(&ep, "abort");
@@ -319,7 +322,7 @@ async fn abort_and_drop_leave_no_object() {
     assert!(metadata(&ep, &bucket, "job/aborted.ndjson").is_none());
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_prefix_removes_only_the_prefix() {
     let Some(ep) = endpoint() else { return };
     let bucket = fresh_bucket(&ep, "delete");
@@ -345,7 +348,7 @@ async fn delete_prefix_removes_only_the_prefix() {
     assert_eq!(storage.delete_prefix("job1/").await.unwrap(), 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_bucket_errors_name_the_bucket() {
     let Some(ep) = endpoint() else { return };
     let missing = format!("sluice-missing-{}", std::process::id());

@@ -438,3 +438,152 @@ fn since_lists_deletions_in_the_deleted_array() {
     let m = export(&srv, &url);
     assert_eq!(m["deleted"], json!([]), "another patient's export does not");
 }
+
+/// The ids of the first `n` resources of type `t` in patient `p`'s compartment alone.
+fn own_resources(p: &str, t: &str, n: usize) -> Vec<String> {
+    let reference = reference();
+    let ids: Vec<String> = reference.compartments[p]
+        .iter()
+        .filter(|(rt, id)| rt == t && compartment_patients(&reference.resource(t, id)).len() == 1)
+        .map(|(_, id)| id.clone())
+        .take(n)
+        .collect();
+    assert_eq!(ids.len(), n, "patient {p} has {n} {t} of its own");
+    ids
+}
+
+/// Adds (or replaces) resources in an expectation.
+fn expect(expected: &mut Expected, resources: &[&Value]) {
+    for r in resources {
+        let (t, id) = (r["resourceType"].as_str().unwrap(), r["id"].as_str().unwrap());
+        expected.entry(t.into()).or_default().insert(id.into(), Cow::Owned(r.to_string()));
+    }
+}
+
+/// The lines of a manifest's `deleted` files.
+fn deleted_lines(m: &Value) -> Vec<Value> {
+    download_entries(&m["deleted"]).values().flatten().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The IG's line for a deleted resource.
+fn deletion(t: &str, id: &str) -> Value {
+    json!({"resourceType": "Bundle", "type": "transaction",
+        "entry": [{"request": {"method": "DELETE", "url": format!("{t}/{id}")}}]})
+}
+
+/// D7: a group export with `_since` compares the members with the Group as it was at
+/// `_since`. Members who joined after it (not listed then, or listed but inactive then) get
+/// their complete data; the others only their changes. A resource in the compartments of
+/// both a late joiner and an earlier member is exported once, changed or not. Deletions are
+/// listed for the earlier members only (the client never had the late joiners' data). The
+/// next export in the chain treats the late joiners like everyone else.
+#[test]
+fn group_since_exports_the_complete_data_of_members_who_joined_after_it() {
+    let srv = Server::loaded(&[]);
+    let reference = reference();
+    let ids = reference.patient_ids();
+    // x: not a member at `_since`; y: a member, but inactive then; o: a member all along.
+    let (x, y, o) = (ids[30], ids[31], ids[32]);
+    let original = reference.resource("Group", GROUP_ID);
+    let mut then = original.clone();
+    let members = then["member"].as_array_mut().unwrap();
+    members.retain(|m| m["entity"]["reference"] != format!("Patient/{x}"));
+    let y_entry = members.iter_mut().find(|m| m["entity"]["reference"] == format!("Patient/{y}")).unwrap();
+    y_entry["inactive"] = json!(true);
+    assert_eq!(put_json(&srv.fhir(&format!("/Group/{GROUP_ID}")), &then).status, 200);
+    // Two Observations in the compartments of both x and o, written before `_since`.
+    let shared = |id: &str, status: &str| {
+        json!({"resourceType": "Observation", "id": id, "status": status, "code": {"text": "shared"},
+            "subject": {"reference": format!("Patient/{x}")}, "performer": [{"reference": format!("Patient/{o}")}]})
+    };
+    let (unchanged, before) = (shared("shared-unchanged", "final"), shared("shared-changed", "preliminary"));
+    for r in [&unchanged, &before] {
+        assert_eq!(put_json(&srv.fhir(&format!("/Observation/{}", r["id"].as_str().unwrap())), r).status, 201);
+    }
+
+    let group_url = srv.fhir(&format!("/Group/{GROUP_ID}/$export"));
+    let first = export(&srv, &group_url);
+    let t1 = first["transactionTime"].as_str().unwrap().to_string();
+    let earlier: Vec<&str> = ids.iter().copied().filter(|p| *p != x && *p != y).collect();
+    let mut expected = reference.compartments_of(&earlier);
+    expect(&mut expected, &[&unchanged, &before]);
+    check_export(&first, &expected);
+
+    // x joins, y becomes active; o and x change and lose a resource each; a new shared one.
+    assert_eq!(put_json(&srv.fhir(&format!("/Group/{GROUP_ID}")), &original).status, 200);
+    let (o_obs, x_obs) = (own_resources(o, "Observation", 2), own_resources(x, "Observation", 2));
+    let mut o_changed = reference.resource("Observation", &o_obs[0]);
+    o_changed["status"] = json!("amended");
+    let mut x_changed = reference.resource("Observation", &x_obs[0]);
+    x_changed["status"] = json!("amended");
+    let after = shared("shared-changed", "final");
+    let created = shared("shared-new", "final");
+    for r in [&o_changed, &x_changed, &after, &created] {
+        let r2 = put_json(&srv.fhir(&format!("/Observation/{}", r["id"].as_str().unwrap())), r);
+        assert!(r2.status == 200 || r2.status == 201, "PUT: {}", r2.text());
+    }
+    for id in [&o_obs[1], &x_obs[1]] {
+        assert_eq!(delete(&srv.fhir(&format!("/Observation/{id}"))).status, 200);
+    }
+
+    let second = export(&srv, &with_query(&group_url, &[("_since", &t1)]));
+    let t2 = second["transactionTime"].as_str().unwrap().to_string();
+    let mut expected = reference.compartments_of(&[x, y]);
+    expected.get_mut("Observation").unwrap().remove(&x_obs[1]);
+    expect(&mut expected, &[&o_changed, &x_changed, &unchanged, &after, &created]);
+    assert_eq!(manifest_counts(&second), counts(&expected), "counts per type");
+    check_export(&second, &expected);
+    assert_eq!(deleted_lines(&second), vec![deletion("Observation", &o_obs[1])], "only o's deletion is listed");
+
+    // Chained: since the second export, the late joiners are members like the others.
+    let third = export(&srv, &with_query(&group_url, &[("_since", &t2)]));
+    assert_eq!(third["output"], json!([]), "nothing changed since the second export: {third}");
+    assert_eq!(third["deleted"], json!([]));
+    let mut y_patient = reference.resource("Patient", y);
+    y_patient["active"] = json!(false);
+    assert_eq!(put_json(&srv.fhir(&format!("/Patient/{y}")), &y_patient).status, 200);
+    let fourth = export(&srv, &with_query(&group_url, &[("_since", &t2)]));
+    let mut expected = Expected::new();
+    expect(&mut expected, &[&y_patient]);
+    check_export(&fourth, &expected);
+}
+
+/// D7 when the Group did not exist at `_since`: every member joined after it, so each gets
+/// its complete data, still limited by `_type` and bounded by `_until`.
+#[test]
+fn group_created_after_since_exports_its_members_completely() {
+    let srv = Server::loaded(&[]);
+    let first = export(&srv, &with_query(&srv.fhir("/$export"), &[("_type", "Patient")]));
+    let t1 = first["transactionTime"].as_str().unwrap().to_string();
+    let reference = reference();
+    let with_conditions: Vec<&str> = reference
+        .patient_ids()
+        .into_iter()
+        .filter(|p| reference.compartments[*p].iter().any(|(t, _)| t == "Condition"))
+        .collect();
+    let two = [with_conditions[10], with_conditions[20]];
+    let members: Vec<Value> = two.iter().map(|id| json!({"entity": {"reference": format!("Patient/{id}")}})).collect();
+    let group =
+        json!({"resourceType": "Group", "id": "new-group", "type": "person", "actual": true, "member": members});
+    assert_eq!(put_json(&srv.fhir("/Group/new-group"), &group).status, 201);
+    let condition_id = own_resources(two[0], "Condition", 1).remove(0);
+    let mut condition = reference.resource("Condition", &condition_id);
+    condition["clinicalStatus"]["text"] = json!("checked again");
+    assert_eq!(put_json(&srv.fhir(&format!("/Condition/{condition_id}")), &condition).status, 200);
+
+    let url = srv.fhir("/Group/new-group/$export");
+    let m = export(&srv, &with_query(&url, &[("_since", &t1)]));
+    let mut expected = reference.compartments_of(&two);
+    expect(&mut expected, &[&condition]);
+    check_export(&m, &expected);
+    assert_eq!(m["deleted"], json!([]));
+
+    let typed = export(&srv, &with_query(&url, &[("_since", &t1), ("_type", "Patient,Condition")]));
+    expected.retain(|t, _| t == "Patient" || t == "Condition");
+    check_export(&typed, &expected);
+
+    // `_until` = `_since`: the members' data as it was then; the Condition changed after.
+    let until = export(&srv, &with_query(&url, &[("_since", &t1), ("_until", &t1), ("_type", "Patient,Condition")]));
+    expected.get_mut("Condition").unwrap().remove(&condition_id);
+    check_export(&until, &expected);
+}

@@ -3,11 +3,13 @@
 //!
 //! - [`Engine::kickoff`] checks what needs the store (the Group exists, the patients
 //!   exist), records an `Accepted` job (the store refuses a second active one) and starts it.
-//! - A run takes one snapshot (or reuses the one recorded, after a restart), counts what
-//!   each type will export, then exports the types in parallel (bounded by
-//!   [`EngineConfig::parallelism`]). Each type streams batches from the store, encodes them
-//!   on blocking threads (gzip never runs on the async reactor) and streams the bytes into
-//!   storage objects. Memory is bounded by batch and chunk sizes, never by export size.
+//! - A run takes one snapshot (or reuses the one recorded, after a restart), works out
+//!   what each type reads (at group level: the members at the snapshot's time, D6, and with
+//!   `_since` those who joined after it, whose complete data is exported, D7), counts it,
+//!   then exports the types in parallel (bounded by [`EngineConfig::parallelism`]). Each
+//!   type streams batches from the store, encodes them on blocking threads (gzip never runs
+//!   on the async reactor) and streams the bytes into storage objects. Memory is bounded by
+//!   batch and chunk sizes, never by export size.
 //! - Progress is saved to the job record about twice a second; the save is a
 //!   compare-and-set, so a run notices a cancellation made by any server.
 //! - On failure or cancellation every object the run wrote is deleted.
@@ -26,7 +28,7 @@ use sluice_ndjson::{Compression, Event, NdjsonWriter, SplitLimits};
 use sluice_planner::{ExportPlan, Level, TypeSelection};
 use sluice_storage::{ObjectMeta, ObjectWriter, Storage, StorageError, StorageSource};
 use sluice_store::{Patients, ReadResult, ResourceStore, ScanFilter, Snapshot};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -437,11 +439,25 @@ impl Engine {
         }
 
         let phase = std::time::Instant::now();
-        let (compartment_filter, plain_filter) = self.filters(job, snapshot).await?;
-        let counts = self.counts(job, snapshot, compartment_filter.as_ref(), &plain_filter).await?;
+        let Filters { compartment: compartment_filter, plain: plain_filter, late, deletions: del_compartment } =
+            self.filters(job, snapshot).await?;
+        let mut counts = self.counts(job, snapshot, compartment_filter.as_ref(), &plain_filter).await?;
+        // Group members who joined after `_since` (D7): their resources from before it too.
+        // Disjoint from what the compartment filter reads (last updated at or before
+        // `_since`, against after it), so the counts add up and nothing is read twice.
+        let late_counts = match &late {
+            Some(lf) => {
+                let mut c = self.store.count(snapshot, lf).await?;
+                c.retain(|t, _| sluice_fhir::is_patient_compartment_type(t));
+                c
+            }
+            None => BTreeMap::new(),
+        };
+        for (t, n) in &late_counts {
+            *counts.entry(t.clone()).or_default() += n;
+        }
         // With `_since`, the resources deleted since are listed too (D12).
-        let deleted = |f: &ScanFilter| ScanFilter { deleted: true, ..f.clone() };
-        let (del_compartment, del_plain) = (compartment_filter.as_ref().map(deleted), deleted(&plain_filter));
+        let del_plain = ScanFilter { deleted: true, ..plain_filter.clone() };
         let del_counts = match job.plan.since {
             Some(_) => self.counts(job, snapshot, del_compartment.as_ref(), &del_plain).await?,
             None => BTreeMap::new(),
@@ -461,7 +477,12 @@ impl Engine {
         job.progress.clear();
         for t in &types {
             job.progress.insert(t.clone(), TypeProgress { done: 0, total: counts[t] });
-            plan_parts.push((t.clone(), vec![(t.clone(), pick(t, compartment_filter.as_ref(), &plain_filter))], false));
+            let mut sources = Vec::with_capacity(2);
+            if let Some(lf) = late.as_ref().filter(|_| late_counts.contains_key(t)) {
+                sources.push((t.clone(), lf.clone()));
+            }
+            sources.push((t.clone(), pick(t, compartment_filter.as_ref(), &plain_filter)));
+            plan_parts.push((t.clone(), sources, false));
         }
         if !del_types.is_empty() {
             let total = del_types.iter().map(|t| del_counts[t]).sum();
@@ -580,42 +601,75 @@ impl Engine {
         }
     }
 
-    /// The compartment filter (for compartment types at patient/group level) and the
-    /// filter for everything else.
-    async fn filters(
-        &self,
-        job: &JobRecord,
-        snapshot: &Snapshot,
-    ) -> Result<(Option<ScanFilter>, ScanFilter), RunError> {
+    /// What the export reads: the compartment filter (for compartment types at patient and
+    /// group level), the filter for everything else, and at group level with `_since` the
+    /// late joiners' filter (D7).
+    async fn filters(&self, job: &JobRecord, snapshot: &Snapshot) -> Result<Filters, RunError> {
         let plan = &job.plan;
         let plain = ScanFilter { since: plan.since, until: plan.until, patients: None, deleted: false };
-        let patients = match &plan.level {
-            Level::System => return Ok((None, plain)),
-            Level::Patient => match &plan.patients {
-                Some(ids) => Patients::Only(ids.clone()),
-                None => Patients::Any,
-            },
-            Level::Group(id) => {
-                let json = self.store.read_at(snapshot, "Group", id).await?.ok_or_else(|| {
-                    RunError::Failed(Issue::error(
-                        IssueCode::NotFound,
-                        format!("Group/{id} does not exist at the export's transaction time"),
-                    ))
-                })?;
-                let group: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
-                    RunError::Failed(Issue::fatal(
-                        IssueCode::Exception,
-                        format!("Group/{id} is not readable JSON: {e}"),
-                    ))
-                })?;
-                let mut members = group_members(&group, snapshot.time);
-                if let Some(only) = &plan.patients {
-                    members.retain(|m| only.contains(m));
-                }
-                Patients::Only(members)
-            }
+        let only =
+            |patients: Patients, deleted: bool| ScanFilter { patients: Some(patients), deleted, ..plain.clone() };
+        let simple = |patients: Patients| Filters {
+            compartment: Some(only(patients.clone(), false)),
+            deletions: Some(only(patients, true)),
+            late: None,
+            plain: plain.clone(),
         };
-        Ok((Some(ScanFilter { patients: Some(patients), ..plain.clone() }), plain))
+        let id = match &plan.level {
+            Level::System => return Ok(Filters { compartment: None, deletions: None, late: None, plain }),
+            Level::Patient => {
+                return Ok(simple(match &plan.patients {
+                    Some(ids) => Patients::Only(ids.clone()),
+                    None => Patients::Any,
+                }));
+            }
+            Level::Group(id) => id,
+        };
+        let json = self.store.read_at(snapshot, "Group", id).await?.ok_or_else(|| {
+            RunError::Failed(Issue::error(
+                IssueCode::NotFound,
+                format!("Group/{id} does not exist at the export's transaction time"),
+            ))
+        })?;
+        let mut members = group_members(&parse_group(id, &json)?, snapshot.time);
+        if let Some(only) = &plan.patients {
+            members.retain(|m| only.contains(m));
+        }
+        // D7: members are compared with the Group version current at `_since`. A `_since`
+        // at or after the snapshot's time has no late joiners: the Group then is the Group
+        // now, and nothing written after the snapshot is exported.
+        let since = match plan.since {
+            Some(since) if since < snapshot.time && !members.is_empty() => since,
+            _ => return Ok(simple(Patients::Only(members))),
+        };
+        let then = match self.store.read_as_of(snapshot, "Group", id, since).await? {
+            Some(json) => Some(parse_group(id, &json)?),
+            None => None,
+        };
+        let late = late_joiners(&members, then.as_ref(), since);
+        if late.is_empty() {
+            return Ok(simple(Patients::Only(members)));
+        }
+        let joined: HashSet<&String> = late.iter().collect();
+        let earlier: Vec<String> = members.iter().filter(|m| !joined.contains(m)).cloned().collect();
+        // The compartment filter reads every member's changes since `_since`; the late
+        // filter reads the late joiners' resources last updated at or before it (and, like
+        // everything, at or before `_until`). The two windows do not overlap, so a resource
+        // in the compartments of both a late joiner and an earlier member is read once, by
+        // the filter its `lastUpdated` falls in: no exclusion in the store, no set of ids
+        // in the engine, no JSON parsed, and the counts simply add up.
+        let until = Some(plan.until.map_or(since, |u| u.min(since)));
+        let late = ScanFilter { since: None, until, patients: Some(Patients::Only(late)), deleted: false };
+        Ok(Filters {
+            compartment: Some(only(Patients::Only(members), false)),
+            // Deletions (D12) only of the members the client already had data for: a late
+            // joiner's resources deleted since `_since` were never sent for this group, so
+            // there is nothing to take back. A deleted resource that was also in an earlier
+            // member's compartment is still listed, through that member.
+            deletions: Some(only(Patients::Only(earlier), true)),
+            late: Some(late),
+            plain,
+        })
     }
 
     /// Writes `manifest.json` (file names relative to the folder) and then an empty
@@ -662,6 +716,28 @@ impl Engine {
     }
 }
 
+/// What an export reads ([`Engine::filters`]).
+struct Filters {
+    /// Compartment types at patient and group level; `None` at system level.
+    compartment: Option<ScanFilter>,
+    /// Every type at system level; types outside the compartment (asked for in `_type`)
+    /// at patient and group level.
+    plain: ScanFilter,
+    /// Group level with `_since` (D7): the compartments of the members who joined after
+    /// `_since`, last updated at or before it (the compartment filter reads their changes
+    /// after it). `None` when nobody joined.
+    late: Option<ScanFilter>,
+    /// The deletions to list for compartment types (`deleted` set): those of the
+    /// compartment filter's patients, without the late joiners (D7). `None` at system level.
+    deletions: Option<ScanFilter>,
+}
+
+fn parse_group(id: &str, json: &str) -> Result<serde_json::Value, RunError> {
+    serde_json::from_str(json).map_err(|e| {
+        RunError::Failed(Issue::fatal(IssueCode::Exception, format!("Group/{id} is not readable JSON: {e}")))
+    })
+}
+
 /// Sort key that orders `Type.ndjson`, `Type-2.ndjson`, ..., `Type-10.ndjson` naturally.
 fn natural_key(key: &str) -> (usize, &str) {
     (key.len(), key)
@@ -672,6 +748,7 @@ fn natural_key(key: &str) -> (usize, &str) {
 pub fn group_members(group: &serde_json::Value, at: OffsetDateTime) -> Vec<String> {
     let mut out = Vec::new();
     let Some(members) = group.get("member").and_then(|m| m.as_array()) else { return out };
+    let mut seen = HashSet::new();
     for m in members {
         if m.get("inactive").and_then(|v| v.as_bool()) == Some(true) {
             continue;
@@ -685,12 +762,22 @@ pub fn group_members(group: &serde_json::Value, at: OffsetDateTime) -> Vec<Strin
         }
         let reference = m.pointer("/entity/reference").and_then(|v| v.as_str());
         if let Some(id) = reference.and_then(sluice_fhir::compartment::patient_reference_id)
-            && !out.iter().any(|o| o == id)
+            && seen.insert(id)
         {
             out.push(id.to_string());
         }
     }
     out
+}
+
+/// The members of `members` (a Group's members now) who were not members of the Group
+/// version current at `since` (D7): not in `then` (`None`: the Group did not exist, or was
+/// deleted, at `since`), or not counting at `since` by the D6 rules (inactive, or a
+/// `period` that did not contain `since`). In the order of `members`.
+pub fn late_joiners(members: &[String], then: Option<&serde_json::Value>, since: OffsetDateTime) -> Vec<String> {
+    let before = then.map(|g| group_members(g, since)).unwrap_or_default();
+    let before: HashSet<&String> = before.iter().collect();
+    members.iter().filter(|m| !before.contains(m)).cloned().collect()
 }
 
 /// The ndjson writer plus a running SHA-256 of each file's bytes. Lives on blocking threads
@@ -761,7 +848,9 @@ struct Part {
     progress_key: String,
     /// Whether this part lists deletions (IG `deleted` Bundles) instead of resources.
     deleted: bool,
-    /// What it reads, in order: (resource type, filter). One entry, except for deletions.
+    /// What it reads, in order: (resource type, filter). One entry, except for deletions
+    /// (one per type) and for compartment types of a group export with late joiners (D7:
+    /// their resources from before `_since`, then every member's changes since).
     sources: Sources,
     done: Arc<BTreeMap<String, AtomicU64>>,
     token: CancellationToken,
@@ -929,6 +1018,26 @@ mod tests {
         ]});
         assert_eq!(group_members(&g, at), vec!["a".to_string(), "e".to_string()]);
         assert!(group_members(&json!({"resourceType":"Group"}), at).is_empty());
+    }
+
+    #[test]
+    fn late_joiners_are_members_now_who_did_not_count_at_since() {
+        let since = sluice_fhir::instant::parse("2024-06-01T00:00:00Z").unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let now = ids(&["a", "b", "c", "d", "e", "f"]);
+        let then = json!({"resourceType":"Group","member":[
+            {"entity":{"reference":"Patient/a"}},
+            {"entity":{"reference":"Patient/b"},"inactive":true},
+            {"entity":{"reference":"Patient/c"},"period":{"start":"2024-07-01"}},
+            {"entity":{"reference":"Patient/d"},"period":{"start":"2024-01-01","end":"2024-05-01"}},
+            {"entity":{"reference":"Patient/e"},"period":{"start":"2024-01-01"}},
+            {"entity":{"reference":"Patient/gone"}}
+        ]});
+        // b was inactive, c had not started yet, d had ended, f was not listed.
+        assert_eq!(late_joiners(&now, Some(&then), since), ids(&["b", "c", "d", "f"]));
+        // No Group at `_since`: everyone joined after it.
+        assert_eq!(late_joiners(&now, None, since), now);
+        assert!(late_joiners(&ids(&["a", "e"]), Some(&then), since).is_empty());
     }
 
     #[test]

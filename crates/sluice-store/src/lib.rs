@@ -346,6 +346,17 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
     async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError>;
     /// A resource as of the snapshot.
     async fn read_at(&self, snapshot: &Snapshot, resource_type: &str, id: &str) -> Result<Option<String>, StoreError>;
+    /// The version of a resource that was current at the instant `at`, as the snapshot's
+    /// history holds it: the JSON of its latest version last updated at or before `at`;
+    /// `None` when it had no version yet or that version is a tombstone. Group exports
+    /// with `_since` read the Group as it was at `_since` with it (D7).
+    async fn read_as_of(
+        &self,
+        snapshot: &Snapshot,
+        resource_type: &str,
+        id: &str,
+        at: OffsetDateTime,
+    ) -> Result<Option<String>, StoreError>;
     /// Streams one type's resources as of the snapshot into `tx`, in batches of at most
     /// about `batch_bytes`. Returns when done or when the receiver is dropped.
     async fn scan(

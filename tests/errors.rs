@@ -165,3 +165,34 @@ fn framework_rejections_are_outcomes_too() {
     assert!(!oo["issue"][0]["diagnostics"].as_str().unwrap_or_default().is_empty());
     srv.assert_alive();
 }
+
+/// An export that cannot write its files fails. Its status is 500 with the failure's
+/// OperationOutcome; with `Prefer: respond-async, separate-export-status` at kick-off it is
+/// 200 (the status request worked) with `X-Export-Status: 500 Internal Server Error` and the
+/// same OperationOutcome as `application/fhir+json`.
+#[test]
+fn failed_export_status_with_and_without_separate_export_status() {
+    let mut srv = Server::empty(&[]);
+    // Local export files go under <data-dir>/exports: a plain file there makes every write fail.
+    let exports = srv.dir.join("exports");
+    let _ = std::fs::remove_dir_all(&exports);
+    std::fs::write(&exports, b"not a folder").expect("writing a file where the export folder goes");
+
+    let r = send("GET", &srv.fhir("/$export"), &[ASYNC], None);
+    let status = assert_accepted(&r, &srv);
+    assert_eq!(r.header("preference-applied"), None, "separate-export-status was not asked for");
+    let done = poll_until_done(&status);
+    let plain = assert_outcome(&done, 500, &[]);
+    assert_eq!(done.header("x-export-status"), None);
+
+    let separate = ("prefer", "respond-async, separate-export-status");
+    let status = assert_accepted(&send("GET", &srv.fhir("/$export"), &[separate], None), &srv);
+    let done = poll_until_done(&status);
+    assert_eq!(done.header("x-export-status"), Some("500 Internal Server Error"), "{}", done.text());
+    assert_eq!(done.media_type(), "application/fhir+json");
+    let oo = assert_outcome(&done, 200, &[]);
+    for k in ["severity", "code"] {
+        assert_eq!(oo["issue"][0][k], plain["issue"][0][k], "the same kind of failure: {oo} / {plain}");
+    }
+    srv.assert_alive();
+}

@@ -1,6 +1,8 @@
-//! The life of an export: one export at a time (429 for a second kick-off), progress
-//! while running, cancellation (DELETE frees the slot at once and removes the files),
-//! deleting a completed export, and a server killed mid-export resuming it on restart.
+//! The life of an export: one export at a time (429 for a second kick-off), progress and
+//! an estimate of the time left while running, 429 for status polls faster than
+//! `Retry-After` (D13), `Prefer: separate-export-status`, cancellation (DELETE frees the
+//! slot at once and removes the files), deleting a completed export, and a server killed
+//! mid-export resuming it on restart.
 //!
 //! The server's hidden test knobs slow exports down so a test can act while one runs:
 //! a pause after every batch read from the store, and small batches.
@@ -35,23 +37,50 @@ fn assert_running(r: &Resp) -> u64 {
     wait
 }
 
-/// Polls a running export, as a client would (honouring `Retry-After`), until `X-Progress`
-/// reports it in progress with some resources written; returns `(done, total)`.
-fn wait_for_progress(status_url: &str) -> (u64, u64) {
+/// Asserts a 429 for polling too fast (D13): a `throttled` OperationOutcome that says how
+/// long to wait, and an integer `Retry-After` of at most 10 seconds. Returns the
+/// `Retry-After`.
+fn assert_throttled(r: &Resp) -> u64 {
+    let oo = assert_outcome(r, 429, &["Retry-After"]);
+    assert_eq!(oo["issue"][0]["code"], "throttled", "{oo}");
+    let wait = r.retry_after();
+    assert!((1..=10).contains(&wait), "Retry-After {wait} is not between 1 and 10 seconds");
+    wait
+}
+
+/// Polls a running export, as a client would (waiting each `Retry-After`, a 429's too),
+/// until a 202 satisfies `done`; returns that response. Fails if the export stops running
+/// or a minute passes.
+fn poll_running_until(status_url: &str, what: &str, done: impl Fn(&Resp) -> bool) -> Resp {
     let started = Instant::now();
     loop {
         let r = get(status_url);
-        let wait = assert_running(&r);
-        let progress = r.header("x-progress").unwrap();
-        if progress.starts_with("in-progress")
-            && let Some((done, total)) = progress_counts(progress)
-            && done > 0
-        {
-            return (done, total);
+        let wait = if r.status == 429 { assert_throttled(&r) } else { assert_running(&r) };
+        if r.status == 202 && done(&r) {
+            return r;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "no progress within a minute: {progress}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what}: not within a minute: {:?}",
+            r.header("x-progress")
+        );
         std::thread::sleep(Duration::from_secs(wait));
     }
+}
+
+/// Polls a running export until `X-Progress` reports it in progress with some resources
+/// written; returns that 202 response.
+fn wait_for_progress_response(status_url: &str) -> Resp {
+    poll_running_until(status_url, "progress", |r| {
+        let progress = r.header("x-progress").unwrap_or_default();
+        progress.starts_with("in-progress") && progress_counts(progress).is_some_and(|(done, _)| done > 0)
+    })
+}
+
+/// [`wait_for_progress_response`]'s `(done, total)`.
+fn wait_for_progress(status_url: &str) -> (u64, u64) {
+    let r = wait_for_progress_response(status_url);
+    progress_counts(r.header("x-progress").unwrap()).expect("counts in X-Progress")
 }
 
 /// Files under `dir` (recursively) whose name ends with `suffix`.
@@ -198,14 +227,12 @@ fn writes_during_an_export_go_to_the_next_since_export() {
 fn progress_is_also_json() {
     let srv = Server::loaded(THROTTLED);
     let status = kickoff(&srv, &srv.fhir("/$export"));
-    let (done, total) = wait_for_progress(&status);
-    assert!(done > 0 && done <= total);
-    let r = get(&status);
-    assert_eq!(r.status, 202, "{}", r.text());
+    let r = wait_for_progress_response(&status);
     assert_eq!(r.media_type(), "application/json");
     let body = r.json();
     assert_eq!(body["status"], "in-progress");
     let (now_done, now_total) = progress_counts(r.header("x-progress").unwrap()).expect("counts in X-Progress");
+    assert!(now_done > 0 && now_done <= now_total);
     assert_eq!((body["done"].as_u64(), body["total"].as_u64()), (Some(now_done), Some(now_total)));
     assert!(body["percent"].as_u64().unwrap() < 100);
     let types = body["types"].as_object().unwrap();
@@ -218,4 +245,127 @@ fn progress_is_also_json() {
         assert!(p["done"].as_u64().unwrap() <= expected);
     }
     assert_eq!(delete(&status).status, 202);
+}
+
+/// Once the rate can be told, `X-Progress` says about how long is left, before the counts
+/// (`in-progress: 42%, about 12 s left (1234/5678 resources)`), and the JSON body has the
+/// same estimate as `estimatedSecondsLeft`.
+#[test]
+fn progress_estimates_the_time_left() {
+    let srv = Server::loaded(THROTTLED);
+    let status = kickoff(&srv, &srv.fhir("/$export"));
+    let r = poll_running_until(&status, "an estimate of the time left", |r| {
+        r.header("x-progress").is_some_and(|p| p.contains(" left ("))
+    });
+    let progress = r.header("x-progress").unwrap();
+    assert!(progress.len() < 100, "the IG wants X-Progress under 100 characters: {progress:?}");
+    let (done, total) = progress_counts(progress).expect("counts in X-Progress");
+    assert!(0 < done && done < total, "{progress}");
+    assert!(progress.ends_with(" resources)"), "the counts stay last: {progress}");
+    let body = r.json();
+    let secs = body["estimatedSecondsLeft"].as_u64().unwrap_or_else(|| panic!("no estimatedSecondsLeft: {body}"));
+    assert!(secs > 0, "{body}");
+    let said =
+        if secs < 120 { format!("about {secs} s left") } else { format!("about {} min left", secs.div_ceil(60)) };
+    assert!(progress.contains(&format!("%, {said} (")), "X-Progress {progress:?} does not say {said:?}");
+    assert_eq!(delete(&status).status, 202);
+}
+
+/// D13: a status poll sooner than the last `Retry-After` allows (the server accepts polls
+/// from half of it on) gets 429 with `Retry-After` and a `throttled` OperationOutcome;
+/// after waiting that `Retry-After`, the next poll is answered normally. DELETE is never
+/// throttled.
+#[test]
+fn polling_faster_than_retry_after_gets_429() {
+    let srv = Server::loaded(THROTTLED);
+    let status = kickoff(&srv, &srv.fhir("/$export"));
+    // Two polls back to back. If the time from sending the first to receiving the second
+    // is under half the Retry-After, the server saw them closer than that too, so the
+    // second must be refused. A slower pair (a loaded machine) proves nothing: after the
+    // Retry-After, try again.
+    let mut wait = 0;
+    let mut tries = 0;
+    let refused = loop {
+        std::thread::sleep(Duration::from_secs(wait));
+        let sent = Instant::now();
+        let first = get(&status);
+        let asked = assert_running(&first);
+        let second = get(&status);
+        let span = sent.elapsed();
+        if second.status == 429 {
+            break second;
+        }
+        assert!(
+            span >= Duration::from_secs(asked) / 2,
+            "a poll within {span:?} of a 202 with Retry-After: {asked} was answered {}",
+            second.status
+        );
+        wait = assert_running(&second);
+        tries += 1;
+        assert!(tries < 20, "no two polls came within half a Retry-After of each other in {tries} tries");
+    };
+    let wait = assert_throttled(&refused);
+    assert!(wait <= 2, "Retry-After {wait} is more than the interval the server asked for");
+    assert!(refused.header("x-progress").is_none(), "a refused poll gets no status");
+
+    // Waiting what the 429 said is enough.
+    std::thread::sleep(Duration::from_secs(wait));
+    let r = get(&status);
+    assert_running(&r);
+    assert!(r.header("x-progress").is_some());
+
+    // DELETE right after a poll is not throttled; then the export is gone (404, not 429).
+    assert_eq!(delete(&status).status, 202, "DELETE is never throttled");
+    assert_outcome(&get(&status), 404, &[]);
+}
+
+/// `Prefer: respond-async, separate-export-status` (Bulk Data IG 3.0): the kick-off
+/// answers `Preference-Applied` with both; status responses are then 200 whenever the
+/// status request worked, with the export's own status in `X-Export-Status` (`202
+/// Accepted` while running, `200 OK` with the manifest); a deleted export is still a
+/// plain 404. The completed manifest is served on every poll, however close together.
+#[test]
+fn separate_export_status_puts_the_export_status_in_a_header() {
+    let srv = Server::loaded(THROTTLED);
+    let separate = [("accept", "application/fhir+json"), ("prefer", "respond-async,separate-export-status")];
+    let r = send("GET", &srv.fhir("/$export"), &separate, None);
+    let status = assert_accepted(&r, &srv);
+    let applied: Vec<String> = r
+        .headers
+        .get_all("preference-applied")
+        .iter()
+        .flat_map(|v| v.to_str().unwrap().split(',').map(|t| t.trim().to_string()).collect::<Vec<_>>())
+        .collect();
+    assert!(
+        applied.contains(&"respond-async".to_string()) && applied.contains(&"separate-export-status".to_string()),
+        "Preference-Applied: {applied:?}"
+    );
+
+    let r = get(&status);
+    assert_eq!(r.status, 200, "a running export's status with separate-export-status: {}", r.text());
+    assert_eq!(r.header("x-export-status"), Some("202 Accepted"));
+    assert!(r.header("x-progress").is_some(), "X-Progress is still there");
+    let wait = r.retry_after();
+    assert!((1..=10).contains(&wait));
+    assert_eq!(r.media_type(), "application/json");
+    assert!(r.json()["status"].is_string());
+    assert_eq!(delete(&status).status, 202);
+    let r = get(&status);
+    assert_outcome(&r, 404, &[]);
+    assert_eq!(r.header("x-export-status"), None, "a 404 is about the status request itself");
+
+    let url = with_query(&srv.fhir("/$export"), &[("_type", "Patient")]);
+    let status = assert_accepted(&send("GET", &url, &separate, None), &srv);
+    let done = poll_until_done(&status);
+    assert_eq!(done.header("x-export-status"), Some("200 OK"), "{}", done.text());
+    let m = complete_manifest(&done, &url);
+    check_export(&m, &reference().types(&["Patient"]));
+    for _ in 0..2 {
+        let again = get(&status);
+        assert_eq!((again.status, again.header("x-export-status")), (200, Some("200 OK")), "{}", again.text());
+    }
+    // Without the preference (the same export's plain status URL), the plain codes.
+    let plain = status.split('?').next().unwrap();
+    let r = get(plain);
+    assert_eq!((r.status, r.header("x-export-status")), (200, None));
 }

@@ -657,13 +657,16 @@ pub fn kickoff_post(server: &Server, url: &str, params: &Value) -> String {
     assert_accepted(&r, server)
 }
 
-/// Polls a status URL until it stops answering 202 (or 429), waiting the `Retry-After`
-/// the server sends between polls; returns the final response.
+/// Polls a status URL until the export stops running, waiting the `Retry-After` the server
+/// sends between polls (also a 429's, D13); returns the final response. Running is a 202,
+/// or, when the kick-off asked for `separate-export-status`, a 200 with
+/// `X-Export-Status: 202 Accepted`.
 pub fn poll_until_done(status_url: &str) -> Resp {
     let started = Instant::now();
     loop {
         let r = get(status_url);
-        if r.status != 202 && r.status != 429 {
+        let separate_running = r.status == 200 && r.header("x-export-status").is_some_and(|s| s.starts_with("202"));
+        if r.status != 202 && r.status != 429 && !separate_running {
             return r;
         }
         let wait = r.retry_after();

@@ -3,13 +3,16 @@
 use super::AppState;
 use super::outcome::{ApiError, info};
 use axum::body::Bytes;
-use axum::extract::{OriginalUri, Path, State};
+use axum::extract::{OriginalUri, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_engine::{CancelError, KickoffError};
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
-use sluice_jobs::JobStatus;
+use sluice_jobs::{JobRecord, JobStatus};
 use sluice_planner::{KickoffRequest, Level};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Seconds a client should wait between status polls (small: real clients wait this long).
 const POLL_SECONDS: u64 = 2;
@@ -76,6 +79,7 @@ async fn kickoff(
     let prefer: Vec<&str> =
         headers.get_all(header::HeaderName::from_static("prefer")).iter().filter_map(|v| v.to_str().ok()).collect();
     let prefer = (!prefer.is_empty()).then(|| prefer.join(", "));
+    let separate = prefers_separate_status(prefer.as_deref());
     let req = KickoffRequest {
         level,
         method: if method == Method::POST { sluice_planner::Method::Post } else { sluice_planner::Method::Get },
@@ -102,55 +106,82 @@ async fn kickoff(
         KickoffError::NotFound(issue) => ApiError::new(StatusCode::NOT_FOUND, issue),
         KickoffError::Internal(msg) => ApiError::internal(msg),
     })?;
-    let location = format!("{}/fhir/$export-status/{}", app.inner.base_url, job.id);
+    let mut location = format!("{}/fhir/$export-status/{}", app.inner.base_url, job.id);
+    if separate {
+        // The preference travels with the status URL the client polls, so every server
+        // sharing the store honours it, before and after a restart.
+        location.push_str(SEPARATE_QUERY);
+    }
     let mut res = info(StatusCode::ACCEPTED, &format!("export {} accepted; poll {location}", job.id));
-    res.headers_mut().insert(header::CONTENT_LOCATION, HeaderValue::from_str(&location).map_err(ApiError::internal)?);
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_LOCATION, HeaderValue::from_str(&location).map_err(ApiError::internal)?);
+    if separate {
+        h.insert("preference-applied", HeaderValue::from_static("respond-async, separate-export-status"));
+    }
     Ok(res)
 }
 
+/// The query a status URL carries when the kick-off asked for `separate-export-status`.
+const SEPARATE_QUERY: &str = "?prefer=separate-export-status";
+
+/// Whether `Prefer` holds the `separate-export-status` preference (Bulk Data IG 3.0: the
+/// status response's HTTP code then reflects the status request, and `X-Export-Status`
+/// the export). Preferences are comma-separated, each possibly with `;`-parameters;
+/// names are case-insensitive.
+fn prefers_separate_status(prefer: Option<&str>) -> bool {
+    prefer.unwrap_or_default().split(',').any(|pref| {
+        let name = pref.split(';').next().unwrap_or_default();
+        name.split('=').next().unwrap_or_default().trim().eq_ignore_ascii_case("separate-export-status")
+    })
+}
+
+/// Whether a status URL's query says the kick-off asked for `separate-export-status`.
+fn separate_status_requested(query: Option<&str>) -> bool {
+    form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .any(|(k, v)| k == "prefer" && prefers_separate_status(Some(&v)))
+}
+
 /// `GET /fhir/$export-status/<id>`: 202 while running, the manifest when complete, the
-/// failure's OperationOutcome when failed, 404 when unknown, cancelled or deleted.
-pub async fn status(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let job = app.inner.engine.store().get(&id).await.map_err(ApiError::internal)?;
+/// failure's OperationOutcome when failed, 404 when unknown, cancelled or deleted; 429 when
+/// polled faster than the last `Retry-After` allows (D13). With `separate-export-status`
+/// (the status URL's `?prefer=separate-export-status`), the export's status moves into
+/// `X-Export-Status` and the response is `200` whenever the status request itself worked.
+pub async fn status(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut res = export_status(&app, &id).await?;
+    if separate_status_requested(query.as_deref()) {
+        let job_status = res.status();
+        let text = format!("{} {}", job_status.as_u16(), job_status.canonical_reason().unwrap_or_default());
+        *res.status_mut() = StatusCode::OK;
+        res.headers_mut().insert("x-export-status", HeaderValue::from_str(text.trim()).map_err(ApiError::internal)?);
+    }
+    Ok(res)
+}
+
+/// The status response as the IG's plain mode has it: `Ok` carries the export's status
+/// (202 running, 200 complete, 4xx/5xx failed); `Err` is a failure of the status request
+/// itself (404 unknown export, 429 too fast, 500 store errors).
+async fn export_status(app: &AppState, id: &str) -> Result<Response, ApiError> {
+    let polls = &app.inner.polls;
+    let job = app.inner.engine.store().get(id).await.map_err(ApiError::internal)?;
     let Some(job) = job.filter(|j| j.status != JobStatus::Cancelled) else {
+        polls.forget(id);
         return Err(ApiError::not_found(format!("no export with id '{id}' (it may have been cancelled or deleted)")));
     };
     match job.status {
-        JobStatus::Accepted | JobStatus::InProgress => {
-            let (done, total) = job.totals();
-            let progress = match job.status {
-                JobStatus::Accepted => "accepted: waiting to start".to_string(),
-                _ if job.progress.is_empty() => "in-progress: 0% (taking the snapshot, counting resources)".to_string(),
-                _ => format!("in-progress: {}% ({done}/{total} resources)", job.percent()),
-            };
-            // The same progress as JSON, for tools: overall and per type.
-            let types: serde_json::Map<String, serde_json::Value> = job
-                .progress
-                .iter()
-                .map(|(t, p)| (t.clone(), serde_json::json!({"done": p.done, "total": p.total})))
-                .collect();
-            let body = serde_json::json!({
-                "status": job.status.as_str(),
-                "percent": job.percent(),
-                "done": done,
-                "total": total,
-                "types": types,
-                "transactionTime": job.transaction_time.map(sluice_fhir::instant::format),
-            });
-            let mut res =
-                (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
-            let h = res.headers_mut();
-            h.insert("x-progress", HeaderValue::from_str(&progress).map_err(ApiError::internal)?);
-            h.insert(header::RETRY_AFTER, HeaderValue::from(POLL_SECONDS));
-            Ok(res)
-        }
+        JobStatus::Accepted | JobStatus::InProgress => running(polls, &job),
         JobStatus::Failed => {
+            polls.forget(id);
             let outcome = job
                 .outcome
                 .unwrap_or_else(|| OperationOutcome::single(Issue::fatal(IssueCode::Exception, "the export failed")));
-            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, outcome))
+            Ok(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, outcome).into_response())
         }
         JobStatus::Completed => {
+            polls.forget(id);
             let storage = app.inner.engine.storage_of(&job).await.map_err(|e| {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
             })?;
@@ -167,6 +198,183 @@ pub async fn status(State(app): State<AppState>, Path(id): Path<String>) -> Resu
     }
 }
 
+/// The 202 of a running export (progress, ETA, `Retry-After`), or 429 when the last 202
+/// for it was too recent (D13).
+fn running(polls: &Polls, job: &JobRecord) -> Result<Response, ApiError> {
+    let (done, total) = job.totals();
+    let counted = job.status == JobStatus::InProgress && !job.progress.is_empty();
+    let now = Instant::now();
+    let first = match polls.poll(&job.id, now, POLL_SECONDS, counted.then_some(done)) {
+        Poll::TooSoon { wait, since } => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                Issue::error(
+                    IssueCode::Throttled,
+                    format!(
+                        "export {} is being polled too often: its status was given {:.1} s ago with \
+                         Retry-After: {}; wait {wait} s (Retry-After) before polling again",
+                        job.id,
+                        since.as_secs_f64(),
+                        POLL_SECONDS
+                    ),
+                ),
+            )
+            .retry_after(wait));
+        }
+        Poll::Answer { first } => first,
+    };
+    // Time since the kick-off, for a first estimate (not after a restart: the rerun
+    // started over later than that).
+    let since_kickoff = (job.attempts <= 1)
+        .then(|| Duration::try_from(time::OffsetDateTime::now_utc() - job.created_at).ok())
+        .flatten();
+    let left = if counted { seconds_left(done, total, first, now, since_kickoff) } else { None };
+    let progress = match job.status {
+        JobStatus::Accepted => "accepted: waiting to start".to_string(),
+        _ if !counted => "in-progress: 0% (taking the snapshot, counting resources)".to_string(),
+        // The counts stay last: tools look for `(done/total resources)` at the end.
+        _ => match left {
+            Some(secs) => format!("in-progress: {}%, {} ({done}/{total} resources)", job.percent(), eta_text(secs)),
+            None => format!("in-progress: {}% ({done}/{total} resources)", job.percent()),
+        },
+    };
+    // The same progress as JSON, for tools: overall and per type.
+    let types: serde_json::Map<String, serde_json::Value> =
+        job.progress.iter().map(|(t, p)| (t.clone(), serde_json::json!({"done": p.done, "total": p.total}))).collect();
+    let mut body = serde_json::json!({
+        "status": job.status.as_str(),
+        "percent": job.percent(),
+        "done": done,
+        "total": total,
+        "types": types,
+        "transactionTime": job.transaction_time.map(sluice_fhir::instant::format),
+    });
+    if let Some(secs) = left {
+        body["estimatedSecondsLeft"] = secs.into();
+    }
+    let mut res =
+        (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
+    let h = res.headers_mut();
+    h.insert("x-progress", HeaderValue::from_str(&progress).map_err(ApiError::internal)?);
+    h.insert(header::RETRY_AFTER, HeaderValue::from(POLL_SECONDS));
+    Ok(res)
+}
+
+/// Seconds an export still needs at the rate it has written so far, when that can be
+/// told: from the first progress this server saw (`first`: when, and resources done then)
+/// once at least a second has passed, else from the kick-off (`since_kickoff`, unknown
+/// after a restart). `None` before anything was written or when nothing is left to write.
+fn seconds_left(
+    done: u64,
+    total: u64,
+    first: Option<(Instant, u64)>,
+    now: Instant,
+    since_kickoff: Option<Duration>,
+) -> Option<u64> {
+    const MIN_SPAN: Duration = Duration::from_secs(1);
+    let left = total.saturating_sub(done);
+    if left == 0 {
+        return None;
+    }
+    let observed = first.and_then(|(at, done_then)| {
+        let span = now.saturating_duration_since(at);
+        (span >= MIN_SPAN && done > done_then).then(|| (done - done_then) as f64 / span.as_secs_f64())
+    });
+    let rate = observed.or_else(|| {
+        since_kickoff.filter(|span| *span >= MIN_SPAN && done > 0).map(|span| done as f64 / span.as_secs_f64())
+    })?;
+    Some((left as f64 / rate).ceil() as u64)
+}
+
+/// `about 12 s left`, `about 5 min left` (X-Progress stays well under the IG's 100
+/// characters).
+fn eta_text(secs: u64) -> String {
+    if secs < 120 { format!("about {secs} s left") } else { format!("about {} min left", secs.div_ceil(60)) }
+}
+
+/// Status polls of running exports, per export id (D13), in this process: when the export
+/// was last answered 202 and with which `Retry-After`, and the first progress seen (for
+/// the ETA). An entry goes when its export is seen ended (complete, failed, cancelled,
+/// deleted) and, at the latest, [`FORGET_AFTER`] after its last 202; there are never more
+/// than [`MAX_TRACKED`].
+#[derive(Default)]
+pub struct Polls {
+    map: Mutex<HashMap<String, PollState>>,
+}
+
+struct PollState {
+    /// When the last 202 was given.
+    answered: Instant,
+    /// The `Retry-After` it carried.
+    retry_after: u64,
+    /// The first progress seen: (when, resources done then).
+    first: Option<(Instant, u64)>,
+    /// Resources done at the last 202.
+    last_done: u64,
+}
+
+/// Entries not polled for this long are dropped (their export ended elsewhere, or the
+/// client went away).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+/// At most this many exports are tracked (only one runs at a time; this bounds the map
+/// whatever happens).
+const MAX_TRACKED: usize = 256;
+
+/// What [`Polls::poll`] decided.
+#[derive(Debug, PartialEq)]
+enum Poll {
+    /// Too early: 429, retry after `wait` seconds; the last 202 was `since` ago.
+    TooSoon { wait: u64, since: Duration },
+    /// Answer with the status; `first` is the first progress seen, for the ETA.
+    Answer { first: Option<(Instant, u64)> },
+}
+
+impl Polls {
+    /// A poll of export `id` at `now`, to be answered 202 with `retry_after` (and `done`
+    /// resources written, once counted) unless it comes too early.
+    ///
+    /// The tolerance: a poll is accepted from half the previous `Retry-After` on. Clients'
+    /// timers are coarse and `Retry-After` is whole seconds, so a client that waits what it
+    /// was told is never refused, even with jitter; one that polls several times per
+    /// interval is. A 429 does not restart the interval, and its `Retry-After` is what is
+    /// left of the full interval (at least 1 s), so waiting it is always enough.
+    fn poll(&self, id: &str, now: Instant, retry_after: u64, done: Option<u64>) -> Poll {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get_mut(id) {
+            let since = now.saturating_duration_since(s.answered);
+            let asked = Duration::from_secs(s.retry_after);
+            if since < asked / 2 {
+                let rest = asked - since;
+                let wait = rest.as_secs() + u64::from(rest.subsec_nanos() > 0);
+                return Poll::TooSoon { wait: wait.max(1), since };
+            }
+            s.answered = now;
+            s.retry_after = retry_after;
+            if let Some(done) = done {
+                // A rerun (after a restart elsewhere) starts again from 0: start over too.
+                if s.first.is_none() || done < s.last_done {
+                    s.first = Some((now, done));
+                }
+                s.last_done = done;
+            }
+            return Poll::Answer { first: s.first };
+        }
+        map.retain(|_, s| now.saturating_duration_since(s.answered) < FORGET_AFTER);
+        while map.len() >= MAX_TRACKED {
+            let Some(oldest) = map.iter().min_by_key(|(_, s)| s.answered).map(|(k, _)| k.clone()) else { break };
+            map.remove(&oldest);
+        }
+        let first = done.map(|d| (now, d));
+        map.insert(id.to_string(), PollState { answered: now, retry_after, first, last_done: done.unwrap_or(0) });
+        Poll::Answer { first }
+    }
+
+    /// Forgets export `id` (it ended, or was cancelled or deleted).
+    pub fn forget(&self, id: &str) {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
 /// IMF-fixdate, the HTTP date format: `Sun, 06 Nov 1994 08:49:37 GMT`.
 const HTTP_DATE: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
     "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
@@ -175,11 +383,107 @@ const HTTP_DATE: &[time::format_description::BorrowedFormatItem<'static>] = time
 /// `DELETE /fhir/$export-status/<id>`: cancels a running export (or deletes a finished one
 /// and its files). 202; the one-export slot is free at once.
 pub async fn cancel(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    // Never throttled (D13 concerns status polls only).
+    app.inner.polls.forget(&id);
     match app.inner.engine.cancel(&id).await {
         Ok(()) => Ok(info(StatusCode::ACCEPTED, &format!("export {id} cancelled; its files are being deleted"))),
         Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!(
             "no export with id '{id}' (it may have been cancelled or deleted already)"
         ))),
         Err(CancelError::Internal(msg)) => Err(ApiError::internal(msg)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn polls_faster_than_half_the_retry_after_are_refused() {
+        let polls = Polls::default();
+        let t0 = Instant::now();
+        assert_eq!(polls.poll("a", t0, 2, None), Poll::Answer { first: None });
+        // Too early: what is left of the full 2 s, rounded up, at least 1 s.
+        assert_eq!(polls.poll("a", t0 + MS(300), 2, None), Poll::TooSoon { wait: 2, since: MS(300) });
+        assert_eq!(polls.poll("a", t0 + MS(999), 2, None), Poll::TooSoon { wait: 2, since: MS(999) });
+        // Other exports are counted apart.
+        assert_eq!(polls.poll("b", t0 + MS(999), 2, None), Poll::Answer { first: None });
+        // From half the interval on: answered, and the interval starts again.
+        assert_eq!(polls.poll("a", t0 + MS(1000), 2, Some(5)), Poll::Answer { first: Some((t0 + MS(1000), 5)) });
+        assert!(matches!(polls.poll("a", t0 + MS(1500), 2, Some(9)), Poll::TooSoon { wait: 2, .. }));
+        // A refused poll does not restart the interval: waiting its Retry-After is enough.
+        assert!(matches!(polls.poll("a", t0 + MS(3000), 2, Some(9)), Poll::Answer { .. }));
+        // Retry-After 1: allowed from 0.5 s; a refusal says 1 s.
+        assert!(matches!(polls.poll("a", t0 + MS(5000), 1, Some(9)), Poll::Answer { .. }));
+        assert_eq!(polls.poll("a", t0 + MS(5100), 1, None), Poll::TooSoon { wait: 1, since: MS(100) });
+        assert!(matches!(polls.poll("a", t0 + MS(5500), 1, None), Poll::Answer { .. }));
+        // Forgotten (the export ended): the next poll is answered at once.
+        polls.forget("a");
+        assert!(matches!(polls.poll("a", t0 + MS(5501), 2, None), Poll::Answer { .. }));
+    }
+
+    #[test]
+    fn polls_remember_the_first_progress_and_restart_with_a_rerun() {
+        let polls = Polls::default();
+        let t0 = Instant::now();
+        assert_eq!(polls.poll("a", t0, 2, None), Poll::Answer { first: None });
+        assert_eq!(polls.poll("a", t0 + MS(2000), 2, Some(0)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
+        assert_eq!(polls.poll("a", t0 + MS(4000), 2, Some(50)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
+        assert_eq!(polls.poll("a", t0 + MS(5000), 2, Some(50)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
+        // Fewer done than before: the export started over (a restart); so does the estimate.
+        assert_eq!(polls.poll("a", t0 + MS(6000), 2, Some(10)), Poll::Answer { first: Some((t0 + MS(6000), 10)) });
+        assert_eq!(polls.poll("a", t0 + MS(8000), 2, Some(20)), Poll::Answer { first: Some((t0 + MS(6000), 10)) });
+    }
+
+    #[test]
+    fn the_map_stays_bounded() {
+        let polls = Polls::default();
+        let t0 = Instant::now();
+        for i in 0..(MAX_TRACKED as u64 * 3) {
+            polls.poll(&format!("e{i}"), t0 + MS(i), 2, None);
+        }
+        assert!(polls.map.lock().unwrap().len() <= MAX_TRACKED);
+        // Entries not polled for FORGET_AFTER go at the next new export.
+        polls.poll("late", t0 + FORGET_AFTER + MS(MAX_TRACKED as u64 * 3), 2, None);
+        assert_eq!(polls.map.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn estimates_from_the_rate_so_far() {
+        let now = Instant::now() + Duration::from_secs(100);
+        let secs = Duration::from_secs;
+        // Nothing known yet, nothing written, or nothing left.
+        assert_eq!(seconds_left(0, 100, None, now, None), None);
+        assert_eq!(seconds_left(0, 100, None, now, Some(secs(10))), None);
+        assert_eq!(seconds_left(100, 100, Some((now - secs(5), 0)), now, Some(secs(10))), None);
+        // From the kick-off: 30 done in 10 s, 70 left: 23.3 s, rounded up.
+        assert_eq!(seconds_left(30, 100, None, now, Some(secs(10))), Some(24));
+        // Too short to tell.
+        assert_eq!(seconds_left(30, 100, None, now, Some(MS(500))), None);
+        // From the first progress seen (preferred): 20 more in 2 s, 70 left: 7 s.
+        assert_eq!(seconds_left(30, 100, Some((now - secs(2), 10)), now, Some(secs(10))), Some(7));
+        // Seen too recently, or no progress since: the kick-off rate.
+        assert_eq!(seconds_left(30, 100, Some((now - MS(500), 10)), now, Some(secs(10))), Some(24));
+        assert_eq!(seconds_left(30, 100, Some((now - secs(5), 30)), now, Some(secs(10))), Some(24));
+        // After a restart (no kick-off time) only what was seen counts.
+        assert_eq!(seconds_left(30, 100, Some((now - MS(500), 10)), now, None), None);
+        assert_eq!(eta_text(12), "about 12 s left");
+        assert_eq!(eta_text(119), "about 119 s left");
+        assert_eq!(eta_text(121), "about 3 min left");
+    }
+
+    #[test]
+    fn separate_export_status_preference() {
+        assert!(prefers_separate_status(Some("respond-async,separate-export-status")));
+        assert!(prefers_separate_status(Some("respond-async, Separate-Export-Status, handling=lenient")));
+        assert!(prefers_separate_status(Some("separate-export-status")));
+        assert!(!prefers_separate_status(Some("respond-async")));
+        assert!(!prefers_separate_status(Some("respond-async, handling=separate-export-status")));
+        assert!(!prefers_separate_status(None));
+        assert!(separate_status_requested(Some(&SEPARATE_QUERY[1..])));
+        assert!(!separate_status_requested(Some("prefer=respond-async")));
+        assert!(!separate_status_requested(None));
     }
 }

@@ -29,12 +29,14 @@ struct Inner {
     local: Option<LocalStorage>,
     base_url: String,
     ttl: Duration,
+    /// Status polls of running exports (D13: 429 when too fast; ETA).
+    polls: export::Polls,
 }
 
 impl AppState {
     /// State for a server whose absolute URLs start with `base_url`.
     pub fn new(engine: Engine, local: Option<LocalStorage>, base_url: String, ttl: Duration) -> Self {
-        AppState { inner: Arc::new(Inner { engine, local, base_url, ttl }) }
+        AppState { inner: Arc::new(Inner { engine, local, base_url, ttl, polls: export::Polls::default() }) }
     }
 }
 

@@ -10,7 +10,14 @@
 //! D2 (bad or unknown parameters are errors, or warnings under `Prefer: handling=lenient`),
 //! D3 (`patient` on GET only at patient level, POST `valueReference`s at patient and group
 //! level), D4 (POST at system level), D5 (`_since`/`_until` forms), D8/D9 (which types a
-//! patient or group export covers).
+//! patient or group export covers), D14 (`_typeFilter`, parsed with `sluice-search`).
+//!
+//! `_typeFilter` (Bulk Data IG v2): each value holds one or more FHIR search queries
+//! `Type?name=value&...`, joined with `,` ([`sluice_search::split_type_filter`] splits them
+//! where a comma is followed by the next `Type?`); repeated parameters count as if their
+//! values were comma-joined. A query may only narrow a type the export covers: a query for a
+//! type that `_type` (or, without `_type`, the level) leaves out is refused, or ignored and
+//! reported under `Prefer: handling=lenient`, like a query Sluice cannot run.
 
 #![warn(missing_docs)]
 
@@ -21,10 +28,11 @@ mod values;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use sluice_fhir::{Issue, IssueCode, Severity, is_patient_compartment_type, is_r4_resource_type};
+pub use sluice_search::TypeQuery;
 use time::OffsetDateTime;
 
 use crate::input::Value;
@@ -184,6 +192,11 @@ pub struct ExportPlan {
     pub patients: Option<Vec<String>>,
     /// `_elements`: entries as given (`name` or `Type.name`), deduplicated.
     pub elements: Option<Vec<String>>,
+    /// `_typeFilter`: per resource type, the queries (deduplicated, in request order) a
+    /// resource of that type must match one of (OR); types without an entry are not
+    /// filtered. Only types the export covers appear.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub type_filters: BTreeMap<String, Vec<TypeQuery>>,
     /// Whether `Prefer: handling=lenient` was sent.
     pub lenient: bool,
     /// In lenient mode, what was ignored (warnings), for the manifest `error` array.
@@ -201,6 +214,7 @@ impl ExportPlan {
             until: None,
             patients: None,
             elements: None,
+            type_filters: BTreeMap::new(),
             lenient: false,
             ignored: Vec::new(),
         }
@@ -227,6 +241,23 @@ impl ExportPlan {
     /// Whether the export is limited to listed patients (the `patient` parameter).
     pub fn has_patient_filter(&self) -> bool {
         self.patients.is_some()
+    }
+
+    /// The `_typeFilter` queries for `resource_type`, if it is filtered.
+    pub fn type_filter(&self, resource_type: &str) -> Option<&[TypeQuery]> {
+        self.type_filters.get(resource_type).map(Vec::as_slice)
+    }
+
+    /// Whether `resource` (FHIR JSON of type `resource_type`) passes `_typeFilter`: always
+    /// when its type has no queries, otherwise when it matches at least one of them.
+    pub fn keeps(&self, resource_type: &str, resource: &serde_json::Value) -> bool {
+        self.type_filter(resource_type).is_none_or(|queries| sluice_search::matches_any(queries, resource))
+    }
+
+    /// Whether the plan exports `resource_type` at all (with `_type`, or by the level's
+    /// default), whether or not it has data.
+    fn covers(&self, resource_type: &str) -> bool {
+        !self.resolve_types([resource_type]).is_empty()
     }
 }
 
@@ -332,6 +363,7 @@ struct Builder<'c> {
     until: Option<OffsetDateTime>,
     patients: Vec<String>,
     elements: Vec<String>,
+    type_filters: Vec<TypeQuery>,
 }
 
 impl<'c> Builder<'c> {
@@ -346,6 +378,7 @@ impl<'c> Builder<'c> {
             until: None,
             patients: Vec::new(),
             elements: Vec::new(),
+            type_filters: Vec::new(),
         }
     }
 
@@ -389,7 +422,14 @@ impl<'c> Builder<'c> {
                     values::check_unsupported(name, v, self.cx);
                 }
             }
-            "_typeFilter" | "includeAssociatedData" => {
+            "_typeFilter" => {
+                for v in vals {
+                    if let Some(text) = self.text(name, v) {
+                        values::check_type_filter(text, &mut self.type_filters, self.cx);
+                    }
+                }
+            }
+            "includeAssociatedData" => {
                 for v in vals {
                     if let Some(text) = self.text(name, v) {
                         values::check_unsupported(name, text, self.cx);
@@ -505,7 +545,7 @@ impl<'c> Builder<'c> {
             );
             until = None;
         }
-        ExportPlan {
+        let mut plan = ExportPlan {
             level: self.level,
             output_format: self.output_format,
             types: if self.types.is_empty() { TypeSelection::All } else { TypeSelection::Only(self.types) },
@@ -513,8 +553,17 @@ impl<'c> Builder<'c> {
             until,
             patients: (!self.patients.is_empty()).then_some(self.patients),
             elements: (!self.elements.is_empty()).then_some(self.elements),
+            type_filters: BTreeMap::new(),
             lenient: self.cx.lenient(),
             ignored: Vec::new(),
+        };
+        for query in self.type_filters {
+            if plan.covers(&query.resource_type) {
+                plan.type_filters.entry(query.resource_type.clone()).or_default().push(query);
+            } else {
+                values::type_filter_outside_export(&query, &plan, self.cx);
+            }
         }
+        plan
     }
 }

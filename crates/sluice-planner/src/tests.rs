@@ -106,6 +106,7 @@ fn no_parameters_gives_the_default_plan_at_every_level() {
                 until: None,
                 patients: None,
                 elements: None,
+                type_filters: BTreeMap::new(),
                 lenient: false,
                 ignored: vec![],
             }
@@ -508,7 +509,6 @@ fn elements_rejects_unknown_types_and_bad_names() {
 #[test]
 fn unsupported_parameters_are_errors_when_strict() {
     for (name, value) in [
-        ("_typeFilter", "Observation?status=final"),
         ("includeAssociatedData", "LatestProvenanceResources"),
         ("organizeOutputBy", "Patient"),
         ("allowPartialManifests", "true"),
@@ -522,7 +522,6 @@ fn unsupported_parameters_are_errors_when_strict() {
 #[test]
 fn unsupported_parameters_are_warnings_when_lenient() {
     for (name, value) in [
-        ("_typeFilter", "Observation?status=final"),
         ("includeAssociatedData", "LatestProvenanceResources"),
         ("organizeOutputBy", "Patient"),
         ("allowPartialManifests", "TRUE"),
@@ -565,6 +564,304 @@ fn allow_partial_manifests_must_be_a_boolean() {
 fn repeated_single_valued_unsupported_parameters_are_errors() {
     let issues = get_err(Level::System, &[("allowPartialManifests", "false"), ("allowPartialManifests", "false")]);
     one(&issues, "allowPartialManifests", IssueCode::Invalid, &["2 times"]);
+}
+
+// ---------------------------------------------------------------- _typeFilter (D14)
+
+/// The `_typeFilter` queries of a plan as text, per type.
+fn filters(p: &ExportPlan) -> Vec<(&str, Vec<&str>)> {
+    p.type_filters.iter().map(|(t, qs)| (t.as_str(), qs.iter().map(|q| q.query.as_str()).collect())).collect()
+}
+
+fn medication_request(status: &str, authored: &str) -> Json {
+    json!({"resourceType": "MedicationRequest", "status": status, "authoredOn": authored})
+}
+
+#[test]
+fn type_filter_single_query() {
+    let p = get_ok(Level::System, &[("_typeFilter", "Observation?status=final")]);
+    assert_eq!(filters(&p), [("Observation", vec!["Observation?status=final"])]);
+    assert!(p.ignored.is_empty());
+    assert_eq!(p.types, TypeSelection::All);
+    let q = &p.type_filter("Observation").unwrap()[0];
+    assert_eq!(q.resource_type, "Observation");
+    assert_eq!(q.criteria.len(), 1);
+    assert!(p.type_filter("Condition").is_none());
+}
+
+#[test]
+fn type_filter_comma_joined_queries_as_in_the_ig_example() {
+    // The IG v2 example: URL-decoded by the HTTP layer, the two queries arrive comma-joined.
+    let p = get_ok(
+        Level::System,
+        &[
+            ("_type", "MedicationRequest,Condition"),
+            (
+                "_typeFilter",
+                "MedicationRequest?status=active,MedicationRequest?status=completed&date=gt2018-07-01T00:00:00Z",
+            ),
+        ],
+    );
+    assert_eq!(
+        filters(&p),
+        [(
+            "MedicationRequest",
+            vec!["MedicationRequest?status=active", "MedicationRequest?status=completed&date=gt2018-07-01T00:00:00Z"]
+        )]
+    );
+}
+
+#[test]
+fn type_filter_repeated_parameters_equal_comma_joined_values() {
+    let joined = get_ok(
+        Level::Patient,
+        &[("_typeFilter", "Observation?category=laboratory,vital-signs,Condition?clinical-status=active")],
+    );
+    let repeated = get_ok(
+        Level::Patient,
+        &[
+            ("_typeFilter", "Observation?category=laboratory,vital-signs"),
+            ("_typeFilter", "Condition?clinical-status=active"),
+        ],
+    );
+    assert_eq!(joined.type_filters, repeated.type_filters);
+    assert_eq!(
+        filters(&joined),
+        [
+            ("Condition", vec!["Condition?clinical-status=active"]),
+            ("Observation", vec!["Observation?category=laboratory,vital-signs"])
+        ]
+    );
+}
+
+#[test]
+fn type_filter_queries_are_deduplicated_in_order() {
+    let p = get_ok(
+        Level::System,
+        &[
+            ("_typeFilter", "Observation?status=final"),
+            ("_typeFilter", "Observation?code=1,Observation?status=final&"),
+            ("_typeFilter", "Observation?status=final"),
+        ],
+    );
+    assert_eq!(filters(&p), [("Observation", vec!["Observation?status=final", "Observation?code=1"])]);
+}
+
+#[test]
+fn type_filter_empty_values_ask_for_nothing() {
+    let p = get_ok(Level::System, &[("_typeFilter", ""), ("_typeFilter", "  ")]);
+    assert!(p.type_filters.is_empty());
+    assert!(p.ignored.is_empty());
+}
+
+#[test]
+fn type_filter_still_encoded_queries_are_read() {
+    let p = get_ok(
+        Level::System,
+        &[("_typeFilter", "MedicationRequest%3Fstatus%3Dactive,MedicationRequest%3Fstatus%3Dstopped")],
+    );
+    assert_eq!(p.type_filter("MedicationRequest").unwrap().len(), 2);
+    assert!(p.keeps("MedicationRequest", &medication_request("stopped", "2020")));
+    assert!(!p.keeps("MedicationRequest", &medication_request("draft", "2020")));
+}
+
+#[test]
+fn keeps_ors_the_queries_of_a_type_and_leaves_other_types_alone() {
+    let p = get_ok(
+        Level::System,
+        &[
+            ("_type", "MedicationRequest,Condition"),
+            ("_typeFilter", "MedicationRequest?status=active"),
+            ("_typeFilter", "MedicationRequest?status=completed&authoredon=gt2018-07-01T00:00:00Z"),
+        ],
+    );
+    assert!(p.keeps("MedicationRequest", &medication_request("active", "2010-01-01")));
+    assert!(p.keeps("MedicationRequest", &medication_request("completed", "2019-01-01")));
+    assert!(!p.keeps("MedicationRequest", &medication_request("completed", "2017-01-01")));
+    assert!(!p.keeps("MedicationRequest", &medication_request("stopped", "2019-01-01")));
+    assert!(p.keeps("Condition", &json!({"resourceType": "Condition"})));
+    assert!(get_ok(Level::System, &[]).keeps("Observation", &json!({"resourceType": "Observation"})));
+}
+
+#[test]
+fn type_filter_in_a_post_body() {
+    let body = parameters(json!([
+        {"name": "_type", "valueString": "Observation,Condition"},
+        {"name": "_typeFilter", "valueString": "Observation?code=http://loinc.org|8302-2,8867-4"},
+        {"name": "_typeFilter", "valueString": "Condition?onset-date=ge2020,Observation?category=laboratory"}
+    ]));
+    for level in [Level::System, Level::Patient, group()] {
+        let p = ok(post_body(level, &body));
+        assert_eq!(
+            filters(&p),
+            [
+                ("Condition", vec!["Condition?onset-date=ge2020"]),
+                (
+                    "Observation",
+                    vec!["Observation?code=http://loinc.org|8302-2,8867-4", "Observation?category=laboratory"]
+                )
+            ]
+        );
+    }
+    let body = parameters(json!([{"name": "_typeFilter", "valueReference": {"reference": "Observation/1"}}]));
+    let issues = err(post_body(Level::System, &body));
+    one(&issues, "_typeFilter", IssueCode::Invalid, &["valueReference", "valueString"]);
+}
+
+#[test]
+fn type_filter_queries_sluice_cannot_run_are_errors_when_strict() {
+    for (query, code, fragments) in [
+        ("Foo?x=1", IssueCode::NotSupported, &["'Foo' is not a standard FHIR R4 resource type"][..]),
+        ("observation?status=final", IssueCode::NotSupported, &["did you mean Observation?"]),
+        (
+            "Observation?value-quantity=gt5",
+            IssueCode::NotSupported,
+            &["'value-quantity' is not supported on Observation", "_id, _lastUpdated, category"],
+        ),
+        ("Observation?status=final&_sort=date", IssueCode::NotSupported, &["'_sort' is a search result parameter"]),
+        ("Observation?subject.name=x", IssueCode::NotSupported, &["chained"]),
+        ("Observation?code:below=1", IssueCode::NotSupported, &["modifier ':below'"]),
+        ("Observation?date=gz2020", IssueCode::Invalid, &["not a date prefix"]),
+        ("Observation?date=2020-13", IssueCode::Invalid, &["'2020-13' is not a FHIR date"]),
+        ("Observation?status", IssueCode::Invalid, &["has no value"]),
+        ("Observation", IssueCode::Invalid, &["without search criteria"]),
+        ("status=final", IssueCode::Invalid, &["not a FHIR search query"]),
+    ] {
+        let issues = get_err(Level::System, &[("_typeFilter", query)]);
+        assert_eq!(issues.len(), 1, "{query}: {issues:#?}");
+        let mut all = vec![query];
+        all.extend_from_slice(fragments);
+        all.push("CapabilityStatement");
+        one(&issues, "_typeFilter", code, &all);
+    }
+}
+
+#[test]
+fn type_filter_every_bad_query_is_reported() {
+    let issues = get_err(
+        Level::System,
+        &[("_typeFilter", "Observation?foo=1,Condition?bar=2"), ("_typeFilter", "Patient?_count=1")],
+    );
+    let texts: Vec<&str> = issues.iter().map(|i| i.diagnostics.as_str()).collect();
+    assert_eq!(issues.len(), 3, "{texts:#?}");
+    assert!(
+        texts[0].contains("'Observation?foo=1'")
+            && texts[1].contains("'Condition?bar=2'")
+            && texts[2].contains("'Patient?_count=1'")
+    );
+}
+
+#[test]
+fn type_filter_bad_queries_are_ignored_when_lenient() {
+    let p = ok(get_lenient(
+        Level::System,
+        &[("_typeFilter", "Observation?foo=1,Observation?status=final"), ("_typeFilter", "Condition?onset-date=soon")],
+    ));
+    assert_eq!(filters(&p), [("Observation", vec!["Observation?status=final"])]);
+    assert_eq!(p.ignored.len(), 2);
+    for w in &p.ignored {
+        assert_eq!(w.severity, Severity::Warning);
+        assert_eq!(w.expression.as_deref(), Some("_typeFilter"));
+        assert!(w.diagnostics.ends_with("Ignored (Prefer: handling=lenient)."), "{w:?}");
+    }
+    assert_eq!(p.ignored[0].code, IssueCode::NotSupported);
+    assert_eq!(p.ignored[1].code, IssueCode::Invalid);
+    // A type whose every query was dropped is not filtered at all.
+    let p = ok(get_lenient(Level::System, &[("_typeFilter", "Observation?foo=1")]));
+    assert!(p.type_filters.is_empty());
+    assert!(p.keeps("Observation", &json!({"resourceType": "Observation"})));
+}
+
+#[test]
+fn type_filter_on_a_type_that_type_excludes_is_an_error_when_strict() {
+    for list in [
+        [("_type", "Patient,Condition"), ("_typeFilter", "Observation?status=final")],
+        // The order of the parameters does not matter.
+        [("_typeFilter", "Observation?status=final"), ("_type", "Patient,Condition")],
+    ] {
+        let issues = get_err(Level::System, &list);
+        assert_eq!(issues.len(), 1);
+        one(
+            &issues,
+            "_typeFilter",
+            IssueCode::Value,
+            &[
+                "'Observation?status=final' filters Observation",
+                "_type (Patient,Condition) does not include Observation",
+                "never adds a type",
+                "add Observation to _type",
+            ],
+        );
+    }
+}
+
+#[test]
+fn type_filter_on_a_type_that_type_excludes_is_ignored_when_lenient() {
+    let p = ok(get_lenient(
+        Level::System,
+        &[("_type", "Patient,Condition"), ("_typeFilter", "Observation?status=final,Condition?code=1")],
+    ));
+    assert_eq!(filters(&p), [("Condition", vec!["Condition?code=1"])]);
+    assert_eq!(p.ignored.len(), 1);
+    assert_eq!(p.ignored[0].expression.as_deref(), Some("_typeFilter"));
+    assert!(p.ignored[0].diagnostics.contains("does not include Observation"));
+    // Lenient _type drops bad entries first; the filter is checked against what is left.
+    let p = ok(get_lenient(
+        Level::System,
+        &[("_type", "Foo,Observation"), ("_typeFilter", "Condition?code=1,Observation?code=2")],
+    ));
+    assert_eq!(p.types, only(&["Observation"]));
+    assert_eq!(filters(&p), [("Observation", vec!["Observation?code=2"])]);
+    assert_eq!(p.ignored.len(), 2);
+}
+
+#[test]
+fn type_filter_at_patient_level_follows_the_covered_types() {
+    for level in [Level::Patient, group()] {
+        // Compartment types are covered without _type.
+        let p = get_ok(level.clone(), &[("_typeFilter", "Observation?status=final,Patient?gender=female")]);
+        assert_eq!(p.type_filters.len(), 2);
+        // Types outside the compartment only when _type names them (D8).
+        let issues = get_err(level.clone(), &[("_typeFilter", "Practitioner?name=smith")]);
+        one(
+            &issues,
+            "_typeFilter",
+            IssueCode::Value,
+            &["without _type includes only the Patient compartment types", "name Practitioner in _type"],
+        );
+        let p =
+            get_ok(level.clone(), &[("_type", "Practitioner,Observation"), ("_typeFilter", "Practitioner?name=smith")]);
+        assert_eq!(filters(&p), [("Practitioner", vec!["Practitioner?name=smith"])]);
+        // Never Group (D9).
+        let issues = get_err(level.clone(), &[("_typeFilter", "Group?_id=g1")]);
+        one(&issues, "_typeFilter", IssueCode::Value, &["never includes Group", "system-level export"]);
+    }
+    // At system level every type is covered, Group included.
+    let p = get_ok(Level::System, &[("_typeFilter", "Group?_id=g1,Practitioner?name=smith")]);
+    assert_eq!(p.type_filters.len(), 2);
+}
+
+#[test]
+fn type_filter_plan_round_trips_through_json() {
+    let p = get_ok(
+        Level::Patient,
+        &[(
+            "_typeFilter",
+            "Observation?status=final&date=ge2024-01&patient=Patient/p1,Condition?code:not=1&code:text=fever",
+        )],
+    );
+    let v = serde_json::to_value(&p).unwrap();
+    assert_eq!(v["type_filters"]["Observation"][0]["resource_type"], "Observation");
+    let back: ExportPlan = serde_json::from_value(v).unwrap();
+    assert_eq!(back, p);
+    // A plan without filters has no type_filters key, and job records from before
+    // _typeFilter (without the key) still decode.
+    let mut v = serde_json::to_value(get_ok(Level::System, &[])).unwrap();
+    assert!(v.get("type_filters").is_none());
+    v.as_object_mut().unwrap().remove("type_filters");
+    let back: ExportPlan = serde_json::from_value(v).unwrap();
+    assert!(back.type_filters.is_empty());
+    assert_eq!(ExportPlan::new(Level::System).type_filters, BTreeMap::new());
 }
 
 // ---------------------------------------------------------------- unknown parameters (D2)
@@ -1002,7 +1299,7 @@ fn all_problems_are_reported_together() {
         ("_since", "soon"),
         ("patient", "1"),
         ("_elements", "a.b.c"),
-        ("_typeFilter", "Observation?code=1"),
+        ("_typeFilter", "Observation?foo=1"),
         ("mystery", "1"),
     ]);
     let mut req = KickoffRequest::get(group(), &query);

@@ -4,7 +4,7 @@ use sluice_fhir::{Issue, IssueCode, is_r4_resource_type};
 use time::OffsetDateTime;
 
 use crate::input::Value;
-use crate::{Issues, KNOWN_PARAMETERS, Level, OutputFormat};
+use crate::{ExportPlan, Issues, KNOWN_PARAMETERS, Level, OutputFormat, TypeQuery, TypeSelection};
 
 /// Reads an `_outputFormat` value (see [`OutputFormat::parse`]).
 pub(crate) fn output_format(value: &str) -> Option<OutputFormat> {
@@ -229,6 +229,68 @@ pub(crate) fn check_elements(list: &str, elements: &mut Vec<String>, cx: &mut Is
                 .reject(Issue::error(code, format!("_elements '{entry}' is not {lacks}; {ACCEPTED}.")).at("_elements")),
         }
     }
+}
+
+/// `_typeFilter`: one parameter value, holding one query or several joined with `,`. Each
+/// query Sluice can run is appended to `queries` unless an equal one is already there
+/// (same type and criteria); the others are problems. An empty value asks for nothing.
+pub(crate) fn check_type_filter(value: &str, queries: &mut Vec<TypeQuery>, cx: &mut Issues) {
+    for text in sluice_search::split_type_filter(value) {
+        match sluice_search::parse_query(text) {
+            Ok(query) => {
+                if !queries.iter().any(|q| q.resource_type == query.resource_type && q.criteria == query.criteria) {
+                    queries.push(query);
+                }
+            }
+            Err(e) => {
+                let code = if e.is_not_supported() { IssueCode::NotSupported } else { IssueCode::Invalid };
+                cx.reject(
+                    Issue::error(
+                        code,
+                        format!(
+                            "_typeFilter '{text}' cannot be used: {e}. A _typeFilter value is a FHIR search \
+                             query such as Observation?category=laboratory&date=ge2024-01-01; the search \
+                             parameters each type supports are listed in the CapabilityStatement."
+                        ),
+                    )
+                    .at("_typeFilter"),
+                );
+            }
+        }
+    }
+}
+
+/// A `_typeFilter` query for a type the export does not include. The Bulk Data IG has
+/// `_typeFilter` filter out resources "that would have otherwise been returned" and each
+/// type independently: it never adds a type, so such a query can only be a mistake.
+pub(crate) fn type_filter_outside_export(query: &TypeQuery, plan: &ExportPlan, cx: &mut Issues) {
+    let t = query.resource_type.as_str();
+    let level = plan.level.name();
+    let (why, fix) = match &plan.types {
+        TypeSelection::Only(list) => {
+            (format!("_type ({}) does not include {t}", list.join(",")), format!("add {t} to _type"))
+        }
+        TypeSelection::All if t == "Group" => {
+            (format!("a {level}-level export never includes Group"), "use a system-level export".to_string())
+        }
+        TypeSelection::All => (
+            format!(
+                "a {level}-level export without _type includes only the Patient compartment types, and {t} is \
+                 not one of them"
+            ),
+            format!("name {t} in _type, with every other type you want"),
+        ),
+    };
+    cx.reject(
+        Issue::error(
+            IssueCode::Value,
+            format!(
+                "_typeFilter '{query}' filters {t}, but {why}; a _typeFilter only narrows the resources of the \
+                 types an export includes, it never adds a type: {fix}, or leave the query out."
+            ),
+        )
+        .at("_typeFilter"),
+    );
 }
 
 /// The recognised IG parameters Sluice does not implement yet. Values that ask for nothing

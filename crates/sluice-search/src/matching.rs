@@ -1,0 +1,197 @@
+//! Evaluating criteria against a resource's JSON.
+
+use serde_json::Value;
+
+use crate::date::{self, Range};
+use crate::params::ParamDef;
+use crate::parse::split_reference;
+use crate::{Criterion, StringMode, Test, TokenValue};
+
+/// Collects the values at `path` below `node`, following every element of every array on
+/// the way (and of an array at the end). `null`, `""` and `{}` carry no value and are
+/// skipped.
+fn collect<'a>(node: &'a Value, path: &[&str], out: &mut Vec<&'a Value>) {
+    match node {
+        Value::Array(items) => items.iter().for_each(|item| collect(item, path, out)),
+        Value::Null => {}
+        Value::String(s) if s.is_empty() => {}
+        Value::Object(o) if o.is_empty() => {}
+        _ => match path.split_first() {
+            None => out.push(node),
+            Some((head, rest)) => {
+                if let Some(child) = node.get(head) {
+                    collect(child, rest, out);
+                }
+            }
+        },
+    }
+}
+
+/// Every value the parameter's paths reach in `resource`.
+fn values_of<'a>(def: &ParamDef, resource: &'a Value) -> Vec<&'a Value> {
+    let mut out = Vec::new();
+    for path in def.paths {
+        let steps: Vec<&str> = path.split('.').collect();
+        collect(resource, &steps, &mut out);
+    }
+    out
+}
+
+impl Criterion {
+    /// Whether `resource` meets this criterion, with `def` the parameter's definition.
+    pub(crate) fn holds(&self, def: &ParamDef, resource: &Value) -> bool {
+        let nodes = values_of(def, resource);
+        match &self.test {
+            Test::Missing(missing) => nodes.is_empty() == *missing,
+            Test::Token { not, values } => {
+                let hit = nodes.iter().any(|n| values.iter().any(|v| token_matches(n, v)));
+                hit != *not
+            }
+            Test::Text(values) => {
+                let mut texts = Vec::new();
+                nodes.iter().for_each(|n| texts_of(n, &mut texts));
+                texts.iter().any(|t| values.iter().any(|v| word_starts_with(t, v)))
+            }
+            Test::Date(values) => nodes
+                .iter()
+                .filter_map(|n| date::of_json(n))
+                .any(|target| values.iter().any(|v| v.prefix.test(Range { start: v.start, end: v.end }, target))),
+            Test::Reference(values) => nodes
+                .iter()
+                .filter_map(|n| n.get("reference").and_then(Value::as_str).and_then(split_reference))
+                .any(|(ty, id)| {
+                    values.iter().any(|v| {
+                        v.id == id
+                            && match (&v.resource_type, ty) {
+                                (None, _) => true,
+                                (Some(wanted), Some(ty)) => wanted == ty,
+                                (Some(_), None) => false,
+                            }
+                    })
+                }),
+            Test::String { mode, values } => nodes.iter().filter_map(|n| n.as_str()).any(|s| match mode {
+                StringMode::Exact => values.iter().any(|v| v == s),
+                StringMode::StartsWith => {
+                    let folded = fold(s);
+                    values.iter().any(|v| folded.starts_with(v.as_str()))
+                }
+                StringMode::Contains => {
+                    let folded = fold(s);
+                    values.iter().any(|v| folded.contains(v.as_str()))
+                }
+            }),
+        }
+    }
+}
+
+/// Whether a token value matches a `CodeableConcept`, `Coding`, `Identifier`, code/string
+/// or boolean.
+fn token_matches(node: &Value, wanted: &TokenValue) -> bool {
+    match node {
+        Value::Object(o) => match o.get("coding") {
+            Some(Value::Array(codings)) => codings.iter().any(|c| coding_matches(c, wanted)),
+            Some(coding @ Value::Object(_)) => coding_matches(coding, wanted),
+            Some(_) => false,
+            None => coding_matches(node, wanted),
+        },
+        Value::String(s) => plain_matches(s, wanted),
+        Value::Bool(b) => plain_matches(if *b { "true" } else { "false" }, wanted),
+        _ => false,
+    }
+}
+
+/// A `Coding` (`system` + `code`) or an `Identifier` (`system` + `value`).
+fn coding_matches(coding: &Value, wanted: &TokenValue) -> bool {
+    let system = coding.get("system").and_then(Value::as_str);
+    let code = coding.get("code").or_else(|| coding.get("value")).and_then(Value::as_str);
+    let system_ok = match wanted.system.as_deref() {
+        None => true,
+        Some("") => system.is_none(),
+        Some(s) => system == Some(s),
+    };
+    let code_ok = match wanted.code.as_deref() {
+        None => true,
+        Some(c) => code == Some(c),
+    };
+    system_ok && code_ok
+}
+
+/// A plain code, string or boolean: it has no system, so only `code` and `|code` match it.
+fn plain_matches(value: &str, wanted: &TokenValue) -> bool {
+    matches!(wanted.system.as_deref(), None | Some("")) && wanted.code.as_deref() == Some(value)
+}
+
+/// The text associated with a coded value, for `:text`: `CodeableConcept.text` and its
+/// codings' `display`, `Coding.display`, `Identifier.type.text`.
+fn texts_of<'a>(node: &'a Value, out: &mut Vec<&'a str>) {
+    let Value::Object(o) = node else { return };
+    let mut push = |v: Option<&'a Value>| {
+        if let Some(s) = v.and_then(Value::as_str) {
+            out.push(s);
+        }
+    };
+    push(o.get("text"));
+    push(o.get("display"));
+    push(o.get("type").and_then(|t| t.get("text")));
+    match o.get("coding") {
+        Some(Value::Array(codings)) => codings.iter().for_each(|c| push(c.get("display"))),
+        Some(c @ Value::Object(_)) => push(c.get("display")),
+        _ => {}
+    }
+}
+
+/// Whether the folded `text`, or one of its words, starts with `wanted` (already folded).
+fn word_starts_with(text: &str, wanted: &str) -> bool {
+    let folded = fold(text);
+    folded.starts_with(wanted)
+        || folded
+            .match_indices(|c: char| !c.is_alphanumeric())
+            .any(|(i, sep)| folded[i + sep.len()..].starts_with(wanted))
+}
+
+/// Folds text for case- and accent-insensitive comparison: lower case, Latin letters with
+/// diacritics reduced to their base letters (`é` -> `e`, `ß` -> `ss`, `Ø` -> `o`), combining
+/// marks dropped.
+pub(crate) fn fold(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars().flat_map(char::to_lowercase) {
+        match base_letters(c) {
+            Some(base) => out.push_str(base),
+            None => out.push(c),
+        }
+    }
+    out
+}
+
+/// The base letters of a lower-case Latin letter with diacritics (Latin-1 Supplement and
+/// Latin Extended-A), or `""` for a combining mark; `None` for anything else.
+fn base_letters(c: char) -> Option<&'static str> {
+    Some(match c {
+        '\u{300}'..='\u{36f}' => "",
+        'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'ā' | 'ă' | 'ą' => "a",
+        'æ' => "ae",
+        'ç' | 'ć' | 'ĉ' | 'ċ' | 'č' => "c",
+        'ď' | 'đ' | 'ð' => "d",
+        'è' | 'é' | 'ê' | 'ë' | 'ē' | 'ĕ' | 'ė' | 'ę' | 'ě' => "e",
+        'ĝ' | 'ğ' | 'ġ' | 'ģ' => "g",
+        'ĥ' | 'ħ' => "h",
+        'ì' | 'í' | 'î' | 'ï' | 'ĩ' | 'ī' | 'ĭ' | 'į' | 'ı' => "i",
+        'ĳ' => "ij",
+        'ĵ' => "j",
+        'ķ' => "k",
+        'ĺ' | 'ļ' | 'ľ' | 'ŀ' | 'ł' => "l",
+        'ñ' | 'ń' | 'ņ' | 'ň' | 'ŉ' => "n",
+        'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' | 'ō' | 'ŏ' | 'ő' => "o",
+        'œ' => "oe",
+        'ŕ' | 'ŗ' | 'ř' => "r",
+        'ś' | 'ŝ' | 'ş' | 'š' | 'ſ' => "s",
+        'ß' => "ss",
+        'ţ' | 'ť' | 'ŧ' => "t",
+        'þ' => "th",
+        'ù' | 'ú' | 'û' | 'ü' | 'ũ' | 'ū' | 'ŭ' | 'ů' | 'ű' | 'ų' => "u",
+        'ŵ' => "w",
+        'ý' | 'ÿ' | 'ŷ' => "y",
+        'ź' | 'ż' | 'ž' => "z",
+        _ => return None,
+    })
+}

@@ -9,6 +9,7 @@ use common::*;
 use serde_json::{Value, json};
 use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::io::Read;
 
 /// A system-level export to ndjson: the kick-off, status and manifest as the IG and the
 /// real clients need them, and exactly the data set in the files.
@@ -586,4 +587,111 @@ fn group_created_after_since_exports_its_members_completely() {
     let until = export(&srv, &with_query(&url, &[("_since", &t1), ("_until", &t1), ("_type", "Patient,Condition")]));
     expected.get_mut("Condition").unwrap().remove(&condition_id);
     check_export(&until, &expected);
+}
+
+/// The engine in this process over a copy of the loaded data set (SQLite, or PostgreSQL
+/// with `SLUICE_TEST_DATABASE_URL`), writing to memory: for engine settings `serve` has no
+/// flag for.
+struct InProcess {
+    engine: sluice_engine::Engine,
+    storage: sluice_storage::MemoryStorage,
+    runtime: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    fn new(config: sluice_engine::EngineConfig) -> InProcess {
+        let dir = loaded_dir();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let store: std::sync::Arc<dyn sluice_store::ResourceStore> =
+            match std::fs::read_to_string(dir.path().join("database-url")) {
+                Ok(url) => std::sync::Arc::new(
+                    runtime
+                        .block_on(sluice_store_postgres::PgStore::connect(url.trim(), Default::default()))
+                        .expect("connecting to the scratch database"),
+                ),
+                Err(_) => std::sync::Arc::new(
+                    sluice_store_sqlite::SqliteStore::open(dir.path().join("sluice.db")).expect("opening the store"),
+                ),
+            };
+        let storage = sluice_storage::MemoryStorage::new();
+        let fixed = sluice_storage::FixedStorage(std::sync::Arc::new(storage.clone()));
+        let engine = sluice_engine::Engine::new(store, std::sync::Arc::new(fixed), config);
+        InProcess { engine, storage, runtime, dir }
+    }
+
+    /// Runs a GET kick-off's export to the end; the job as it finished.
+    fn export(&self, level: sluice_planner::Level, query: &[(&str, &str)]) -> sluice_jobs::JobRecord {
+        let q: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let plan = sluice_planner::plan(&sluice_planner::KickoffRequest::get(level, &q)).expect("a valid kick-off");
+        self.runtime.block_on(async {
+            let job = self.engine.kickoff(plan, "http://test/fhir/$export".into(), Value::Null).await.unwrap();
+            self.engine.wait(&job.id).await;
+            let job = self.engine.store().get(&job.id).await.unwrap().unwrap();
+            assert_eq!(job.status, sluice_jobs::JobStatus::Completed, "{:?}", job.outcome);
+            job
+        })
+    }
+
+    /// A job's output files, read from memory: per type, the lines; and the file names
+    /// with their counts, in manifest order.
+    fn files(&self, job: &sluice_jobs::JobRecord) -> (Files, Vec<(String, u64)>) {
+        let mut files = Files::new();
+        let mut names = Vec::new();
+        for f in &job.output {
+            let bytes = self.storage.get(&f.key).expect("a listed file exists").bytes;
+            let mut text = String::new();
+            flate2::read::MultiGzDecoder::new(&bytes[..]).read_to_string(&mut text).expect("gzip");
+            let lines: Vec<String> = text.lines().map(String::from).collect();
+            assert_eq!(lines.len() as u64, f.count, "count of {}", f.key);
+            files.entry(f.resource_type.clone()).or_default().extend(lines);
+            names.push((f.key.rsplit('/').next().unwrap().to_string(), f.count));
+        }
+        (files, names)
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        drop_store(self.dir.path());
+    }
+}
+
+/// A large type (here Observation, 42% of the data set, with `range_split_min` lowered to
+/// 1000 on 2 parts) is read as two id ranges at once, on both stores, at every level: the
+/// export is exactly the data set, the type's files are named `Observation.ndjson.gz`,
+/// `Observation-2.ndjson.gz`, ... (D15) from one counter, listed in natural order, and
+/// file splitting by count still applies within each range.
+#[test]
+fn a_large_type_read_in_id_ranges_is_exported_whole() {
+    let config = sluice_engine::EngineConfig {
+        parallelism: 2,
+        range_split_min: 1000,
+        split: sluice_ndjson::SplitLimits { max_resources: 5000, max_bytes: 0 },
+        ..Default::default()
+    };
+    let run = InProcess::new(config);
+    let gz = [("_outputFormat", "ndjson.gz")];
+    let cases = [
+        (sluice_planner::Level::System, reference().all()),
+        (sluice_planner::Level::Patient, reference().all_compartments()),
+        (sluice_planner::Level::Group(GROUP_ID.into()), reference().all_compartments()),
+    ];
+    for (level, expected) in cases {
+        let job = run.export(level.clone(), &gz);
+        let (files, names) = run.files(&job);
+        check_content(&files, &expected);
+        let obs: Vec<(String, u64)> = names.into_iter().filter(|(n, _)| n.starts_with("Observation")).collect();
+        let want: Vec<String> = (1..=obs.len())
+            .map(|n| if n == 1 { "Observation.ndjson.gz".into() } else { format!("Observation-{n}.ndjson.gz") })
+            .collect();
+        assert_eq!(obs.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(), want, "{level:?}: D15 names in order");
+        // Read whole, 16,315 Observations make files of 5000, 5000, 5000 and 1315: two
+        // ranges of about 8,150 each end in a file of their own that is not full.
+        let partial = obs.iter().filter(|(_, c)| *c < 5000).count();
+        assert_eq!(partial, 2, "{level:?}: two ranges, each with its last file: {obs:?}");
+        assert!(obs.iter().all(|(_, c)| *c <= 5000), "{level:?}: file splitting within a range");
+        let p = &job.progress["Observation"];
+        assert_eq!((p.done, p.total), (16315, 16315), "{level:?}: one progress entry for the type");
+    }
 }

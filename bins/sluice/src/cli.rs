@@ -75,6 +75,10 @@ struct ServeArgs {
     /// Resource types exported in parallel (default: the number of cores).
     #[arg(long, env = "SLUICE_EXPORT_PARALLELISM")]
     parallelism: Option<usize>,
+    /// A type with at least this many resources (and more than half its fair share of the
+    /// export) is read as several id ranges in parallel; 0 turns splitting off.
+    #[arg(long, env = "SLUICE_RANGE_SPLIT_MIN", default_value_t = 50_000, hide = true)]
+    range_split_min: u64,
     /// Bytes per batch read from the store.
     #[arg(long, env = "SLUICE_EXPORT_BATCH_BYTES", default_value_t = 1 << 20, hide = true)]
     batch_bytes: usize,
@@ -205,6 +209,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         batch_bytes: args.batch_bytes.max(1),
         throttle: args.throttle_ms.map(Duration::from_millis),
         lease: Duration::from_millis(args.job_lease_ms.max(100)),
+        range_split_min: args.range_split_min,
         ..EngineConfig::default()
     };
     let cloud = CloudOptions { part_bytes: args.cloud.storage_part_bytes, ..CloudOptions::default() };

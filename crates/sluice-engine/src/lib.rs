@@ -6,10 +6,11 @@
 //! - A run takes one snapshot (or reuses the one recorded, after a restart), works out
 //!   what each type reads (at group level: the members at the snapshot's time, D6, and with
 //!   `_since` those who joined after it, whose complete data is exported, D7), counts it,
-//!   then exports the types in parallel (bounded by [`EngineConfig::parallelism`]). Each
-//!   type streams batches from the store, encodes them on blocking threads (gzip never runs
-//!   on the async reactor) and streams the bytes into storage objects. Memory is bounded by
-//!   batch and chunk sizes, never by export size.
+//!   then exports the types in parallel (bounded by [`EngineConfig::parallelism`]). A type
+//!   too large to leave to one core is read as several id ranges at once (see
+//!   [`EngineConfig::range_split_min`]). Each part streams batches from the store, encodes
+//!   them on blocking threads (gzip never runs on the async reactor) and streams the bytes
+//!   into storage objects. Memory is bounded by batch and chunk sizes, never by export size.
 //! - Progress is saved to the job record about twice a second; the save is a
 //!   compare-and-set, so a run notices a cancellation made by any server.
 //! - On failure or cancellation every object the run wrote is deleted.
@@ -27,9 +28,9 @@ use sluice_jobs::{JobError, JobRecord, JobStatus, OutputFile, TypeProgress};
 use sluice_ndjson::{Compression, Event, NdjsonWriter, SplitLimits};
 use sluice_planner::{ExportPlan, Level, TypeSelection};
 use sluice_storage::{ObjectMeta, ObjectWriter, Storage, StorageError, StorageSource};
-use sluice_store::{Patients, ReadResult, ResourceStore, ScanFilter, Snapshot};
+use sluice_store::{IdRange, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -39,8 +40,15 @@ use tokio_util::sync::CancellationToken;
 /// Tuning knobs of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Resource types exported at the same time.
+    /// Parts exported at the same time (and how many id ranges a large type is split into).
     pub parallelism: usize,
+    /// A type with at least this many resources to export, and more than half its fair
+    /// share of the export (`total / parallelism / 2`), is read by several parts at once,
+    /// each reading one range of ids: as many ranges as make each at most half a fair share,
+    /// at most `parallelism`. Otherwise one type alone (Observation is 40-50% of Synthea
+    /// data) keeps one core busy while the other has nothing left to do. Its files are still
+    /// `<Type>.ndjson`, `<Type>-2.ndjson`, ... (D15). 0 = never split.
+    pub range_split_min: u64,
     /// Bytes per batch read from the store.
     pub batch_bytes: usize,
     /// When to split a type into several files.
@@ -61,6 +69,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             parallelism: std::thread::available_parallelism().map_or(2, |n| n.get()).max(2),
+            range_split_min: 50_000,
             batch_bytes: 1 << 20,
             split: SplitLimits { max_resources: 0, max_bytes: 0 },
             gzip_level: 2,
@@ -130,6 +139,17 @@ struct Running {
 
 /// What one part reads, in order: (resource type, filter).
 type Sources = Vec<(String, ScanFilter)>;
+
+/// A part before it runs ([`Engine::export_snapshot`]).
+struct PlannedPart {
+    /// The type its files are named after (`Bundle` for deletions).
+    resource_type: String,
+    sources: Sources,
+    /// Whether it lists deletions.
+    deleted: bool,
+    /// About how many resources it reads: larger parts start first.
+    size: u64,
+}
 
 /// The progress entry of the deletions part (`_since` exports).
 const DELETED: &str = "deleted";
@@ -463,17 +483,16 @@ impl Engine {
             None => BTreeMap::new(),
         };
         tracing::debug!(job = %job.id, ms = phase.elapsed().as_millis() as u64, "filters and counts");
-        let mut types = job.plan.resolve_types(counts.keys().map(String::as_str));
-        // Largest types first, so the big ones run alongside the many small ones instead of
-        // alone at the end.
-        types.sort_by_key(|t| std::cmp::Reverse(counts[t]));
+        let types = job.plan.resolve_types(counts.keys().map(String::as_str));
         let del_types = job.plan.resolve_types(del_counts.keys().map(String::as_str));
         let pick = |t: &str, comp: Option<&ScanFilter>, plain: &ScanFilter| match comp {
             Some(cf) if sluice_fhir::is_patient_compartment_type(t) => cf.clone(),
             _ => plain.clone(),
         };
-        // One part per type; the deletions of every type go into one `Bundle` part.
-        let mut plan_parts: Vec<(String, Sources, bool)> = Vec::new();
+        // One part per type, or one per id range of a large type (every source of the type
+        // restricted to the range); the deletions of every type go into one `Bundle` part.
+        let total: u64 = types.iter().map(|t| counts[t]).sum();
+        let mut plan_parts: Vec<PlannedPart> = Vec::new();
         job.progress.clear();
         for t in &types {
             job.progress.insert(t.clone(), TypeProgress { done: 0, total: counts[t] });
@@ -482,25 +501,48 @@ impl Engine {
                 sources.push((t.clone(), lf.clone()));
             }
             sources.push((t.clone(), pick(t, compartment_filter.as_ref(), &plain_filter)));
-            plan_parts.push((t.clone(), sources, false));
+            let ranges = match range_parts(&self.config, counts[t], total) {
+                1 => Vec::new(),
+                n => IdRange::between(&self.store.split_points(snapshot, t, n).await?),
+            };
+            if ranges.len() < 2 {
+                plan_parts.push(PlannedPart { resource_type: t.clone(), sources, deleted: false, size: counts[t] });
+                continue;
+            }
+            tracing::debug!(job = %job.id, resource_type = %t, ranges = ranges.len(), "reading a type in id ranges");
+            let size = counts[t] / ranges.len() as u64;
+            for range in ranges {
+                let sources = sources
+                    .iter()
+                    .map(|(rt, f)| (rt.clone(), ScanFilter { id_range: Some(range.clone()), ..f.clone() }))
+                    .collect();
+                plan_parts.push(PlannedPart { resource_type: t.clone(), sources, deleted: false, size });
+            }
         }
         if !del_types.is_empty() {
             let total = del_types.iter().map(|t| del_counts[t]).sum();
             job.progress.insert(DELETED.to_string(), TypeProgress { done: 0, total });
             let sources =
                 del_types.iter().map(|t| (t.clone(), pick(t, del_compartment.as_ref(), &del_plain))).collect();
-            plan_parts.push(("Bundle".to_string(), sources, true));
+            plan_parts.push(PlannedPart { resource_type: "Bundle".into(), sources, deleted: true, size: total });
         }
+        // Largest parts first, so the big ones run alongside the many small ones instead of
+        // alone at the end.
+        plan_parts.sort_by_key(|p| std::cmp::Reverse(p.size));
         if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
             return Err(RunError::Cancelled);
         }
 
         let done: Arc<BTreeMap<String, AtomicU64>> =
             Arc::new(job.progress.keys().map(|k| (k.clone(), AtomicU64::new(0))).collect());
+        // File numbers per file name (type): the range parts of a type, and a `Bundle`
+        // type beside the deletions, name their files from one counter.
+        let mut file_numbers: HashMap<String, Arc<AtomicU32>> = HashMap::new();
         let limit = Arc::new(Semaphore::new(self.config.parallelism.max(1)));
         let mut parts = tokio::task::JoinSet::new();
-        for (t, sources, del) in plan_parts {
+        for PlannedPart { resource_type: t, sources, deleted: del, .. } in plan_parts {
             let part = Part {
+                file_numbers: file_numbers.entry(t.clone()).or_default().clone(),
                 engine: self.clone(),
                 storage: storage.clone(),
                 job_folder: job.folder.clone(),
@@ -558,7 +600,7 @@ impl Engine {
 
         let order = |a: &OutputFile, b: &OutputFile| natural_key(&a.key).cmp(&natural_key(&b.key));
         files.sort_by(|a, b| a.resource_type.cmp(&b.resource_type).then(order(a, b)));
-        deleted_files.sort_by(|a, b| a.key.cmp(&b.key).then(order(a, b)));
+        deleted_files.sort_by(order);
         job.output = files;
         job.deleted = deleted_files;
         job.error = self.write_error_file(job, storage).await?;
@@ -606,7 +648,7 @@ impl Engine {
     /// late joiners' filter (D7).
     async fn filters(&self, job: &JobRecord, snapshot: &Snapshot) -> Result<Filters, RunError> {
         let plan = &job.plan;
-        let plain = ScanFilter { since: plan.since, until: plan.until, patients: None, deleted: false };
+        let plain = ScanFilter { since: plan.since, until: plan.until, patients: None, deleted: false, id_range: None };
         let only =
             |patients: Patients, deleted: bool| ScanFilter { patients: Some(patients), deleted, ..plain.clone() };
         let simple = |patients: Patients| Filters {
@@ -659,7 +701,8 @@ impl Engine {
         // the filter its `lastUpdated` falls in: no exclusion in the store, no set of ids
         // in the engine, no JSON parsed, and the counts simply add up.
         let until = Some(plan.until.map_or(since, |u| u.min(since)));
-        let late = ScanFilter { since: None, until, patients: Some(Patients::Only(late)), deleted: false };
+        let late =
+            ScanFilter { since: None, until, patients: Some(Patients::Only(late)), deleted: false, id_range: None };
         Ok(Filters {
             compartment: Some(only(Patients::Only(members), false)),
             // Deletions (D12) only of the members the client already had data for: a late
@@ -736,6 +779,19 @@ fn parse_group(id: &str, json: &str) -> Result<serde_json::Value, RunError> {
     serde_json::from_str(json).map_err(|e| {
         RunError::Failed(Issue::fatal(IssueCode::Exception, format!("Group/{id} is not readable JSON: {e}")))
     })
+}
+
+/// How many id ranges to read a type of `count` resources (of `total` in the export) in:
+/// 1 (not split) unless the type has at least [`EngineConfig::range_split_min`] resources;
+/// then enough ranges that each is at most half a fair share (`total / parallelism / 2`),
+/// at most `parallelism`.
+fn range_parts(config: &EngineConfig, count: u64, total: u64) -> usize {
+    let p = config.parallelism.max(1) as u64;
+    let min = config.range_split_min;
+    if p < 2 || min == 0 || count < min {
+        return 1;
+    }
+    count.saturating_mul(2 * p).div_ceil(total.max(1)).clamp(1, p) as usize
 }
 
 /// Sort key that orders `Type.ndjson`, `Type-2.ndjson`, ..., `Type-10.ndjson` naturally.
@@ -836,7 +892,11 @@ impl Encoder {
     }
 }
 
-/// One resource type of one export.
+/// An object being written: the encoder's file index, the file's number in its type (its
+/// name, [`Part::key`]) and the writer.
+type OpenObject = (u32, u32, Box<dyn ObjectWriter>);
+
+/// One resource type of one export, or one id range of a large type.
 struct Part {
     engine: Engine,
     storage: Arc<dyn Storage>,
@@ -850,13 +910,19 @@ struct Part {
     deleted: bool,
     /// What it reads, in order: (resource type, filter). One entry, except for deletions
     /// (one per type) and for compartment types of a group export with late joiners (D7:
-    /// their resources from before `_since`, then every member's changes since).
+    /// their resources from before `_since`, then every member's changes since). The
+    /// parts of a large type each read one id range of the same sources.
     sources: Sources,
+    /// The next file number of the type, shared by its parts: each file a part starts takes
+    /// one, so names are unique and dense (D15: `<Type>`, `<Type>-2`, ...) whichever part
+    /// writes which file.
+    file_numbers: Arc<AtomicU32>,
     done: Arc<BTreeMap<String, AtomicU64>>,
     token: CancellationToken,
 }
 
 impl Part {
+    /// The object name of the type's file number `file` (from 0).
     fn key(&self, file: u32) -> String {
         let ext = self.plan.output_format.extension();
         match file {
@@ -874,7 +940,7 @@ impl Part {
             Compression::None
         };
         let mut writer = Some(Encoder { writer: NdjsonWriter::new(compression, cfg.split), digest: None });
-        let mut open: Option<(u32, Box<dyn ObjectWriter>)> = None;
+        let mut open: Option<OpenObject> = None;
         let mut files = Vec::new();
         let counter = &self.done[&self.progress_key];
 
@@ -890,6 +956,11 @@ impl Part {
                 scans.push(scan.abort_handle());
                 let subset =
                     if self.deleted { None } else { elements::Subsetter::for_type(self.plan.elements.as_deref(), rt) };
+                // `_typeFilter`: the type's queries, evaluated on each resource's JSON. Not on
+                // deletions: a tombstone has no content to match, and listing a deletion
+                // the client may not hold is harmless.
+                let queries: Option<Arc<Vec<sluice_planner::TypeQuery>>> =
+                    if self.deleted { None } else { self.plan.type_filter(rt).map(|q| Arc::new(q.to_vec())) };
                 loop {
                     let batch = tokio::select! {
                         b = rx.recv() => b,
@@ -898,14 +969,23 @@ impl Part {
                     let Some(batch) = batch else { break };
                     let n = batch.count;
                     let mut w = writer.take().expect("writer present between batches");
-                    let subset = subset.clone();
+                    let (subset, queries) = (subset.clone(), queries.clone());
                     let (w, events) = tokio::task::spawn_blocking(move || {
-                        let res = match &subset {
-                            None => w.encode(batch.lines()),
-                            Some(s) => {
-                                let lines: Vec<Vec<u8>> = batch.lines().map(|l| s.apply(l)).collect();
-                                w.encode(lines.iter().map(Vec::as_slice))
-                            }
+                        let res = if subset.is_none() && queries.is_none() {
+                            w.encode(batch.lines())
+                        } else {
+                            let keep = |line: &&[u8]| {
+                                queries.as_ref().is_none_or(|q| {
+                                    serde_json::from_slice::<serde_json::Value>(line)
+                                        .is_ok_and(|v| sluice_search::matches_any(q, &v))
+                                })
+                            };
+                            let lines: Vec<Vec<u8>> = batch
+                                .lines()
+                                .filter(keep)
+                                .map(|l| subset.as_ref().map_or_else(|| l.to_vec(), |s| s.apply(l)))
+                                .collect();
+                            w.encode(lines.iter().map(Vec::as_slice))
                         };
                         (w, res)
                     })
@@ -945,7 +1025,7 @@ impl Part {
         if let Err(e) = result {
             // Stop reading before the snapshot is released, then drop what was written.
             scans.iter().for_each(tokio::task::AbortHandle::abort);
-            if let Some((_, w)) = open.take() {
+            if let Some((_, _, w)) = open.take() {
                 w.abort().await;
             }
             return Err(e);
@@ -956,22 +1036,25 @@ impl Part {
     async fn handle(
         &self,
         events: Vec<Encoded>,
-        open: &mut Option<(u32, Box<dyn ObjectWriter>)>,
+        open: &mut Option<OpenObject>,
         files: &mut Vec<OutputFile>,
     ) -> Result<(), RunError> {
         for ev in events {
             match ev {
                 Encoded::Data { file, bytes } => {
-                    if open.as_ref().is_none_or(|(f, _)| *f != file) {
+                    if open.as_ref().is_none_or(|(f, _, _)| *f != file) {
+                        // The encoder never starts an empty file: every number taken is
+                        // a file in the manifest.
+                        let number = self.file_numbers.fetch_add(1, Ordering::Relaxed);
                         let meta = ObjectMeta::ndjson(self.plan.output_format.is_gzip());
-                        let w = self.storage.create(&self.key(file), meta).await?;
-                        *open = Some((file, w));
+                        let w = self.storage.create(&self.key(number), meta).await?;
+                        *open = Some((file, number, w));
                     }
-                    let (_, w) = open.as_mut().expect("opened above");
+                    let (_, _, w) = open.as_mut().expect("opened above");
                     w.write(Bytes::from(bytes)).await?;
                 }
                 Encoded::Finished { summary, sha256 } => {
-                    let (f, w) = open.take().ok_or_else(|| {
+                    let (f, number, w) = open.take().ok_or_else(|| {
                         RunError::Failed(Issue::fatal(
                             IssueCode::Exception,
                             "encoder finished a file that was never opened",
@@ -982,12 +1065,12 @@ impl Part {
                     if bytes != summary.bytes {
                         return Err(RunError::Failed(Issue::fatal(
                             IssueCode::Exception,
-                            format!("{}: stored {bytes} bytes, encoded {}", self.key(f), summary.bytes),
+                            format!("{}: stored {bytes} bytes, encoded {}", self.key(number), summary.bytes),
                         )));
                     }
                     files.push(OutputFile {
                         resource_type: self.resource_type.clone(),
-                        key: self.key(f),
+                        key: self.key(number),
                         count: summary.resources,
                         bytes,
                         sha256: Some(sha256),
@@ -1038,6 +1121,25 @@ mod tests {
         // No Group at `_since`: everyone joined after it.
         assert_eq!(late_joiners(&now, None, since), now);
         assert!(late_joiners(&ids(&["a", "e"]), Some(&then), since).is_empty());
+    }
+
+    #[test]
+    fn large_types_are_split_into_ranges_of_at_most_half_a_fair_share() {
+        let cfg = |parallelism, range_split_min| EngineConfig { parallelism, range_split_min, ..Default::default() };
+        let two = cfg(2, 50_000);
+        // Observation as 42% of 1M resources on 2 cores: two ranges of 21%.
+        assert_eq!(range_parts(&two, 420_000, 1_000_000), 2);
+        // At most half a fair share (25% on 2 cores) is left whole, like anything small.
+        assert_eq!(range_parts(&two, 250_000, 1_000_000), 1);
+        assert_eq!(range_parts(&two, 250_001, 1_000_000), 2);
+        assert_eq!(range_parts(&two, 49_999, 50_000), 1, "below range_split_min");
+        assert_eq!(range_parts(&two, 1_000_000, 1_000_000), 2, "never more than parallelism");
+        let eight = cfg(8, 50_000);
+        assert_eq!(range_parts(&eight, 420_000, 1_000_000), 7);
+        assert_eq!(range_parts(&eight, 100_000, 1_000_000), 2);
+        assert_eq!(range_parts(&eight, 600_000, 1_000_000), 8);
+        assert_eq!(range_parts(&cfg(1, 50_000), 1_000_000, 1_000_000), 1, "one core: nothing to share");
+        assert_eq!(range_parts(&cfg(2, 0), 1_000_000, 1_000_000), 1, "0 turns splitting off");
     }
 
     #[test]

@@ -299,3 +299,117 @@ async fn a_job_interrupted_too_often_fails_with_an_outcome() {
     assert_eq!(store.active().await.unwrap(), None, "the slot is free again");
     assert!(mem.keys().is_empty(), "nothing of the given-up export remains");
 }
+
+/// The file names (without the folder) and counts of a job's output, in manifest order.
+fn names_and_counts(job: &sluice_jobs::JobRecord) -> Vec<(String, u64)> {
+    job.output.iter().map(|f| (f.key.rsplit('/').next().unwrap().to_string(), f.count)).collect()
+}
+
+/// The ids in each of a job's files of `t`, in manifest order.
+fn ids_per_file(job: &sluice_jobs::JobRecord, mem: &MemoryStorage, t: &str, gzip: bool) -> Vec<Vec<String>> {
+    job.output
+        .iter()
+        .filter(|f| f.resource_type == t)
+        .map(|f| {
+            let ls = lines(&mem.get(&f.key).unwrap().bytes, gzip);
+            assert_eq!(ls.len() as u64, f.count, "{}", f.key);
+            ls.iter().map(|v| v["id"].as_str().unwrap().to_string()).collect()
+        })
+        .collect()
+}
+
+/// A type with at least `range_split_min` resources and more than half its fair share is
+/// read as `parallelism` id ranges at once: every resource exactly once, each file within
+/// one range, the file names of the type numbered from one counter (D15) and listed in
+/// natural order, file splitting by count still applied within each range, and one
+/// progress entry for the type.
+#[tokio::test]
+async fn a_large_type_is_read_in_id_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let mem = MemoryStorage::new();
+    let config = EngineConfig {
+        parallelism: 2,
+        range_split_min: 5,
+        split: SplitLimits { max_resources: 3, max_bytes: 0 },
+        batch_bytes: 100,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::new(store, Arc::new(FixedStorage(Arc::new(mem.clone()))), config);
+    let job = run(&engine, get_plan(Level::System, &[("_outputFormat", "ndjson.gz")])).await;
+    assert_eq!(job.status, JobStatus::Completed, "{:?}", job.outcome);
+    // 15 Observations of 20 resources: two ranges, cut at the 8th id of 15 (o1-2); 7 and 8
+    // resources, 3 files each with at most 3 resources (one type read whole makes 5).
+    let names = names_and_counts(&job);
+    let obs: Vec<&str> = names.iter().filter(|(n, _)| n.starts_with("Observation")).map(|(n, _)| n.as_str()).collect();
+    let want: Vec<String> = (1..=6)
+        .map(|n| if n == 1 { "Observation.ndjson.gz".to_string() } else { format!("Observation-{n}.ndjson.gz") })
+        .collect();
+    assert_eq!(obs, want, "one numbering for the type, in natural order: {names:?}");
+    let others: Vec<(String, u64)> = names.into_iter().filter(|(n, _)| !n.starts_with("Observation")).collect();
+    let expected = [("Group.ndjson.gz", 1), ("Organization.ndjson.gz", 1), ("Patient.ndjson.gz", 3)];
+    assert_eq!(others, expected.map(|(n, c)| (n.to_string(), c)), "small types are read whole");
+    let files = ids_per_file(&job, &mem, "Observation", true);
+    let mut all: Vec<String> = files.concat();
+    all.sort();
+    let every: Vec<String> = (0..3).flat_map(|p| (0..5).map(move |o| format!("o{p}-{o}"))).collect();
+    assert_eq!(all, every, "every Observation exactly once");
+    for f in &files {
+        assert!(f.len() <= 3, "file splitting applies within a range: {f:?}");
+        let low = f.iter().filter(|id| id.as_str() < "o1-2").count();
+        assert!(low == 0 || low == f.len(), "a file holds one range: {f:?}");
+    }
+    let per_range = |low: bool| files.iter().flatten().filter(|id| (id.as_str() < "o1-2") == low).count();
+    assert_eq!((per_range(true), per_range(false)), (7, 8));
+    let progress = &job.progress["Observation"];
+    assert_eq!((progress.done, progress.total), (15, 15), "the ranges share the type's progress");
+    assert_eq!(job.totals(), (20, 20));
+    let m = sluice_engine::manifest(&job, &mem, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(m.body["output"].as_array().unwrap().len(), 9);
+}
+
+/// A group export with `_since` and a member who joined after it (D7) reads compartment
+/// types from two sources (the late joiner's resources before `_since`, every member's
+/// changes since); split into id ranges, each range reads both, and the result is the same
+/// set of resources, each once.
+#[tokio::test]
+async fn ranges_combine_with_late_joiners() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_data(dir.path()).await;
+    let since = store.snapshot().await.unwrap().time;
+    // p1 joins the group; one of p0's Observations changes after `_since`.
+    let group = json!({"resourceType":"Group","id":"g","type":"person","actual":true,"member":[
+        {"entity":{"reference":"Patient/p0"}},{"entity":{"reference":"Patient/p1"}},
+        {"entity":{"reference":"Patient/p2"},"inactive":true}]});
+    store.put(prepare(group, None).unwrap()).await.unwrap();
+    let changed =
+        json!({"resourceType":"Observation","id":"o0-3","status":"amended","subject":{"reference":"Patient/p0"}});
+    store.put(prepare(changed, None).unwrap()).await.unwrap();
+    let mem = MemoryStorage::new();
+    let since_param = sluice_fhir::instant::format(since);
+    let plan = || get_plan(Level::Group("g".into()), &[("_since", since_param.as_str())]);
+    let whole = Engine::new(store.clone(), Arc::new(FixedStorage(Arc::new(mem.clone()))), EngineConfig::default());
+    let reference = run(&whole, plan()).await;
+    assert_eq!(reference.status, JobStatus::Completed, "{:?}", reference.outcome);
+    let config = EngineConfig { parallelism: 2, range_split_min: 2, ..EngineConfig::default() };
+    let ranged = Engine::new(store, Arc::new(FixedStorage(Arc::new(mem.clone()))), config);
+    let job = run(&ranged, plan()).await;
+    assert_eq!(job.status, JobStatus::Completed, "{:?}", job.outcome);
+
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let expected: Vec<String> = sorted(ids_per_file(&reference, &mem, "Observation", false).concat());
+    // p1's complete data, and p0's change since `_since`.
+    let want: Vec<String> = sorted((0..5).map(|o| format!("o1-{o}")).chain(["o0-3".to_string()]).collect());
+    assert_eq!(expected, want, "the export read whole");
+    let files = ids_per_file(&job, &mem, "Observation", false);
+    assert_eq!(files.len(), 2, "two ranges, a file each: {:?}", names_and_counts(&job));
+    assert_eq!(sorted(files.concat()), want, "the same resources, each once");
+    let names = names_and_counts(&job);
+    assert_eq!(names[0].0, "Observation.ndjson");
+    assert_eq!(names[1].0, "Observation-2.ndjson");
+    assert_eq!(names[2], ("Patient.ndjson".to_string(), 1), "p1 joined: its Patient too");
+    assert_eq!(job.progress["Observation"].done, 6);
+}

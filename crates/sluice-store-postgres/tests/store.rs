@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 use sluice_jobs::{JobError, JobRecord, JobRepo, JobStatus};
 use sluice_planner::{ExportPlan, Level};
-use sluice_store::{LoadMsg, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, prepare};
+use sluice_store::{IdRange, LoadMsg, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, prepare};
 use sluice_store_postgres::{PgOptions, PgStore};
 use std::collections::BTreeSet;
 use tokio::sync::mpsc;
@@ -241,4 +241,109 @@ async fn one_active_job_across_servers() {
         assert_eq!(b.active().await.unwrap(), None);
         assert!(!b.touch(&won.id).await.unwrap());
     }
+}
+
+/// Scans (and counts) of each id range between the split points.
+async fn scan_ranges(
+    store: &PgStore,
+    snap: &Snapshot,
+    t: &str,
+    points: &[String],
+    f: &ScanFilter,
+) -> Vec<BTreeSet<String>> {
+    let mut out = Vec::new();
+    for range in IdRange::between(points) {
+        let f = ScanFilter { id_range: Some(range), ..f.clone() };
+        let ids = scan_ids(store, snap, t, &f).await;
+        assert_eq!(store.count(snap, &f).await.unwrap().get(t).copied().unwrap_or(0), ids.len() as u64);
+        out.push(ids);
+    }
+    out
+}
+
+/// Checks that `parts` are disjoint and together `whole`.
+fn assert_partition(parts: &[BTreeSet<String>], whole: &BTreeSet<String>) {
+    let n: usize = parts.iter().map(BTreeSet::len).sum();
+    let union: BTreeSet<String> = parts.iter().flatten().cloned().collect();
+    assert_eq!(n, union.len(), "no resource in two ranges");
+    assert_eq!(&union, whole, "every resource in a range");
+}
+
+/// `split_points` cuts a type's ids into about equal ranges (in the database's collation);
+/// the id ranges between them partition what every scan and count of the snapshot selects,
+/// with and without a compartment filter, for deletions too.
+#[tokio::test]
+async fn id_ranges_partition_a_type() {
+    let Some(db) = Scratch::new().await else { return };
+    let s = db.store().await;
+    // Ids that sort differently by case, digits and punctuation in different collations.
+    let ids: Vec<String> = (0..40).map(|i| format!("{}{i}", ["a", "B", "z.", "0-", "Z"][i % 5])).collect();
+    for (i, id) in ids.iter().enumerate() {
+        s.put(obs(id, if i % 2 == 0 { "p1" } else { "p2" }, "final")).await.unwrap();
+    }
+    s.delete("Observation", &ids[3]).await.unwrap();
+    let snap = s.snapshot().await.unwrap();
+    s.put(obs("a-late", "p1", "final")).await.unwrap();
+    s.delete("Observation", &ids[4]).await.unwrap();
+
+    assert!(s.split_points(&snap, "Observation", 1).await.unwrap().is_empty());
+    assert!(s.split_points(&snap, "Patient", 4).await.unwrap().is_empty(), "no rows, no points");
+    let points = s.split_points(&snap, "Observation", 4).await.unwrap();
+    assert_eq!(points.len(), 3, "{points:?}");
+    assert_eq!(points.iter().collect::<BTreeSet<_>>().len(), 3, "distinct");
+    let all = ScanFilter::default();
+    let whole = scan_ids(&s, &snap, "Observation", &all).await;
+    assert_eq!(whole.len(), 39, "the snapshot: 40 created, 1 deleted");
+    let parts = scan_ranges(&s, &snap, "Observation", &points, &all).await;
+    assert!(parts.iter().all(|p| (8..=12).contains(&p.len())), "about a quarter each: {parts:?}");
+    assert_partition(&parts, &whole);
+    let p1 = ScanFilter { patients: Some(Patients::Only(vec!["p1".into()])), ..Default::default() };
+    assert_partition(
+        &scan_ranges(&s, &snap, "Observation", &points, &p1).await,
+        &scan_ids(&s, &snap, "Observation", &p1).await,
+    );
+    let mut gone = Vec::new();
+    for range in IdRange::between(&points) {
+        let f = ScanFilter { deleted: true, id_range: Some(range), ..Default::default() };
+        gone.push(s.count(&snap, &f).await.unwrap().get("Observation").copied().unwrap_or(0));
+    }
+    assert_eq!(gone.iter().sum::<u64>(), 1, "the deletion, in one range: {gone:?}");
+    s.release(&snap).await;
+    let bad = ScanFilter { id_range: Some(IdRange { from: Some("x' OR '1'='1".into()), to: None }), ..all };
+    let now = s.snapshot().await.unwrap();
+    assert!(s.count(&now, &bad).await.is_err(), "bounds are ids, never SQL");
+    s.release(&now).await;
+}
+
+/// A large type: the points come from a sample of the table's pages, and still cut it into
+/// ranges that partition it, each of roughly its share.
+#[tokio::test]
+async fn split_points_of_a_large_type_come_from_a_sample() {
+    let Some(db) = Scratch::new().await else { return };
+    let s = db.store().await;
+    // 200k small rows straight into the table (the store's write paths are not under test);
+    // a 1% sample of its pages holds about 1,500 Observations, enough to go by.
+    run_admin(
+        &db.url,
+        "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json) \
+         SELECT 'Observation', md5(g::text), 1, 1, false, \
+                '{\"resourceType\":\"Observation\",\"id\":\"' || md5(g::text) || '\"}' \
+         FROM generate_series(1, 200000) g; \
+         INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json) \
+         SELECT 'Patient', 'p' || g, 1, 1, false, '{\"resourceType\":\"Patient\",\"id\":\"p' || g || '\"}' \
+         FROM generate_series(1, 20000) g; ANALYZE sluice_resource",
+    )
+    .await;
+    let snap = s.snapshot().await.unwrap();
+    let points = s.split_points(&snap, "Observation", 3).await.unwrap();
+    assert_eq!(points.len(), 2, "{points:?}");
+    let mut total = 0;
+    for range in IdRange::between(&points) {
+        let f = ScanFilter { id_range: Some(range), ..Default::default() };
+        let n = s.count(&snap, &f).await.unwrap()["Observation"];
+        assert!((55_000..=80_000).contains(&n), "roughly a third: {n}");
+        total += n;
+    }
+    assert_eq!(total, 200_000, "the ranges partition the type");
+    s.release(&snap).await;
 }

@@ -234,6 +234,30 @@ pub struct ScanFilter {
     /// then yields one IG "deleted" line per resource: a `transaction` Bundle with a
     /// `DELETE` entry for `Type/id`.
     pub deleted: bool,
+    /// Only resources whose id falls in this range (one of several parts reading a large
+    /// type at once). `None` = every id.
+    pub id_range: Option<IdRange>,
+}
+
+/// A range of resource ids, in the store's own order of ids (the order in which
+/// [`ResourceStore::split_points`] returns them): `from` inclusive, `to` exclusive; `None`
+/// leaves that end open. The ranges `[None, b1)`, `[b1, b2)`, ..., `[bk, None)` built from
+/// increasing split points partition every id, whatever the order is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IdRange {
+    /// The least id in the range (inclusive); `None` = no lower bound.
+    pub from: Option<String>,
+    /// The first id after the range (exclusive); `None` = no upper bound.
+    pub to: Option<String>,
+}
+
+impl IdRange {
+    /// The ranges that `points` (increasing, as [`ResourceStore::split_points`] returns
+    /// them) cut the id space into: `points.len() + 1` ranges, the first and last open.
+    pub fn between(points: &[String]) -> Vec<IdRange> {
+        let bound = |i: usize| if i == 0 || i > points.len() { None } else { Some(points[i - 1].clone()) };
+        (0..=points.len()).map(|i| IdRange { from: bound(i), to: bound(i + 1) }).collect()
+    }
 }
 
 /// The SQL text of the IG's line for a deleted resource, around `Type/id`: prefix and suffix.
@@ -369,6 +393,20 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
     ) -> Result<(), StoreError>;
     /// Resource types that have at least one current resource.
     async fn types_with_data(&self) -> Result<Vec<String>, StoreError>;
+    /// Up to `parts - 1` distinct ids, increasing in the store's order of ids (the order
+    /// [`IdRange`] bounds compare in), that cut the resources of `resource_type` into about
+    /// equal ranges ([`IdRange::between`]), so that several parts can read one large type at
+    /// once. Only the balance depends on them: any increasing points give ranges that
+    /// partition the ids. Fewer (or none) when the type has few resources. The default
+    /// never splits.
+    async fn split_points(
+        &self,
+        _snapshot: &Snapshot,
+        _resource_type: &str,
+        _parts: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Stamps `meta.versionId` and `meta.lastUpdated` into a resource and returns compact JSON.
@@ -439,6 +477,20 @@ mod tests {
         let bare = prepare(json!({"resourceType":"Patient","id":"q"}), None).unwrap();
         assert_eq!(bare.clone().pre_render().render(1, t), bare.render(1, t));
         assert!(bare.render(1, t).ends_with(r#""meta":{"versionId":"1","lastUpdated":"2024-01-02T03:04:05.678Z"}}"#));
+    }
+
+    #[test]
+    fn ranges_between_split_points_cover_every_id_once() {
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(IdRange::between(&[]), vec![IdRange { from: None, to: None }]);
+        assert_eq!(
+            IdRange::between(&["b".into(), "d".into()]),
+            vec![
+                IdRange { from: None, to: s("b") },
+                IdRange { from: s("b"), to: s("d") },
+                IdRange { from: s("d"), to: None }
+            ]
+        );
     }
 
     #[test]

@@ -28,6 +28,17 @@ pub async fn capability_statement(State(app): State<AppState>) -> Result<Respons
                 "type": t,
                 "interaction": [{"code": "read"}, {"code": "create"}, {"code": "update"}, {"code": "delete"}],
             });
+            // The search parameters `_typeFilter` understands for this type (there is no
+            // search interaction: they apply to exports only).
+            let params: Vec<_> = sluice_search::supported_params(t)
+                .into_iter()
+                .map(|(name, kind)| {
+                    json!({"name": name, "type": kind.as_str(), "documentation": "usable in $export _typeFilter queries"})
+                })
+                .collect();
+            if !params.is_empty() {
+                r["searchParam"] = json!(params);
+            }
             match t.as_str() {
                 "Patient" => r["operation"] = json!([{"name": "export", "definition": PATIENT_EXPORT_OP}]),
                 "Group" => r["operation"] = json!([{"name": "export", "definition": GROUP_EXPORT_OP}]),

@@ -414,6 +414,11 @@ impl ResourceStore for PgStore {
         )
         .await
         .map_err(pg_err)?;
+        // A store that held no resource when the load began: a key this load has not
+        // written cannot exist yet, so only keys the filter may have seen are looked up.
+        let empty: bool =
+            tx.query_one("SELECT NOT EXISTS (SELECT 1 FROM sluice_resource)", &[]).await.map_err(pg_err)?.get(0);
+        let mut written = empty.then(KeyFilter::new);
         let mut summary = LoadSummary::default();
         loop {
             let batch = match input.recv().await {
@@ -427,13 +432,13 @@ impl ResourceStore for PgStore {
             let mut seen: HashSet<(String, String)> = HashSet::new();
             for r in batch {
                 if !seen.insert((r.resource_type.clone(), r.id.clone())) {
-                    merge_run(&tx, ts, std::mem::take(&mut run), &mut summary).await?;
+                    merge_run(&tx, ts, std::mem::take(&mut run), &mut summary, written.as_mut()).await?;
                     seen.clear();
                     seen.insert((r.resource_type.clone(), r.id.clone()));
                 }
                 run.push(r);
             }
-            merge_run(&tx, ts, run, &mut summary).await?;
+            merge_run(&tx, ts, run, &mut summary, written.as_mut()).await?;
         }
         tx.commit().await.map_err(pg_err)?;
         Ok(summary)
@@ -630,6 +635,43 @@ impl ResourceStore for PgStore {
     }
 }
 
+/// The (type, id) keys a load has written, as a Bloom filter of fixed size: "maybe" or
+/// "certainly not". Memory stays at [`KeyFilter::BYTES`] whatever the load's size; past
+/// tens of millions of keys it answers "maybe" more often, which costs lookups, never
+/// correctness.
+struct KeyFilter {
+    bits: Vec<u64>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl KeyFilter {
+    const BYTES: usize = 4 << 20;
+    const HASHES: u64 = 4;
+
+    fn new() -> Self {
+        KeyFilter { bits: vec![0; Self::BYTES / 8], hasher: Default::default() }
+    }
+
+    /// The bit positions of a key (double hashing).
+    fn positions(&self, resource_type: &str, id: &str) -> impl Iterator<Item = usize> + use<> {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one((resource_type, id));
+        let (h1, h2) = (h, h.rotate_left(32) | 1);
+        let m = (self.bits.len() * 64) as u64;
+        (0..Self::HASHES).map(move |i| (h1.wrapping_add(i.wrapping_mul(h2)) % m) as usize)
+    }
+
+    fn insert(&mut self, resource_type: &str, id: &str) {
+        for p in self.positions(resource_type, id).collect::<Vec<_>>() {
+            self.bits[p / 64] |= 1 << (p % 64);
+        }
+    }
+
+    fn may_contain(&self, resource_type: &str, id: &str) -> bool {
+        self.positions(resource_type, id).all(|p| self.bits[p / 64] & (1 << (p % 64)) != 0)
+    }
+}
+
 /// Merges resources with distinct (type, id) into the store inside a load transaction:
 /// looks up current versions, stamps `meta`, streams rows with binary COPY into the staging
 /// table, then moves replaced rows to history and upserts.
@@ -638,14 +680,29 @@ async fn merge_run(
     ts_ms: i64,
     run: Vec<NewResource>,
     summary: &mut LoadSummary,
+    seen: Option<&mut KeyFilter>,
 ) -> Result<(), StoreError> {
     if run.is_empty() {
         return Ok(());
     }
-    let types: Vec<&str> = run.iter().map(|r| r.resource_type.as_str()).collect();
-    let ids: Vec<&str> = run.iter().map(|r| r.id.as_str()).collect();
-    let existing: HashMap<(String, String), Current> = tx
-        .query(
+    let (mut types, mut ids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for r in &run {
+        let maybe_there = match &seen {
+            Some(filter) => filter.may_contain(&r.resource_type, &r.id),
+            None => true,
+        };
+        if maybe_there {
+            types.push(&r.resource_type);
+            ids.push(&r.id);
+        }
+    }
+    if let Some(filter) = seen {
+        run.iter().for_each(|r| filter.insert(&r.resource_type, &r.id));
+    }
+    let existing: HashMap<(String, String), Current> = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        tx.query(
             "SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.json FROM sluice_resource r \
              JOIN unnest($1::text[], $2::text[]) AS k(type, id) ON r.type = k.type AND r.id = k.id",
             &[&types, &ids],
@@ -660,7 +717,8 @@ async fn merge_run(
                 Current { version: r.get(2), last_updated: r.get(3), deleted: r.get(4), json: r.get(5), patient: None },
             )
         })
-        .collect();
+        .collect()
+    };
     let last_updated = instant::from_millis(ts_ms);
     let mut staged = Staged { rows: Vec::with_capacity(run.len()), replaced: Vec::new() };
     for r in run {
@@ -774,6 +832,18 @@ mod tests {
     use super::*;
     use serde_json::json;
     use time::{Duration, OffsetDateTime};
+
+    #[test]
+    fn the_key_filter_never_forgets_a_key_and_rarely_imagines_one() {
+        let mut f = KeyFilter::new();
+        for i in 0..100_000 {
+            f.insert("Observation", &format!("o{i}"));
+        }
+        assert!((0..100_000).all(|i| f.may_contain("Observation", &format!("o{i}"))));
+        let false_hits = (0..100_000).filter(|i| f.may_contain("Observation", &format!("x{i}"))).count();
+        assert!(false_hits < 100, "{false_hits} false positives in 100k");
+        assert!(!f.may_contain("Condition", "o1") || !f.may_contain("Condition", "o2"), "the type is part of the key");
+    }
 
     async fn admin(url: &str, sql: &str) {
         let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();

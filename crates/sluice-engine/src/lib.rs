@@ -961,6 +961,12 @@ impl Part {
                 // the client may not hold is harmless.
                 let queries: Option<Arc<Vec<sluice_planner::TypeQuery>>> =
                     if self.deleted { None } else { self.plan.type_filter(rt).map(|q| Arc::new(q.to_vec())) };
+                // `includeAssociatedData=LatestProvenanceResources` at system level with
+                // `_type`: only the Provenance whose `target` is of an exported type.
+                let targets: Option<Arc<Vec<String>>> = match self.plan.provenance_targets() {
+                    Some(types) if !self.deleted && rt == "Provenance" => Some(Arc::new(types.to_vec())),
+                    _ => None,
+                };
                 loop {
                     let batch = tokio::select! {
                         b = rx.recv() => b,
@@ -969,15 +975,18 @@ impl Part {
                     let Some(batch) = batch else { break };
                     let n = batch.count;
                     let mut w = writer.take().expect("writer present between batches");
-                    let (subset, queries) = (subset.clone(), queries.clone());
+                    let (subset, queries, targets) = (subset.clone(), queries.clone(), targets.clone());
                     let (w, events) = tokio::task::spawn_blocking(move || {
-                        let res = if subset.is_none() && queries.is_none() {
+                        let res = if subset.is_none() && queries.is_none() && targets.is_none() {
                             w.encode(batch.lines())
                         } else {
                             let keep = |line: &&[u8]| {
-                                queries.as_ref().is_none_or(|q| {
-                                    serde_json::from_slice::<serde_json::Value>(line)
-                                        .is_ok_and(|v| sluice_search::matches_any(q, &v))
+                                if queries.is_none() && targets.is_none() {
+                                    return true;
+                                }
+                                serde_json::from_slice::<serde_json::Value>(line).is_ok_and(|v| {
+                                    queries.as_ref().is_none_or(|q| sluice_search::matches_any(q, &v))
+                                        && targets.as_ref().is_none_or(|t| sluice_planner::targets_any_of(&v, t))
                                 })
                             };
                             let lines: Vec<Vec<u8>> = batch

@@ -18,6 +18,13 @@
 //! values were comma-joined. A query may only narrow a type the export covers: a query for a
 //! type that `_type` (or, without `_type`, the level) leaves out is refused, or ignored and
 //! reported under `Prefer: handling=lenient`, like a query Sluice cannot run.
+//!
+//! `includeAssociatedData` (Bulk Data IG v2): comma list and/or repeated. Only
+//! `LatestProvenanceResources` is supported ([`ExportPlan::latest_provenance`]): it adds
+//! `Provenance` to the exported types, at system level restricted to the Provenance whose
+//! `target` is of an exported type ([`ExportPlan::provenance_targets`]). Other codes
+//! (`RelevantProvenanceResources`, implementation-specific `_...` codes) are refused, or
+//! ignored and reported under `Prefer: handling=lenient`.
 
 #![warn(missing_docs)]
 
@@ -197,6 +204,11 @@ pub struct ExportPlan {
     /// filtered. Only types the export covers appear.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub type_filters: BTreeMap<String, Vec<TypeQuery>>,
+    /// `includeAssociatedData=LatestProvenanceResources`: the export also holds the
+    /// (current) `Provenance` of the resources it exports; see [`ExportPlan::resolve_types`]
+    /// and [`ExportPlan::provenance_targets`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub latest_provenance: bool,
     /// Whether `Prefer: handling=lenient` was sent.
     pub lenient: bool,
     /// In lenient mode, what was ignored (warnings), for the manifest `error` array.
@@ -215,6 +227,7 @@ impl ExportPlan {
             patients: None,
             elements: None,
             type_filters: BTreeMap::new(),
+            latest_provenance: false,
             lenient: false,
             ignored: Vec::new(),
         }
@@ -227,9 +240,13 @@ impl ExportPlan {
     /// Patient and group level: the Patient-compartment types except `Group` (D9), or, with
     /// `_type`, exactly the named types, which may lie outside the compartment (D8: "asked
     /// for"). Types without data get no file, so they are never returned.
+    ///
+    /// With [`ExportPlan::latest_provenance`], `Provenance` is added to these (at patient and
+    /// group level it is read from the patients' compartments like any compartment type).
     pub fn resolve_types<'a>(&self, available: impl IntoIterator<Item = &'a str>) -> Vec<String> {
         let patient_based = self.level.is_patient_based();
         let wanted = |t: &str| match &self.types {
+            _ if self.latest_provenance && t == PROVENANCE => true,
             TypeSelection::All if patient_based => t != "Group" && is_patient_compartment_type(t),
             TypeSelection::All => is_r4_resource_type(t),
             TypeSelection::Only(list) => !(patient_based && t == "Group") && list.iter().any(|x| x == t),
@@ -249,9 +266,29 @@ impl ExportPlan {
     }
 
     /// Whether `resource` (FHIR JSON of type `resource_type`) passes `_typeFilter`: always
-    /// when its type has no queries, otherwise when it matches at least one of them.
+    /// when its type has no queries, otherwise when it matches at least one of them. A
+    /// `Provenance` must also pass [`ExportPlan::provenance_targets`].
     pub fn keeps(&self, resource_type: &str, resource: &serde_json::Value) -> bool {
         self.type_filter(resource_type).is_none_or(|queries| sluice_search::matches_any(queries, resource))
+            && (resource_type != PROVENANCE
+                || self.provenance_targets().is_none_or(|types| targets_any_of(resource, types)))
+    }
+
+    /// The types whose `Provenance` only is exported: `Some(_type)` at system level when
+    /// [`ExportPlan::latest_provenance`] is set and `_type` does not name `Provenance` (a
+    /// Provenance is then exported when one of its `target`s is of one of these types, see
+    /// [`targets_any_of`]); `None` when the export's `Provenance` is not restricted (system
+    /// level without `_type` exports every type; at patient and group level the patients'
+    /// compartments select the Provenance; or `Provenance` is asked for itself).
+    pub fn provenance_targets(&self) -> Option<&[String]> {
+        match &self.types {
+            TypeSelection::Only(list)
+                if self.latest_provenance && self.level == Level::System && !list.iter().any(|t| t == PROVENANCE) =>
+            {
+                Some(list)
+            }
+            _ => None,
+        }
     }
 
     /// Whether the plan exports `resource_type` at all (with `_type`, or by the level's
@@ -259,6 +296,32 @@ impl ExportPlan {
     fn covers(&self, resource_type: &str) -> bool {
         !self.resolve_types([resource_type]).is_empty()
     }
+}
+
+/// The `Provenance` resource type.
+const PROVENANCE: &str = "Provenance";
+
+/// Whether a `Provenance` (FHIR JSON) has a `target` of one of `types`: the type of a
+/// literal `reference` (relative `Type/id`, absolute `https://host/fhir/Type/id`, either
+/// versioned `.../_history/n`), or for a logical reference without one, its `type`.
+/// Contained (`#x`) and `urn:` references name no type.
+pub fn targets_any_of(provenance: &serde_json::Value, types: &[String]) -> bool {
+    let Some(targets) = provenance.get("target").and_then(serde_json::Value::as_array) else { return false };
+    targets.iter().filter_map(target_type).any(|t| types.iter().any(|x| x == t))
+}
+
+/// The resource type a `Reference` points at (see [`targets_any_of`]).
+fn target_type(target: &serde_json::Value) -> Option<&str> {
+    let Some(reference) = target.get("reference").and_then(serde_json::Value::as_str) else {
+        return target.get("type").and_then(serde_json::Value::as_str);
+    };
+    if reference.starts_with('#') || reference.starts_with("urn:") {
+        return None;
+    }
+    let unversioned = reference.split_once("/_history/").map_or(reference, |(base, _)| base);
+    let (before, _id) = unversioned.rsplit_once('/')?;
+    let t = before.rsplit_once('/').map_or(before, |(_, t)| t);
+    is_r4_resource_type(t).then_some(t)
 }
 
 /// The HTTP status for a failed kick-off: 406 when one of the issues is about the `Accept`
@@ -364,6 +427,7 @@ struct Builder<'c> {
     patients: Vec<String>,
     elements: Vec<String>,
     type_filters: Vec<TypeQuery>,
+    latest_provenance: bool,
 }
 
 impl<'c> Builder<'c> {
@@ -379,6 +443,7 @@ impl<'c> Builder<'c> {
             patients: Vec::new(),
             elements: Vec::new(),
             type_filters: Vec::new(),
+            latest_provenance: false,
         }
     }
 
@@ -432,7 +497,7 @@ impl<'c> Builder<'c> {
             "includeAssociatedData" => {
                 for v in vals {
                     if let Some(text) = self.text(name, v) {
-                        values::check_unsupported(name, text, self.cx);
+                        values::check_associated_data(text, &mut self.latest_provenance, self.cx);
                     }
                 }
             }
@@ -554,6 +619,7 @@ impl<'c> Builder<'c> {
             patients: (!self.patients.is_empty()).then_some(self.patients),
             elements: (!self.elements.is_empty()).then_some(self.elements),
             type_filters: BTreeMap::new(),
+            latest_provenance: self.latest_provenance,
             lenient: self.cx.lenient(),
             ignored: Vec::new(),
         };

@@ -107,6 +107,7 @@ fn no_parameters_gives_the_default_plan_at_every_level() {
                 patients: None,
                 elements: None,
                 type_filters: BTreeMap::new(),
+                latest_provenance: false,
                 lenient: false,
                 ignored: vec![],
             }
@@ -508,11 +509,7 @@ fn elements_rejects_unknown_types_and_bad_names() {
 
 #[test]
 fn unsupported_parameters_are_errors_when_strict() {
-    for (name, value) in [
-        ("includeAssociatedData", "LatestProvenanceResources"),
-        ("organizeOutputBy", "Patient"),
-        ("allowPartialManifests", "true"),
-    ] {
+    for (name, value) in [("organizeOutputBy", "Patient"), ("allowPartialManifests", "true")] {
         let issues = get_err(Level::System, &[(name, value)]);
         assert_eq!(issues.len(), 1, "{name}");
         one(&issues, name, IssueCode::NotSupported, &[name, value, "recognised but not yet supported"]);
@@ -521,11 +518,7 @@ fn unsupported_parameters_are_errors_when_strict() {
 
 #[test]
 fn unsupported_parameters_are_warnings_when_lenient() {
-    for (name, value) in [
-        ("includeAssociatedData", "LatestProvenanceResources"),
-        ("organizeOutputBy", "Patient"),
-        ("allowPartialManifests", "TRUE"),
-    ] {
+    for (name, value) in [("organizeOutputBy", "Patient"), ("allowPartialManifests", "TRUE")] {
         let p = ok(get_lenient(Level::Patient, &[(name, value), ("_type", "Observation")]));
         assert!(p.lenient);
         assert_eq!(p.types, only(&["Observation"]));
@@ -564,6 +557,104 @@ fn allow_partial_manifests_must_be_a_boolean() {
 fn repeated_single_valued_unsupported_parameters_are_errors() {
     let issues = get_err(Level::System, &[("allowPartialManifests", "false"), ("allowPartialManifests", "false")]);
     one(&issues, "allowPartialManifests", IssueCode::Invalid, &["2 times"]);
+}
+
+// ---------------------------------------------------------------- includeAssociatedData (D14)
+
+#[test]
+fn latest_provenance_is_accepted_from_get_and_post() {
+    const LATEST: &str = "LatestProvenanceResources";
+    for level in [Level::System, Level::Patient, group()] {
+        assert!(get_ok(level.clone(), &[("includeAssociatedData", LATEST)]).latest_provenance);
+        assert!(!get_ok(level.clone(), &[]).latest_provenance);
+    }
+    let p = get_ok(Level::System, &[("includeAssociatedData", " , LatestProvenanceResources,"), ("_type", "Patient")]);
+    assert!(p.latest_provenance && p.ignored.is_empty());
+    let p = get_ok(Level::Patient, &[("includeAssociatedData", LATEST), ("includeAssociatedData", LATEST)]);
+    assert!(p.latest_provenance);
+    for key in ["valueCode", "valueString"] {
+        let body = parameters(json!([{"name": "includeAssociatedData", key: LATEST}]));
+        let p = ok(post_body(group(), &body));
+        assert!(p.latest_provenance, "{key}");
+    }
+}
+
+#[test]
+fn other_associated_data_codes_are_refused_or_reported() {
+    for (code, why) in [
+        ("RelevantProvenanceResources", "only the latest version"),
+        ("_myCustomData", "implementation-specific"),
+        ("latestprovenanceresources", "case-sensitive"),
+        ("Everything", "code system"),
+    ] {
+        let issues = get_err(Level::System, &[("includeAssociatedData", code)]);
+        one(&issues, "includeAssociatedData", IssueCode::NotSupported, &[code, why, "LatestProvenanceResources"]);
+    }
+    // Lenient: the supported code is kept, the other one reported.
+    let p = ok(get_lenient(
+        Level::System,
+        &[("includeAssociatedData", "RelevantProvenanceResources,LatestProvenanceResources")],
+    ));
+    assert!(p.latest_provenance);
+    assert_eq!(p.ignored.len(), 1);
+    let w = &p.ignored[0];
+    assert_eq!((w.severity, w.code), (Severity::Warning, IssueCode::NotSupported));
+    assert!(w.diagnostics.contains("RelevantProvenanceResources") && w.diagnostics.contains("Ignored"), "{w:?}");
+    let p = ok(get_lenient(Level::System, &[("includeAssociatedData", "RelevantProvenanceResources")]));
+    assert!(!p.latest_provenance);
+    assert_eq!(p.ignored.len(), 1);
+}
+
+#[test]
+fn latest_provenance_adds_provenance_to_the_types() {
+    let available = ["Patient", "Observation", "Provenance", "Practitioner", "Group"];
+    let with = |level: Level, q: &[(&str, &str)]| {
+        let mut list = q.to_vec();
+        list.push(("includeAssociatedData", "LatestProvenanceResources"));
+        get_ok(level, &list)
+    };
+    let p = with(Level::System, &[("_type", "Patient,Observation")]);
+    assert_eq!(p.resolve_types(available), strings(&["Observation", "Patient", "Provenance"]));
+    assert_eq!(p.provenance_targets(), Some(&strings(&["Patient", "Observation"])[..]));
+    let p = get_ok(Level::System, &[("_type", "Patient,Observation")]);
+    assert_eq!(p.resolve_types(available), strings(&["Observation", "Patient"]));
+    assert_eq!(p.provenance_targets(), None);
+    // Provenance asked for itself, or every type: not restricted.
+    assert_eq!(with(Level::System, &[("_type", "Patient,Provenance")]).provenance_targets(), None);
+    let p = with(Level::System, &[]);
+    assert_eq!(p.resolve_types(available), strings(&["Group", "Observation", "Patient", "Practitioner", "Provenance"]));
+    assert_eq!(p.provenance_targets(), None);
+    // Patient and group level: the compartments select the Provenance.
+    for level in [Level::Patient, group()] {
+        let p = with(level, &[("_type", "Observation")]);
+        assert_eq!(p.resolve_types(available), strings(&["Observation", "Provenance"]));
+        assert_eq!(p.provenance_targets(), None);
+    }
+    // A `_typeFilter` may narrow the Provenance the parameter adds.
+    let p = with(Level::System, &[("_type", "Patient"), ("_typeFilter", "Provenance?_id=a")]);
+    assert!(p.type_filter("Provenance").is_some());
+}
+
+#[test]
+fn provenance_targets_are_matched_by_reference_type() {
+    let p = get_ok(
+        Level::System,
+        &[("_type", "Patient,Observation"), ("includeAssociatedData", "LatestProvenanceResources")],
+    );
+    let prov = |targets: Json| json!({"resourceType": "Provenance", "id": "x", "target": targets});
+    for (targets, kept) in [
+        (json!([{"reference": "Patient/1"}]), true),
+        (json!([{"reference": "Practitioner/1"}, {"reference": "Observation/2/_history/3"}]), true),
+        (json!([{"reference": "https://host/fhir/Observation/2"}]), true),
+        (json!([{"type": "Patient", "identifier": {"value": "1"}}]), true),
+        (json!([{"reference": "Practitioner/1"}]), false),
+        (json!([{"reference": "#contained"}, {"reference": "urn:uuid:1234"}]), false),
+        (json!([]), false),
+    ] {
+        assert_eq!(p.keeps("Provenance", &prov(targets.clone())), kept, "{targets}");
+    }
+    assert!(!p.keeps("Provenance", &json!({"resourceType": "Provenance"})));
+    assert!(p.keeps("Patient", &json!({"resourceType": "Patient"})));
 }
 
 // ---------------------------------------------------------------- _typeFilter (D14)

@@ -293,6 +293,41 @@ pub(crate) fn type_filter_outside_export(query: &TypeQuery, plan: &ExportPlan, c
     );
 }
 
+/// `includeAssociatedData`: a comma list of codes. `LatestProvenanceResources` sets
+/// `latest_provenance`; any other code is not supported (refused, or ignored in lenient mode).
+pub(crate) fn check_associated_data(list: &str, latest_provenance: &mut bool, cx: &mut Issues) {
+    const NAME: &str = "includeAssociatedData";
+    const LATEST: &str = "LatestProvenanceResources";
+    for code in entries(list) {
+        if code == LATEST {
+            *latest_provenance = true;
+            continue;
+        }
+        let why = if code == "RelevantProvenanceResources" {
+            "is not supported by this server: it exports only the latest version of each Provenance".to_string()
+        } else if code.eq_ignore_ascii_case(LATEST) {
+            format!("is not a code (codes are case-sensitive; did you mean {LATEST}?)")
+        } else if code.starts_with('_') {
+            "is an implementation-specific code this server does not define".to_string()
+        } else {
+            "is not a code of the IG's include-associated-data code system (LatestProvenanceResources, \
+             RelevantProvenanceResources)"
+                .to_string()
+        };
+        cx.reject(
+            Issue::error(
+                IssueCode::NotSupported,
+                format!(
+                    "{NAME} '{code}' {why}; the only value supported is {LATEST} (the current Provenance of \
+                     the exported resources): use {NAME}={LATEST}, leave it out, or send Prefer: \
+                     handling=lenient to have it ignored."
+                ),
+            )
+            .at(NAME),
+        );
+    }
+}
+
 /// The recognised IG parameters Sluice does not implement yet. Values that ask for nothing
 /// (empty, `allowPartialManifests=false`) are accepted silently.
 pub(crate) fn check_unsupported(name: &str, value: &str, cx: &mut Issues) {

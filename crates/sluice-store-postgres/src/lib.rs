@@ -24,6 +24,7 @@ mod jobs;
 mod schema;
 
 use async_trait::async_trait;
+use bytes::{BufMut, Bytes, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures_util::{StreamExt, pin_mut};
 use sluice_fhir::instant;
@@ -662,7 +663,8 @@ impl KeyFilter {
     }
 
     fn insert(&mut self, resource_type: &str, id: &str) {
-        for p in self.positions(resource_type, id).collect::<Vec<_>>() {
+        // The positions borrow nothing of `self` (`use<>`), so no buffer is needed.
+        for p in self.positions(resource_type, id) {
             self.bits[p / 64] |= 1 << (p % 64);
         }
     }
@@ -826,7 +828,7 @@ async fn copy_new(
 /// Sends `data` to `COPY <target> FROM STDIN (FORMAT binary)` as one message.
 async fn copy_in(tx: &tokio_postgres::Transaction<'_>, target: &str, data: CopyRows) -> Result<(), StoreError> {
     use futures_util::SinkExt;
-    let sink = tx.copy_in::<_, bytes::Bytes>(&format!("{target} FROM STDIN (FORMAT binary)")).await.map_err(pg_err)?;
+    let sink = tx.copy_in::<_, Bytes>(&format!("{target} FROM STDIN (FORMAT binary)")).await.map_err(pg_err)?;
     pin_mut!(sink);
     sink.send(data.finish()).await.map_err(pg_err)?;
     sink.finish().await.map_err(pg_err)?;
@@ -837,13 +839,12 @@ async fn copy_in(tx: &tokio_postgres::Transaction<'_>, target: &str, data: CopyR
 /// server as one message: writing row by row through a sink costs a wake-up of the
 /// connection task every few kilobytes, which was a tenth of a load's CPU time.
 struct CopyRows {
-    buf: bytes::BytesMut,
+    buf: BytesMut,
 }
 
 impl CopyRows {
     fn new(capacity: usize) -> Self {
-        use bytes::BufMut;
-        let mut buf = bytes::BytesMut::with_capacity(capacity + 32);
+        let mut buf = BytesMut::with_capacity(capacity + 32);
         buf.put_slice(b"PGCOPY\n\xff\r\n\0");
         buf.put_i32(0); // flags
         buf.put_i32(0); // header extension length
@@ -851,11 +852,10 @@ impl CopyRows {
     }
 
     fn row(&mut self, fields: i16) {
-        bytes::BufMut::put_i16(&mut self.buf, fields);
+        self.buf.put_i16(fields);
     }
 
     fn text(&mut self, value: Option<&str>) {
-        use bytes::BufMut;
         match value {
             Some(v) => {
                 self.buf.put_i32(i32::try_from(v.len()).expect("a field under 2 GiB"));
@@ -866,19 +866,17 @@ impl CopyRows {
     }
 
     fn int8(&mut self, value: i64) {
-        use bytes::BufMut;
         self.buf.put_i32(8);
         self.buf.put_i64(value);
     }
 
     fn bool(&mut self, value: bool) {
-        use bytes::BufMut;
         self.buf.put_i32(1);
         self.buf.put_u8(u8::from(value));
     }
 
-    fn finish(mut self) -> bytes::Bytes {
-        bytes::BufMut::put_i16(&mut self.buf, -1);
+    fn finish(mut self) -> Bytes {
+        self.buf.put_i16(-1);
         self.buf.freeze()
     }
 }

@@ -35,9 +35,9 @@ use ureq::http;
 /// The `sluice` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
 
-/// The small Synthea data set (100 patients, one Group); the repository is cloned next to
-/// the `shared/` folder.
-pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/r4-100-patients-groups");
+/// The small Synthea data set (100 patients, one Group): the repository's copy of
+/// `shared/data/r4-100-patients-groups`, so a clone anywhere can run the tests.
+pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/r4-100-patients-groups");
 
 /// The data set's Group, with all 100 patients as members.
 pub const GROUP_ID: &str = "d9f31445-f448-48c0-af57-295c005e07df";

@@ -849,7 +849,7 @@ mod tests {
 
     // ---- real data ----
 
-    const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/r4-100-patients-groups");
+    const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/r4-100-patients-groups");
 
     #[test]
     fn synthea_sample_every_compartment_resource_has_a_patient() {

@@ -7,7 +7,7 @@ use flate2::read::{GzDecoder, MultiGzDecoder};
 use sluice_ndjson::{Compression, Event, FileSummary, NdjsonError, NdjsonWriter, SplitLimits};
 
 const OBSERVATIONS: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/r4-100-patients-groups/Observation.ndjson.gz");
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/r4-100-patients-groups/Observation.ndjson.gz");
 
 /// The first `n` lines of the Observation sample, without their newlines.
 fn fhir_lines(n: usize) -> Vec<Vec<u8>> {

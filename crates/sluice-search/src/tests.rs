@@ -1037,7 +1037,7 @@ fn every_parameter_parses_with_every_modifier_of_its_kind() {
 
 // ---------------------------------------------------------------- the sample data
 
-const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/r4-100-patients-groups");
+const DATA_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/data/r4-100-patients-groups");
 
 /// Every resource of the sample data, by type.
 fn sample() -> BTreeMap<String, Vec<Value>> {

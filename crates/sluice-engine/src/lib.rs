@@ -648,7 +648,7 @@ impl Engine {
     /// late joiners' filter (D7).
     async fn filters(&self, job: &JobRecord, snapshot: &Snapshot) -> Result<Filters, RunError> {
         let plan = &job.plan;
-        let plain = ScanFilter { since: plan.since, until: plan.until, patients: None, deleted: false, id_range: None };
+        let plain = ScanFilter { since: plan.since, until: plan.until, ..Default::default() };
         let only =
             |patients: Patients, deleted: bool| ScanFilter { patients: Some(patients), deleted, ..plain.clone() };
         let simple = |patients: Patients| Filters {
@@ -702,7 +702,7 @@ impl Engine {
         // in the engine, no JSON parsed, and the counts simply add up.
         let until = Some(plan.until.map_or(since, |u| u.min(since)));
         let late =
-            ScanFilter { since: None, until, patients: Some(Patients::Only(late)), deleted: false, id_range: None };
+            ScanFilter { until, patients: Some(Patients::Only(late)), ..Default::default() };
         Ok(Filters {
             compartment: Some(only(Patients::Only(members), false)),
             // Deletions (D12) only of the members the client already had data for: a late

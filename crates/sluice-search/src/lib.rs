@@ -46,6 +46,10 @@
 //!   prefix, suffix and text.
 //! - `:missing=true|false` on every kind: whether the resource has no value for the parameter.
 //!
+//! **Pushdown.** [`store_bounds`] derives from a type's queries what a store can select before
+//! they are evaluated: the `meta.lastUpdated` window of their `_lastUpdated` criteria and the
+//! ids of their `_id` criteria ([`StoreBounds`], a superset of what they match).
+//!
 //! Pure: no I/O, no async, no clock.
 
 #![warn(missing_docs)]
@@ -55,6 +59,7 @@ mod error;
 mod matching;
 mod params;
 mod parse;
+mod pushdown;
 
 #[cfg(test)]
 mod tests;
@@ -65,6 +70,7 @@ pub use date::Prefix;
 pub use error::SearchError;
 pub use params::{ParamKind, supported_params, types_with_specific_params};
 pub use parse::{parse_query, split_type_filter};
+pub use pushdown::{StoreBounds, store_bounds};
 
 /// One search query: a resource type and the criteria a resource of that type must all meet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! Unit tests: one group per rule, then the parameter table against the sample data.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 
 use serde_json::{Value, json};
@@ -1124,4 +1124,224 @@ fn realistic_queries_on_the_sample_data() {
     let theirs = count(&data, &format!("Observation?patient={someone}"));
     assert!(theirs > 0 && theirs < total("Observation"));
     assert_eq!(count(&data, &format!("Observation?subject=Patient/{someone}")), theirs);
+}
+
+// ---------------------------------------------------------------- pushdown (store bounds)
+
+fn qs(texts: &[&str]) -> Vec<TypeQuery> {
+    texts.iter().map(|t| q(t)).collect()
+}
+
+fn ms_of(text: &str) -> i64 {
+    sluice_fhir::instant::to_millis(sluice_fhir::instant::parse(text).unwrap())
+}
+
+fn at(ms: i64) -> time::OffsetDateTime {
+    sluice_fhir::instant::from_millis(ms)
+}
+
+/// An Observation as a store holds it: `meta.lastUpdated` stamped at millisecond precision.
+fn stored_obs(id: &str, ms: i64) -> Value {
+    json!({
+        "resourceType": "Observation", "id": id, "status": "final",
+        "meta": {"versionId": "1", "lastUpdated": sluice_fhir::instant::format(at(ms))}
+    })
+}
+
+/// Whether a store narrowed to `b` would read a resource last updated at `ms` with `id`
+/// (comparing at millisecond precision, as the stores do).
+fn within(b: &StoreBounds, ms: i64, id: &str) -> bool {
+    let to_ms = sluice_fhir::instant::to_millis;
+    b.after.is_none_or(|a| ms > to_ms(a))
+        && b.until.is_none_or(|u| ms <= to_ms(u))
+        && b.ids.as_ref().is_none_or(|ids| ids.contains(id))
+}
+
+/// The superset property: every resource some query matches is within the bounds, tried
+/// at every edge of every date value of the queries and of the bounds (a few ms either side),
+/// with every id the queries name and one they do not. Returns how many matched.
+fn check_superset(texts: &[&str]) -> usize {
+    let queries = qs(texts);
+    let b = store_bounds(&queries);
+    let mut instants = BTreeSet::new();
+    let mut ids = BTreeSet::from(["o1".to_string(), "other".to_string()]);
+    for c in queries.iter().flat_map(|q| &q.criteria) {
+        match &c.test {
+            Test::Date(values) => {
+                for v in values {
+                    instants.extend([v.start, v.end].iter().flat_map(|&x| x - 2..=x + 2));
+                }
+            }
+            Test::Token { values, .. } => ids.extend(values.iter().filter_map(|v| v.code.clone())),
+            _ => {}
+        }
+    }
+    for edge in [b.after, b.until].into_iter().flatten() {
+        let x = sluice_fhir::instant::to_millis(edge);
+        instants.extend(x - 2..=x + 2);
+    }
+    instants.insert(ms_of("2024-06-01T12:00:00.123Z"));
+    let mut matched = 0;
+    for &ms in &instants {
+        for id in &ids {
+            if matches_any(&queries, &stored_obs(id, ms)) {
+                matched += 1;
+                assert!(within(&b, ms, id), "{texts:?}: {id} at {} matches but is outside {b:?}", at(ms));
+            }
+        }
+    }
+    matched
+}
+
+fn id_set(ids: &[&str]) -> Option<BTreeSet<String>> {
+    Some(ids.iter().map(|s| s.to_string()).collect())
+}
+
+#[test]
+fn no_queries_no_bounds() {
+    assert!(store_bounds(&[]).is_unbounded());
+    assert!(store_bounds(&qs(&["Observation?status=final"])).is_unbounded());
+    assert_eq!(store_bounds(&[]), StoreBounds::default());
+}
+
+#[test]
+fn last_updated_prefixes_bound_the_window() {
+    let day = |prefix: &str| store_bounds(&qs(&[&format!("Observation?_lastUpdated={prefix}2024-02-29")]));
+    let (start, end) = (ms_of("2024-02-29T00:00:00Z"), ms_of("2024-03-01T00:00:00Z"));
+    let b =
+        |after: Option<i64>, until: Option<i64>| StoreBounds { after: after.map(at), until: until.map(at), ids: None };
+    assert_eq!(day("eq"), b(Some(start - 1), Some(end - 1)));
+    assert_eq!(day(""), day("eq"));
+    assert_eq!(day("ne"), b(None, None));
+    assert_eq!(day("gt"), b(Some(end - 1), None));
+    assert_eq!(day("sa"), b(Some(end - 1), None));
+    assert_eq!(day("ge"), b(Some(start - 1), None));
+    assert_eq!(day("lt"), b(None, Some(start - 1)));
+    assert_eq!(day("eb"), b(None, Some(start - 1)));
+    assert_eq!(day("le"), b(None, Some(end - 1)));
+    // The precision of the value sets the range: a second, with a zone.
+    let sec = store_bounds(&qs(&["Observation?_lastUpdated=2024-05-03T10:11:12%2B02:00"]));
+    let s = ms_of("2024-05-03T08:11:12Z");
+    assert_eq!(sec, b(Some(s - 1), Some(s + 999)));
+    let year = store_bounds(&qs(&["Observation?_lastUpdated=gt2023"]));
+    assert_eq!(year, b(Some(ms_of("2024-01-01T00:00:00Z") - 1), None));
+}
+
+#[test]
+fn criteria_intersect_values_and_queries_take_the_hull() {
+    let ms = |t: &str| Some(at(ms_of(t)));
+    // AND: the intersection.
+    let and = store_bounds(&qs(&["Observation?_lastUpdated=ge2024-01&_lastUpdated=lt2024-03&status=final"]));
+    assert_eq!((and.after, and.until), (ms("2023-12-31T23:59:59.999Z"), ms("2024-02-29T23:59:59.999Z")));
+    // Values (OR): the hull.
+    let or = store_bounds(&qs(&["Observation?_lastUpdated=2020,2022-06"]));
+    assert_eq!((or.after, or.until), (ms("2019-12-31T23:59:59.999Z"), ms("2022-06-30T23:59:59.999Z")));
+    // Queries (OR): the hull; one query without a bound opens that end.
+    let two = store_bounds(&qs(&["Observation?_lastUpdated=2020", "Observation?_lastUpdated=2022"]));
+    assert_eq!((two.after, two.until), (ms("2019-12-31T23:59:59.999Z"), ms("2022-12-31T23:59:59.999Z")));
+    let open = store_bounds(&qs(&["Observation?_lastUpdated=2020", "Observation?_lastUpdated=ge2022"]));
+    assert_eq!((open.after, open.until), (ms("2019-12-31T23:59:59.999Z"), None));
+    let none = store_bounds(&qs(&["Observation?_lastUpdated=2020", "Observation?status=final"]));
+    assert!(none.is_unbounded());
+    // A query that matches nothing adds nothing; if none can match, nothing is read.
+    let empty = store_bounds(&qs(&["Observation?_lastUpdated=ge2025&_lastUpdated=lt2024", "Observation?_id=a"]));
+    assert_eq!(empty, StoreBounds { after: None, until: None, ids: id_set(&["a"]) });
+    let nothing = store_bounds(&qs(&["Observation?_lastUpdated=ge2025&_lastUpdated=lt2024"]));
+    assert_eq!(nothing.ids, id_set(&[]));
+}
+
+#[test]
+fn what_bounds_nothing() {
+    for text in [
+        "Observation?_lastUpdated=ne2024",
+        "Observation?_lastUpdated=ne2024,2023",
+        "Observation?_lastUpdated:missing=false",
+        "Observation?_lastUpdated:missing=true",
+        "Observation?_id:not=o1",
+        "Observation?_id:missing=false",
+        "Observation?_id:text=o1",
+        "Observation?status=final&code=8302-2&date=2024",
+    ] {
+        assert!(store_bounds(&qs(&[text])).is_unbounded(), "{text}");
+    }
+}
+
+#[test]
+fn id_criteria_bound_the_ids() {
+    let ids = |texts: &[&str]| store_bounds(&qs(texts)).ids;
+    assert_eq!(ids(&["Patient?_id=a,b"]), id_set(&["a", "b"]));
+    assert_eq!(ids(&["Patient?_id=a,b&_id=b,c"]), id_set(&["b"]));
+    assert_eq!(ids(&["Patient?_id=a", "Patient?_id=c&gender=male"]), id_set(&["a", "c"]));
+    assert_eq!(ids(&["Patient?_id=a", "Patient?gender=male"]), None);
+    assert_eq!(ids(&["Patient?_id=|a,http://x|b,http://x|"]), id_set(&["a"]), "only values without a system match");
+    assert_eq!(ids(&["Patient?_id=http://x|b"]), id_set(&[]), "matches no id");
+    assert_eq!(ids(&["Patient?_id=a&_id=b"]), id_set(&[]));
+    let both = store_bounds(&qs(&["Observation?_id=o1&_lastUpdated=ge2024"]));
+    assert_eq!((both.ids, both.after.is_some(), both.until), (id_set(&["o1"]), true, None));
+}
+
+#[test]
+fn bounds_are_a_superset_of_what_matches() {
+    let values = [
+        "2024",
+        "2024-02",
+        "2024-02-29",
+        "2024-06-01T12:00",
+        "2024-06-01T12:00:00",
+        "2024-06-01T12:00:00.1",
+        "2024-06-01T12:00:00.12",
+        "2024-06-01T12:00:00.123",
+        "2024-06-01T12:00:00.123Z",
+        "2024-06-01T14:00:00.123%2B02:00",
+        "2024-06-01T12:00:00-05:30",
+    ];
+    for prefix in ["", "eq", "ne", "gt", "lt", "ge", "le", "sa", "eb"] {
+        for value in values {
+            let text = format!("Observation?_lastUpdated={prefix}{value}");
+            let matched = check_superset(&[&text]);
+            assert!(matched > 0 || prefix == "eq" || prefix.is_empty(), "{text} matched nothing tried");
+        }
+    }
+    for texts in [
+        &["Observation?_lastUpdated=ge2024-01&_lastUpdated=lt2024-06-01T12:00:00.124Z"][..],
+        &["Observation?_lastUpdated=lt2020,gt2024-06-01T12:00:00.122Z"],
+        &["Observation?_lastUpdated=le2024-06-01T12:00:00.123Z&_id=o1,o2"],
+        &["Observation?_lastUpdated=ne2024-06-01T12:00:00.123Z", "Observation?_id=o1"],
+        &["Observation?_lastUpdated=sa2024-06-01T12:00:00.122Z", "Observation?_lastUpdated=eb2024-06-01T12:00:00.124Z"],
+        &["Observation?_id=|o1,o2&status=final", "Observation?_id=other&_lastUpdated=2024-06"],
+        &["Observation?_id:not=o1&_lastUpdated=ge2024-06-01T12:00:00.123Z"],
+        &["Observation?_lastUpdated:missing=false&_lastUpdated=2024-06-01T12:00:00.123Z"],
+    ] {
+        assert!(check_superset(texts) > 0, "{texts:?} matched nothing tried");
+    }
+}
+
+/// The bounds are tight at both ends: the first and last millisecond inside match, the
+/// ones just outside do not (so a store comparing at milliseconds loses nothing and reads
+/// nothing extra).
+#[test]
+fn bounds_are_exact_at_the_edges() {
+    let to_ms = sluice_fhir::instant::to_millis;
+    for text in [
+        "Observation?_lastUpdated=2024-06-01T12:00",
+        "Observation?_lastUpdated=ge2024-06-01T12:00:00.5",
+        "Observation?_lastUpdated=gt2024-06-01T12:00:00.5",
+        "Observation?_lastUpdated=le2024-06",
+        "Observation?_lastUpdated=lt2024-06",
+        "Observation?_lastUpdated=sa2024&_lastUpdated=eb2026",
+    ] {
+        let queries = qs(&[text]);
+        let b = store_bounds(&queries);
+        assert!(b.after.is_some() || b.until.is_some(), "{text}");
+        if let Some(after) = b.after {
+            let a = to_ms(after);
+            assert!(!matches_any(&queries, &stored_obs("o1", a)), "{text}: {a} is excluded");
+            assert!(matches_any(&queries, &stored_obs("o1", a + 1)), "{text}: {a} + 1 is included");
+        }
+        if let Some(until) = b.until {
+            let u = to_ms(until);
+            assert!(matches_any(&queries, &stored_obs("o1", u)), "{text}: {u} is included");
+            assert!(!matches_any(&queries, &stored_obs("o1", u + 1)), "{text}: {u} + 1 is excluded");
+        }
+    }
 }

@@ -284,6 +284,17 @@ fn select_sql(resource_type: Option<&str>, filter: &ScanFilter, what: &str) -> R
             window.push_str(&format!(" AND r.id {op} {}", lit(id)));
         }
     }
+    // Listed ids (from `_typeFilter`), inlined the same way: only valid FHIR ids, as no other
+    // id can exist; none left selects nothing. With the type, a short list is read through the
+    // primary key; a long one (PostgreSQL hashes an `IN` list) filters the type's rows.
+    if let Some(ids) = &filter.ids {
+        let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
+        if list.is_empty() {
+            window.push_str(" AND false");
+        } else {
+            window.push_str(&format!(" AND r.id IN ({})", list.join(",")));
+        }
+    }
     Ok(match &filter.patients {
         None => format!("SELECT {what} FROM sluice_resource r WHERE {window}{}", rtype("r.type")),
         // A resource is in some compartment exactly when it has a (least) patient.
@@ -305,6 +316,43 @@ fn select_sql(resource_type: Option<&str>, filter: &ScanFilter, what: &str) -> R
             )
         }
     })
+}
+
+/// Streams what `filter` selects of `resource_type` (in `client`'s transaction) into `tx`
+/// as batches of about `batch_bytes`, each wrapped by `wrap`. `Ok(false)` when the receiver
+/// is gone (the reader stopped).
+async fn copy_batches<T>(
+    client: &Object,
+    resource_type: &str,
+    filter: &ScanFilter,
+    batch_bytes: usize,
+    tx: &mpsc::Sender<T>,
+    wrap: impl Fn(Batch) -> T,
+) -> Result<bool, StoreError> {
+    let what = if filter.deleted {
+        let (pre, post) = sluice_store::DELETED_LINE;
+        format!("'{pre}' || r.type || '/' || r.id || '{post}' AS json")
+    } else {
+        "r.json".to_string()
+    };
+    let sql = format!("COPY ({}) TO STDOUT (FORMAT binary)", select_sql(Some(resource_type), filter, &what)?);
+    let stream = client.copy_out(&sql).await.map_err(pg_err)?;
+    let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT]);
+    pin_mut!(rows);
+    let mut batch = Batch::with_capacity(batch_bytes);
+    while let Some(row) = rows.next().await {
+        let row = row.map_err(pg_err)?;
+        let json: &str = row.try_get(0).map_err(pg_err)?;
+        if let Some(full) = batch.push(json.as_bytes(), batch_bytes)
+            && tx.send(wrap(full)).await.is_err()
+        {
+            return Ok(false);
+        }
+    }
+    if batch.count > 0 && tx.send(wrap(batch)).await.is_err() {
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 fn snapshot_name(s: &Snapshot) -> Result<&str, StoreError> {
@@ -554,29 +602,27 @@ impl ResourceStore for PgStore {
         tx: mpsc::Sender<Batch>,
     ) -> Result<(), StoreError> {
         let client = self.in_snapshot(snapshot).await?;
-        let what = if filter.deleted {
-            let (pre, post) = sluice_store::DELETED_LINE;
-            format!("'{pre}' || r.type || '/' || r.id || '{post}' AS json")
-        } else {
-            "r.json".to_string()
-        };
-        let sql = format!("COPY ({}) TO STDOUT (FORMAT binary)", select_sql(Some(resource_type), filter, &what)?);
+        let result = copy_batches(&client, resource_type, filter, batch_bytes, &tx, |b| b).await;
+        Self::end(&client).await;
+        result.map(drop)
+    }
+
+    /// Every source over one connection that imported the snapshot once: a patient block
+    /// reads a dozen small scans, where a connection and a snapshot import each would cost
+    /// more than the rows.
+    async fn scan_many(
+        &self,
+        snapshot: &Snapshot,
+        sources: &[(String, ScanFilter)],
+        batch_bytes: usize,
+        tx: mpsc::Sender<(usize, Batch)>,
+    ) -> Result<(), StoreError> {
+        let client = self.in_snapshot(snapshot).await?;
         let result = async {
-            let stream = client.copy_out(&sql).await.map_err(pg_err)?;
-            let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT]);
-            pin_mut!(rows);
-            let mut batch = Batch::with_capacity(batch_bytes);
-            while let Some(row) = rows.next().await {
-                let row = row.map_err(pg_err)?;
-                let json: &str = row.try_get(0).map_err(pg_err)?;
-                if let Some(full) = batch.push(json.as_bytes(), batch_bytes)
-                    && tx.send(full).await.is_err()
-                {
-                    return Ok(()); // the reader stopped (cancelled)
+            for (i, (resource_type, filter)) in sources.iter().enumerate() {
+                if !copy_batches(&client, resource_type, filter, batch_bytes, &tx, |b| (i, b)).await? {
+                    break; // the reader stopped (cancelled)
                 }
-            }
-            if batch.count > 0 {
-                let _ = tx.send(batch).await;
             }
             Ok(())
         }

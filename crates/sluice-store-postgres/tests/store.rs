@@ -347,3 +347,126 @@ async fn split_points_of_a_large_type_come_from_a_sample() {
     assert_eq!(total, 200_000, "the ranges partition the type");
     s.release(&snap).await;
 }
+
+fn ids(list: &[&str]) -> Option<Vec<String>> {
+    Some(list.iter().map(|s| s.to_string()).collect())
+}
+
+fn count_of(counts: &std::collections::BTreeMap<String, u64>, t: &str) -> u64 {
+    counts.get(t).copied().unwrap_or(0)
+}
+
+/// `ScanFilter::ids` narrows scans and counts to the listed ids, together with every other
+/// part of the filter: compartments (a resource in several too), the time window, id ranges,
+/// deletions. An empty list, or one of ids that cannot exist, selects nothing.
+#[tokio::test]
+async fn listed_ids() {
+    let Some(db) = Scratch::new().await else { return };
+    let s = db.store().await;
+    s.put(prepare(json!({"resourceType":"Patient","id":"p1"}), None).unwrap()).await.unwrap();
+    s.put(prepare(json!({"resourceType":"Patient","id":"p2"}), None).unwrap()).await.unwrap();
+    let mut written = Vec::new();
+    for i in 1..=6 {
+        written.push(s.put(obs(&format!("o{i}"), if i % 2 == 1 { "p1" } else { "p2" }, "final")).await.unwrap());
+    }
+    let shared = json!({"resourceType":"Observation","id":"shared","subject":{"reference":"Patient/p1"},
+        "performer":[{"reference":"Patient/p2"}]});
+    s.put(prepare(shared, None).unwrap()).await.unwrap();
+    s.put(obs("o2", "p2", "amended")).await.unwrap(); // a second version of o2
+    s.delete("Observation", "o6").await.unwrap();
+    let snap = s.snapshot().await.unwrap();
+    s.put(obs("o1", "p1", "amended")).await.unwrap(); // after the snapshot
+    s.put(obs("o7", "p1", "final")).await.unwrap();
+
+    let only = |list: &[&str]| ScanFilter { ids: ids(list), ..Default::default() };
+    let scan = |f: ScanFilter| {
+        let (s, snap) = (s.clone(), snap.clone());
+        async move { scan_ids(&s, &snap, "Observation", &f).await }
+    };
+    let count = |f: ScanFilter| {
+        let (s, snap) = (s.clone(), snap.clone());
+        async move { s.count(&snap, &f).await.unwrap() }
+    };
+    let obs_count = |n: u64| std::collections::BTreeMap::from([("Observation".to_string(), n)]);
+    assert_eq!(scan(only(&["o1", "o3", "o7", "nope"])).await, set(&["o1", "o3"]), "o7 came after the snapshot");
+    assert_eq!(count(only(&["o1", "o3", "o7", "nope"])).await, obs_count(2));
+    assert_eq!(scan(only(&["o2", "o2"])).await, set(&["o2"]));
+    assert!(scan(only(&["o6"])).await.is_empty(), "deleted");
+    // Counts cover every type: the ids apply to each.
+    let mixed = count(only(&["p1", "o4"])).await;
+    assert_eq!(mixed, std::collections::BTreeMap::from([("Observation".to_string(), 1), ("Patient".to_string(), 1)]));
+    // Nothing: an empty list, ids that cannot exist (skipped, never SQL).
+    for list in [&[][..], &["bad id", "x' OR '1'='1", ""]] {
+        assert!(scan(only(list)).await.is_empty(), "{list:?}");
+        assert!(count(only(list)).await.is_empty(), "{list:?}");
+    }
+    assert_eq!(scan(only(&["x' OR '1'='1", "o3"])).await, set(&["o3"]), "invalid ids are skipped");
+    // With a compartment, through either of a shared resource's patients.
+    let of = |patient: &str, list: &[&str]| ScanFilter {
+        ids: ids(list),
+        patients: Some(Patients::Only(vec![patient.into()])),
+        ..Default::default()
+    };
+    assert_eq!(scan(of("p1", &["o1", "o2", "o3", "shared"])).await, set(&["o1", "o3", "shared"]));
+    assert_eq!(count_of(&count(of("p1", &["o1", "o2", "o3", "shared"])).await, "Observation"), 3);
+    assert_eq!(scan(of("p2", &["o1", "o2", "shared"])).await, set(&["o2", "shared"]));
+    assert_eq!(scan(of("p2", &["o1", "o2"])).await, set(&["o2"]));
+    assert_eq!(count_of(&count(of("p2", &["o1", "o2"])).await, "Observation"), 1);
+    let any = ScanFilter { ids: ids(&["o2", "p1", "nope"]), patients: Some(Patients::Any), ..Default::default() };
+    assert_eq!(scan(any.clone()).await, set(&["o2"]));
+    assert_eq!(count_of(&count(any).await, "Observation"), 1);
+    // With a time window: o3 and o4 were written after o2's first version, o4 at the latest.
+    let window = ScanFilter {
+        since: Some(written[1].last_updated),
+        until: Some(written[3].last_updated),
+        ids: ids(&["o1", "o3", "o4", "o5"]),
+        ..Default::default()
+    };
+    assert_eq!(scan(window.clone()).await, set(&["o3", "o4"]));
+    assert_eq!(count_of(&count(window).await, "Observation"), 2);
+    // With an id range.
+    let range = ScanFilter {
+        ids: ids(&["o1", "o2", "o4", "o5"]),
+        id_range: Some(IdRange { from: Some("o2".into()), to: Some("o5".into()) }),
+        ..Default::default()
+    };
+    assert_eq!(scan(range.clone()).await, set(&["o2", "o4"]));
+    assert_eq!(count_of(&count(range).await, "Observation"), 2);
+    // Deletions: only the listed ones.
+    let deleted = |list: &[&str]| ScanFilter { deleted: true, ids: ids(list), ..Default::default() };
+    assert_eq!(count_of(&count(deleted(&["o6"])).await, "Observation"), 1);
+    assert_eq!(count_of(&count(deleted(&["o5"])).await, "Observation"), 0);
+    let (tx, mut rx) = mpsc::channel(4);
+    s.scan(&snap, "Observation", &deleted(&["o6", "o1"]), 1024, tx).await.unwrap();
+    let lines = rx.recv().await.unwrap();
+    assert_eq!(lines.count, 1);
+    assert!(String::from_utf8(lines.data).unwrap().contains("Observation/o6"));
+    s.release(&snap).await;
+}
+
+/// Ten thousand ids (and twenty thousand) in one filter, in a scan and a count, with and
+/// without a patient list (whose query holds the list twice).
+#[tokio::test]
+async fn many_listed_ids() {
+    let Some(db) = Scratch::new().await else { return };
+    let s = db.store().await;
+    let (tx, rx) = mpsc::channel(4);
+    let s2 = s.clone();
+    let h = tokio::spawn(async move { s2.load(rx).await });
+    tx.send(LoadMsg::Batch((0..600).map(|i| obs(&format!("o{i}"), "p", "final")).collect())).await.unwrap();
+    tx.send(LoadMsg::Commit).await.unwrap();
+    h.await.unwrap().unwrap();
+    let snap = s.snapshot().await.unwrap();
+    // Every even id up to 40,000: 300 of them exist.
+    let list: Vec<String> = (0..40_000).step_by(4).chain((2..40_000).step_by(4)).map(|i| format!("o{i}")).collect();
+    assert_eq!(list.len(), 20_000);
+    let f = ScanFilter { ids: Some(list[..10_000].to_vec()), ..Default::default() };
+    assert_eq!(s.count(&snap, &f).await.unwrap()["Observation"], 150);
+    assert_eq!(scan_ids(&s, &snap, "Observation", &f).await.len(), 150);
+    let f = ScanFilter { ids: Some(list), patients: Some(Patients::Only(vec!["p".into()])), ..Default::default() };
+    let got = scan_ids(&s, &snap, "Observation", &f).await;
+    assert_eq!(got.len(), 300);
+    assert!(got.iter().all(|id| id[1..].parse::<u32>().unwrap() % 2 == 0));
+    assert_eq!(s.count(&snap, &f).await.unwrap()["Observation"], 300);
+    s.release(&snap).await;
+}

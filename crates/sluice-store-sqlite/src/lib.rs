@@ -269,6 +269,14 @@ fn visible_where(snap: i64, filter: &ScanFilter) -> (String, Vec<rusqlite::types
             }
         }
     }
+    if let Some(ids) = &filter.ids {
+        // One parameter whatever the number of ids (SQLite allows at most 32,766 bound
+        // parameters per statement): the list as a JSON array, read with `json_each`, which
+        // SQLite turns into an ephemeral index for `IN` once per statement. An empty array
+        // selects nothing.
+        args.push(V::Text(serde_json::to_string(ids).expect("ids serialise")));
+        sql.push_str(&format!(" AND r.id IN (SELECT value FROM json_each(?{}))", args.len()));
+    }
     match &filter.patients {
         None => {}
         Some(Patients::Any) => {

@@ -237,6 +237,50 @@ pub struct ScanFilter {
     /// Only resources whose id falls in this range (one of several parts reading a large
     /// type at once). `None` = every id.
     pub id_range: Option<IdRange>,
+    /// Only resources with these ids (what `_typeFilter`'s `_id` criteria allow); `None` =
+    /// every id. An empty list selects nothing; ids that are not valid FHIR ids match
+    /// nothing. Applies to deletions too (`deleted`), and in [`ResourceStore::count`] to
+    /// every type, so it belongs in the filter of one type's scan.
+    pub ids: Option<Vec<String>>,
+}
+
+impl ScanFilter {
+    /// This filter narrowed further (the bounds `_typeFilter` queries put on one type):
+    /// `since` becomes the later of `since` and `after` (both exclusive), `until` the
+    /// earlier of the two `until`s (inclusive), and `ids` the given ids, intersected with
+    /// those already set. `None` leaves that part as it is. The resulting ids are sorted and
+    /// distinct.
+    ///
+    /// For the resources of a type, not for its deletions: a tombstone's `lastUpdated` is
+    /// the time of the deletion.
+    pub fn narrowed(
+        &self,
+        after: Option<OffsetDateTime>,
+        until: Option<OffsetDateTime>,
+        ids: Option<Vec<String>>,
+    ) -> ScanFilter {
+        let since = match (self.since, after) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let until = match (self.until, until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let ids = match (&self.ids, ids) {
+            (Some(old), Some(new)) => {
+                let new: std::collections::BTreeSet<String> = new.into_iter().collect();
+                Some(old.iter().filter(|id| new.contains(*id)).cloned().collect::<Vec<_>>())
+            }
+            (old, new) => new.or_else(|| old.clone()),
+        }
+        .map(|mut ids| {
+            ids.sort();
+            ids.dedup();
+            ids
+        });
+        ScanFilter { since, until, ids, ..self.clone() }
+    }
 }
 
 /// A range of resource ids, in the store's own order of ids (the order in which
@@ -391,6 +435,37 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
         batch_bytes: usize,
         tx: mpsc::Sender<Batch>,
     ) -> Result<(), StoreError>;
+    /// Streams several scans one after the other ([`ResourceStore::scan`] of each `(type,
+    /// filter)`, in order) into `tx`, each batch tagged with the index of its source; a batch
+    /// never mixes sources. A patient block (`organizeOutputBy=Patient`) reads one patient's
+    /// compartment type by type this way. Stores override it to read every source over one
+    /// connection and snapshot import; the default runs the scans one by one.
+    async fn scan_many(
+        &self,
+        snapshot: &Snapshot,
+        sources: &[(String, ScanFilter)],
+        batch_bytes: usize,
+        tx: mpsc::Sender<(usize, Batch)>,
+    ) -> Result<(), StoreError> {
+        for (i, (resource_type, filter)) in sources.iter().enumerate() {
+            let (inner_tx, mut inner_rx) = mpsc::channel(1);
+            let forward = async {
+                while let Some(batch) = inner_rx.recv().await {
+                    if tx.send((i, batch)).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            let (scanned, open) =
+                tokio::join!(self.scan(snapshot, resource_type, filter, batch_bytes, inner_tx), forward);
+            scanned?;
+            if !open {
+                return Ok(()); // the reader stopped (cancelled)
+            }
+        }
+        Ok(())
+    }
     /// Resource types that have at least one current resource.
     async fn types_with_data(&self) -> Result<Vec<String>, StoreError>;
     /// Up to `parts - 1` distinct ids, increasing in the store's order of ids (the order
@@ -491,6 +566,34 @@ mod tests {
                 IdRange { from: s("d"), to: None }
             ]
         );
+    }
+
+    #[test]
+    fn narrowing_intersects_windows_and_ids() {
+        let t = |s: &str| sluice_fhir::instant::parse(s).unwrap();
+        let ids = |v: &[&str]| Some(v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let base = ScanFilter {
+            since: Some(t("2024-01-01T00:00:00Z")),
+            until: Some(t("2024-12-31T00:00:00Z")),
+            patients: Some(Patients::Any),
+            id_range: Some(IdRange { from: Some("a".into()), to: None }),
+            ..Default::default()
+        };
+        assert_eq!(base.narrowed(None, None, None), base, "nothing to narrow");
+        let later = base.narrowed(Some(t("2024-06-01T00:00:00Z")), Some(t("2025-01-01T00:00:00Z")), None);
+        assert_eq!((later.since, later.until), (Some(t("2024-06-01T00:00:00Z")), base.until));
+        let earlier = base.narrowed(Some(t("2023-01-01T00:00:00Z")), Some(t("2024-02-01T00:00:00Z")), None);
+        assert_eq!((earlier.since, earlier.until), (base.since, Some(t("2024-02-01T00:00:00Z"))));
+        assert_eq!(
+            (earlier.patients, earlier.id_range, earlier.deleted),
+            (base.patients.clone(), base.id_range.clone(), false)
+        );
+        let open = ScanFilter::default().narrowed(Some(t("2024-06-01T00:00:00Z")), None, ids(&["b", "a", "b"]));
+        assert_eq!((open.since, open.until, open.ids), (Some(t("2024-06-01T00:00:00Z")), None, ids(&["a", "b"])));
+        let with_ids = ScanFilter { ids: ids(&["c", "a", "b"]), ..Default::default() };
+        assert_eq!(with_ids.narrowed(None, None, ids(&["b", "c", "d"])).ids, ids(&["b", "c"]));
+        assert_eq!(with_ids.narrowed(None, None, ids(&["x"])).ids, ids(&[]), "disjoint: nothing");
+        assert_eq!(with_ids.narrowed(None, None, None).ids, ids(&["a", "b", "c"]));
     }
 
     #[test]

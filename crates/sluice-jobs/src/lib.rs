@@ -143,6 +143,22 @@ pub struct JobRecord {
     /// names of configuration resources; never secrets). `Null`: the server's default.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub storage: serde_json::Value,
+    /// `allowPartialManifests`: the manifest pages closed so far, in order. Page `n`, counted
+    /// from one, lists `output[pages[n-2].output..pages[n-1].output]` and the same slice of
+    /// `deleted`. A closed page never changes; `output` and `deleted` then keep the order in
+    /// which files finished.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pages: Vec<PageEnd>,
+}
+
+/// Where a manifest page ends: how many `output` and `deleted` files the pages up to and
+/// including it hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageEnd {
+    /// End (exclusive) of the page's slice of [`JobRecord::output`].
+    pub output: usize,
+    /// End (exclusive) of the page's slice of [`JobRecord::deleted`].
+    pub deleted: usize,
 }
 
 impl JobRecord {
@@ -175,7 +191,28 @@ impl JobRecord {
             progress: BTreeMap::new(),
             attempts: 0,
             storage: serde_json::Value::Null,
+            pages: Vec::new(),
         }
+    }
+
+    /// The files of manifest page `page` (from 1), `(output, deleted)`, once it is closed.
+    pub fn page(&self, page: usize) -> Option<(&[OutputFile], &[OutputFile])> {
+        let end = *self.pages.get(page.checked_sub(1)?)?;
+        let start = page.checked_sub(2).and_then(|i| self.pages.get(i)).copied().unwrap_or_default();
+        Some((self.output.get(start.output..end.output)?, self.deleted.get(start.deleted..end.deleted)?))
+    }
+
+    /// Closes a manifest page with the files finished since the last one, when there are
+    /// any (or, with `last`, when no page exists yet: a completed export has at least one).
+    /// Returns whether a page was closed.
+    pub fn close_page(&mut self, last: bool) -> bool {
+        let prev = self.pages.last().copied().unwrap_or_default();
+        let end = PageEnd { output: self.output.len(), deleted: self.deleted.len() };
+        if end == prev && !(last && self.pages.is_empty()) {
+            return false;
+        }
+        self.pages.push(end);
+        true
     }
 
     /// Total (done, total) over all types.
@@ -255,5 +292,43 @@ mod tests {
             assert_eq!(s.is_active(), matches!(s, Accepted | InProgress));
         }
         assert_eq!(JobStatus::parse("running"), None);
+    }
+
+    #[test]
+    fn pages_slice_the_files_in_order_and_never_change() {
+        let file = |n: u32| OutputFile {
+            resource_type: "Patient".into(),
+            key: format!("f/{n}"),
+            count: 1,
+            bytes: 1,
+            sha256: None,
+        };
+        let mut job = JobRecord::new(
+            "j".into(),
+            ExportPlan::new(sluice_planner::Level::System),
+            "u".into(),
+            OffsetDateTime::UNIX_EPOCH,
+        );
+        assert!(!job.close_page(false), "nothing finished: no page");
+        assert_eq!(job.page(1), None);
+        job.output.extend([file(1), file(2)]);
+        assert!(job.close_page(false));
+        assert!(!job.close_page(false), "no new file: no new page");
+        job.deleted.push(file(9));
+        job.output.push(file(3));
+        assert!(job.close_page(true));
+        assert_eq!(job.page(0), None);
+        assert_eq!(job.page(1).unwrap(), (&[file(1), file(2)][..], &[][..]));
+        assert_eq!(job.page(2).unwrap(), (&[file(3)][..], &[file(9)][..]));
+        assert_eq!(job.page(3), None);
+        let mut empty = JobRecord::new(
+            "e".into(),
+            ExportPlan::new(sluice_planner::Level::System),
+            "u".into(),
+            OffsetDateTime::UNIX_EPOCH,
+        );
+        assert!(empty.close_page(true), "a completed export has a first page, even empty");
+        assert_eq!(empty.page(1).unwrap(), (&[][..], &[][..]));
+        assert!(!empty.close_page(true));
     }
 }

@@ -255,9 +255,24 @@ impl NdjsonWriter {
     /// May first finish the current file and start the next one (see the
     /// [splitting rule](crate#file-splitting-rule)).
     pub fn write_line(&mut self, line: &[u8], out: &mut Vec<Event>) -> Result<(), NdjsonError> {
+        self.write(line, true, out)
+    }
+
+    /// Appends one line to the current file whatever the split limits say: the line stays
+    /// with the ones before it (a file is only ever split before a [`write_line`] line).
+    /// Patient blocks (`organizeOutputBy=Patient`) use it so that no block spans two files;
+    /// a file then exceeds the limits by at most one block. Same validation as
+    /// [`write_line`](Self::write_line).
+    ///
+    /// [`write_line`]: Self::write_line
+    pub fn write_line_joined(&mut self, line: &[u8], out: &mut Vec<Event>) -> Result<(), NdjsonError> {
+        self.write(line, false, out)
+    }
+
+    fn write(&mut self, line: &[u8], may_split: bool, out: &mut Vec<Event>) -> Result<(), NdjsonError> {
         validate_line(line)?;
         let added = line.len() as u64 + 1;
-        if self.must_split(added, out)? {
+        if may_split && self.must_split(added, out)? {
             self.finish_file(out)?;
         }
         let chunk_size = self.chunk_size;

@@ -469,3 +469,48 @@ fn both_limits_apply() {
     }
     assert!(files.iter().any(|f| f.summary.resources == 50) || files.len() >= 8);
 }
+
+#[test]
+fn joined_lines_stay_in_the_file_of_the_line_before_them() {
+    // Blocks of 4 lines: a split may only come before a block's first line.
+    let lines = fhir_lines(40);
+    for (compression, limits) in [
+        (Compression::None, count_limit(6)),
+        (gzip(6), count_limit(6)),
+        (Compression::None, bytes_limit(2000)),
+        (gzip(1), bytes_limit(1000)),
+    ] {
+        let mut w = NdjsonWriter::new(compression, limits);
+        let mut events = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            if i % 4 == 0 {
+                w.write_line(line, &mut events).unwrap();
+            } else {
+                w.write_line_joined(line, &mut events).unwrap();
+            }
+        }
+        w.finish(&mut events).unwrap();
+        let files = collect(&events);
+        assert!(files.len() > 1, "{compression:?} {limits:?}: the limits split the output");
+        let mut all = Vec::new();
+        for file in &files {
+            let file_lines = lines_of(&text(file, compression));
+            assert_eq!(file_lines.len() % 4, 0, "{compression:?} {limits:?}: whole blocks only");
+            if limits.max_resources > 0 {
+                assert!(file_lines.len() as u64 <= limits.max_resources + 3, "over by less than a block");
+            }
+            all.extend(file_lines);
+        }
+        assert!(all == lines, "lines come back unchanged and in order");
+    }
+    // A joined first line opens the first file.
+    let mut w = NdjsonWriter::new(Compression::None, count_limit(1));
+    let mut events = Vec::new();
+    w.write_line_joined(&lines[0], &mut events).unwrap();
+    w.write_line_joined(&lines[1], &mut events).unwrap();
+    w.finish(&mut events).unwrap();
+    assert_eq!(collect(&events).len(), 1);
+    // Validation is the same.
+    let mut w = NdjsonWriter::new(Compression::None, count_limit(1));
+    assert!(w.write_line_joined(b"a\nb", &mut Vec::new()).is_err());
+}

@@ -209,6 +209,16 @@ pub struct ExportPlan {
     /// and [`ExportPlan::provenance_targets`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub latest_provenance: bool,
+    /// `allowPartialManifests=true` (v3): while the export runs, status requests may answer
+    /// with a manifest of the files finished so far, and manifests come in pages linked by
+    /// `link` (`next`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_partial_manifests: bool,
+    /// `organizeOutputBy=Patient` (v3, patient and group level): files hold patient blocks (a
+    /// `Parameters` header naming the patient, the `Patient`, then the rest of its
+    /// compartment) instead of one resource type each, and no block is split across files.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub organize_by_patient: bool,
     /// Whether `Prefer: handling=lenient` was sent.
     pub lenient: bool,
     /// In lenient mode, what was ignored (warnings), for the manifest `error` array.
@@ -228,6 +238,8 @@ impl ExportPlan {
             elements: None,
             type_filters: BTreeMap::new(),
             latest_provenance: false,
+            allow_partial_manifests: false,
+            organize_by_patient: false,
             lenient: false,
             ignored: Vec::new(),
         }
@@ -428,6 +440,8 @@ struct Builder<'c> {
     elements: Vec<String>,
     type_filters: Vec<TypeQuery>,
     latest_provenance: bool,
+    allow_partial_manifests: bool,
+    organize_by_patient: bool,
 }
 
 impl<'c> Builder<'c> {
@@ -444,6 +458,8 @@ impl<'c> Builder<'c> {
             elements: Vec::new(),
             type_filters: Vec::new(),
             latest_provenance: false,
+            allow_partial_manifests: false,
+            organize_by_patient: false,
         }
     }
 
@@ -482,9 +498,14 @@ impl<'c> Builder<'c> {
                     }
                 }
             }
-            "organizeOutputBy" | "allowPartialManifests" => {
+            "allowPartialManifests" => {
                 if let Some(v) = self.single(name, vals) {
-                    values::check_unsupported(name, v, self.cx);
+                    self.allow_partial_manifests = values::check_allow_partial(v, self.cx);
+                }
+            }
+            "organizeOutputBy" => {
+                if let Some(v) = self.single(name, vals) {
+                    self.organize_by_patient = values::check_organize_by(v, &self.level, self.cx);
                 }
             }
             "_typeFilter" => {
@@ -610,16 +631,29 @@ impl<'c> Builder<'c> {
             );
             until = None;
         }
+        let mut types = self.types;
+        if self.organize_by_patient {
+            // Blocks hold the Patient compartment only (the IG lets a server omit the rest).
+            types.retain(|t| {
+                let inside = is_patient_compartment_type(t) && t != "Group";
+                if !inside {
+                    values::type_outside_blocks(t, self.cx);
+                }
+                inside
+            });
+        }
         let mut plan = ExportPlan {
             level: self.level,
             output_format: self.output_format,
-            types: if self.types.is_empty() { TypeSelection::All } else { TypeSelection::Only(self.types) },
+            types: if types.is_empty() { TypeSelection::All } else { TypeSelection::Only(types) },
             since: self.since,
             until,
             patients: (!self.patients.is_empty()).then_some(self.patients),
             elements: (!self.elements.is_empty()).then_some(self.elements),
             type_filters: BTreeMap::new(),
             latest_provenance: self.latest_provenance,
+            allow_partial_manifests: self.allow_partial_manifests,
+            organize_by_patient: self.organize_by_patient,
             lenient: self.cx.lenient(),
             ignored: Vec::new(),
         };

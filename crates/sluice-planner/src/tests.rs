@@ -108,6 +108,8 @@ fn no_parameters_gives_the_default_plan_at_every_level() {
                 elements: None,
                 type_filters: BTreeMap::new(),
                 latest_provenance: false,
+                allow_partial_manifests: false,
+                organize_by_patient: false,
                 lenient: false,
                 ignored: vec![],
             }
@@ -505,46 +507,58 @@ fn elements_rejects_unknown_types_and_bad_names() {
     }
 }
 
-// ---------------------------------------------------------------- recognised, not supported
+// ---------------------------------------------------------------- v3: organizeOutputBy, allowPartialManifests
 
 #[test]
-fn unsupported_parameters_are_errors_when_strict() {
-    for (name, value) in [("organizeOutputBy", "Patient"), ("allowPartialManifests", "true")] {
-        let issues = get_err(Level::System, &[(name, value)]);
-        assert_eq!(issues.len(), 1, "{name}");
-        one(&issues, name, IssueCode::NotSupported, &[name, value, "recognised but not yet supported"]);
+fn allow_partial_manifests_is_a_boolean_flag() {
+    for (value, want) in [("true", true), ("TRUE", true), ("false", false), ("FALSE", false), ("", false)] {
+        let p = get_ok(Level::System, &[("allowPartialManifests", value)]);
+        assert_eq!(p.allow_partial_manifests, want, "{value}");
+        assert!(p.ignored.is_empty());
     }
+    assert!(!get_ok(Level::System, &[]).allow_partial_manifests);
 }
 
 #[test]
-fn unsupported_parameters_are_warnings_when_lenient() {
-    for (name, value) in [("organizeOutputBy", "Patient"), ("allowPartialManifests", "TRUE")] {
-        let p = ok(get_lenient(Level::Patient, &[(name, value), ("_type", "Observation")]));
-        assert!(p.lenient);
-        assert_eq!(p.types, only(&["Observation"]));
-        assert_eq!(p.ignored.len(), 1, "{name}");
-        let w = &p.ignored[0];
-        assert_eq!(w.severity, Severity::Warning);
-        assert_eq!(w.code, IssueCode::NotSupported);
-        assert_eq!(w.expression.as_deref(), Some(name));
-        assert!(w.diagnostics.contains(value) && w.diagnostics.contains("Ignored"), "{w:?}");
+fn organize_output_by_patient_at_patient_and_group_level() {
+    for level in [Level::Patient, Level::Group("g".into())] {
+        let p = get_ok(level.clone(), &[("organizeOutputBy", "Patient"), ("_type", "Patient,Observation")]);
+        assert!(p.organize_by_patient, "{level:?}");
+        assert_eq!(p.types, only(&["Patient", "Observation"]));
     }
+    let p = get_ok(Level::Patient, &[("organizeOutputBy", "")]);
+    assert!(!p.organize_by_patient);
 }
 
 #[test]
-fn unsupported_parameters_that_ask_for_nothing_are_accepted_silently() {
-    let p = get_ok(
-        Level::System,
-        &[
-            ("allowPartialManifests", "false"),
-            ("organizeOutputBy", ""),
-            ("_typeFilter", ""),
-            ("includeAssociatedData", " "),
-        ],
-    );
-    assert!(p.ignored.is_empty());
-    let p = get_ok(Level::System, &[("allowPartialManifests", "FALSE")]);
-    assert!(p.ignored.is_empty());
+fn organize_output_by_refuses_other_types_system_level_and_types_outside_the_compartment() {
+    let issues = get_err(Level::Patient, &[("organizeOutputBy", "Encounter")]);
+    one(&issues, "organizeOutputBy", IssueCode::NotSupported, &["'Encounter'", "Patient only"]);
+    let issues = get_err(Level::Patient, &[("organizeOutputBy", "patient")]);
+    one(&issues, "organizeOutputBy", IssueCode::NotSupported, &["'patient'"]);
+    let issues = get_err(Level::System, &[("organizeOutputBy", "Patient")]);
+    one(&issues, "organizeOutputBy", IssueCode::NotSupported, &["patient and group level", "Patient/$export"]);
+    let issues =
+        get_err(Level::Patient, &[("organizeOutputBy", "Patient"), ("_type", "Patient,Practitioner,Observation")]);
+    one(&issues, "_type", IssueCode::NotSupported, &["Practitioner", "outside the Patient compartment"]);
+}
+
+#[test]
+fn organize_output_by_problems_are_warnings_when_lenient() {
+    let p = ok(get_lenient(
+        Level::Patient,
+        &[("organizeOutputBy", "Patient"), ("_type", "Patient,Practitioner,Observation")],
+    ));
+    assert!(p.organize_by_patient);
+    assert_eq!(p.types, only(&["Patient", "Observation"]));
+    assert_eq!(p.ignored.len(), 1);
+    assert_eq!(p.ignored[0].severity, Severity::Warning);
+    assert!(p.ignored[0].diagnostics.contains("Practitioner"), "{:?}", p.ignored[0]);
+    let p = ok(get_lenient(Level::System, &[("organizeOutputBy", "Patient")]));
+    assert!(!p.organize_by_patient);
+    assert_eq!(p.ignored.len(), 1);
+    assert_eq!(p.ignored[0].expression.as_deref(), Some("organizeOutputBy"));
+    assert!(p.ignored[0].diagnostics.contains("Ignored"), "{:?}", p.ignored[0]);
 }
 
 #[test]
@@ -1186,8 +1200,7 @@ fn post_accepts_every_listed_value_type() {
     let p = ok(post_body(Level::System, &body));
     assert_eq!(p.since, Some(instant("2024-05-01")));
     let body = parameters(json!([{"name": "allowPartialManifests", "valueBoolean": true}]));
-    let issues = err(post_body(Level::System, &body));
-    one(&issues, "allowPartialManifests", IssueCode::NotSupported, &["'true'"]);
+    assert!(ok(post_body(Level::System, &body)).allow_partial_manifests);
 }
 
 #[test]

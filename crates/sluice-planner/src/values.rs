@@ -328,37 +328,76 @@ pub(crate) fn check_associated_data(list: &str, latest_provenance: &mut bool, cx
     }
 }
 
-/// The recognised IG parameters Sluice does not implement yet. Values that ask for nothing
-/// (empty, `allowPartialManifests=false`) are accepted silently.
-pub(crate) fn check_unsupported(name: &str, value: &str, cx: &mut Issues) {
+/// `allowPartialManifests` (v3): `true` or `false`, any case; empty means `false`.
+pub(crate) fn check_allow_partial(value: &str, cx: &mut Issues) -> bool {
+    let v = value.trim();
+    if v.is_empty() || v.eq_ignore_ascii_case("false") {
+        return false;
+    }
+    if v.eq_ignore_ascii_case("true") {
+        return true;
+    }
+    cx.reject(
+        Issue::error(
+            IssueCode::Invalid,
+            format!("allowPartialManifests '{value}' is not a boolean; use true or false."),
+        )
+        .at("allowPartialManifests"),
+    );
+    false
+}
+
+/// `organizeOutputBy` (v3): only `Patient`, and only at patient and group level; empty
+/// asks for nothing. Returns whether output is organized by patient.
+pub(crate) fn check_organize_by(value: &str, level: &Level, cx: &mut Issues) -> bool {
+    const NAME: &str = "organizeOutputBy";
     let v = value.trim();
     if v.is_empty() {
-        return;
+        return false;
     }
-    if name == "allowPartialManifests" {
-        if v.eq_ignore_ascii_case("false") {
-            return;
-        }
-        if !v.eq_ignore_ascii_case("true") {
-            cx.reject(
-                Issue::error(
-                    IssueCode::Invalid,
-                    format!("allowPartialManifests '{value}' is not a boolean; use true or false."),
-                )
-                .at(name),
-            );
-            return;
-        }
+    if v != "Patient" {
+        cx.reject(
+            Issue::error(
+                IssueCode::NotSupported,
+                format!(
+                    "organizeOutputBy '{value}' is not supported; this server organizes output by Patient \
+                     only (organizeOutputBy=Patient), or by resource type when the parameter is left out."
+                ),
+            )
+            .at(NAME),
+        );
+        return false;
     }
+    if !level.is_patient_based() {
+        cx.reject(
+            Issue::error(
+                IssueCode::NotSupported,
+                "organizeOutputBy=Patient is supported at patient and group level, where every exported \
+                 resource belongs to a patient's block; a system-level export also holds resources of no \
+                 patient. Use [base]/Patient/$export or [base]/Group/[id]/$export, or leave the parameter \
+                 out to get one file per resource type.",
+            )
+            .at(NAME),
+        );
+        return false;
+    }
+    true
+}
+
+/// `organizeOutputBy=Patient` with `_type` naming `resource_type`, which is outside the
+/// Patient compartment: its resources belong to no patient's block, so they cannot be
+/// exported in this organization.
+pub(crate) fn type_outside_blocks(resource_type: &str, cx: &mut Issues) {
     cx.reject(
         Issue::error(
             IssueCode::NotSupported,
             format!(
-                "{name} '{value}' is recognised but not yet supported by this server; leave it \
-                 out, or send Prefer: handling=lenient to have it ignored."
+                "_type {resource_type} is outside the Patient compartment, so its resources belong to no \
+                 patient's block and cannot be exported with organizeOutputBy=Patient; export it \
+                 without organizeOutputBy."
             ),
         )
-        .at(name),
+        .at("_type"),
     );
 }
 

@@ -19,7 +19,7 @@
 mod elements;
 mod manifest;
 
-pub use manifest::{Manifest, manifest};
+pub use manifest::{Manifest, manifest, manifest_page};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -28,7 +28,7 @@ use sluice_jobs::{JobError, JobRecord, JobStatus, OutputFile, TypeProgress};
 use sluice_ndjson::{Compression, Event, NdjsonWriter, SplitLimits};
 use sluice_planner::{ExportPlan, Level, TypeSelection};
 use sluice_storage::{ObjectMeta, ObjectWriter, Storage, StorageError, StorageSource};
-use sluice_store::{IdRange, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot};
+use sluice_store::{Batch, IdRange, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -142,9 +142,12 @@ type Sources = Vec<(String, ScanFilter)>;
 
 /// A part before it runs ([`Engine::export_snapshot`]).
 struct PlannedPart {
-    /// The type its files are named after (`Bundle` for deletions).
+    /// The type its files are named after (`Bundle` for deletions, [`BLOCK_FILES`] for
+    /// patient blocks).
     resource_type: String,
     sources: Sources,
+    /// `organizeOutputBy=Patient`: the patient blocks it writes (`sources` is then empty).
+    blocks: Option<Arc<Blocks>>,
     /// Whether it lists deletions.
     deleted: bool,
     /// About how many resources it reads: larger parts start first.
@@ -153,6 +156,38 @@ struct PlannedPart {
 
 /// The progress entry of the deletions part (`_since` exports).
 const DELETED: &str = "deleted";
+
+/// The name of the files of patient blocks (`organizeOutputBy=Patient`): `patients.ndjson`,
+/// `patients-2.ndjson`, ...
+const BLOCK_FILES: &str = "patients";
+
+/// The patient blocks of one part (`organizeOutputBy=Patient`): for each patient, in
+/// order, a `Parameters` header naming it, then its compartment's resources, type by type
+/// (`Patient` first), each read from the store through the patient's own compartment
+/// filter. A resource in the compartments of several exported patients is in each of
+/// their blocks, as the IG defines a block.
+struct Blocks {
+    /// Whose blocks.
+    patients: BlockPatients,
+    /// The types of a block, in order: `Patient` first, then the others by name.
+    types: Vec<String>,
+    /// The window every block reads (`_since`, `_until`); no patients.
+    window: ScanFilter,
+    /// Group members who joined after `_since` (D7): their blocks read their whole
+    /// compartment up to `_until`.
+    late: HashSet<String>,
+    /// The window of the late joiners' blocks.
+    late_window: ScanFilter,
+}
+
+/// The patients of a part's blocks.
+enum BlockPatients {
+    /// These ids, in order (group members, or the `patient` parameter).
+    Listed(Vec<String>),
+    /// The `Patient` resources in this id range, in the order the store reads them
+    /// (patient level: every patient).
+    Range(IdRange),
+}
 
 /// A job interrupted this many times (crashes, restarts) is failed instead of rerun.
 pub const MAX_ATTEMPTS: u32 = 3;
@@ -419,6 +454,15 @@ impl Engine {
                 ),
             )));
         }
+        // Files listed in a manifest page a client may have read can't be rewritten: the IG
+        // says they never change once listed.
+        if job.attempts > 1 && !job.pages.is_empty() {
+            return Err(RunError::Failed(Issue::fatal(
+                IssueCode::Incomplete,
+                "the export was interrupted (server restart) after partial manifests had listed some of \
+                 its files, which must not change; start a new export",
+            )));
+        }
         // A rerun after a restart starts over on the same snapshot: drop what it wrote.
         if job.attempts > 1 {
             storage.delete_prefix(&format!("{}/", job.folder)).await?;
@@ -462,6 +506,19 @@ impl Engine {
         let Filters { compartment: compartment_filter, plain: plain_filter, late, deletions: del_compartment } =
             self.filters(job, snapshot).await?;
         let mut counts = self.counts(job, snapshot, compartment_filter.as_ref(), &plain_filter).await?;
+        let pick = |t: &str, comp: Option<&ScanFilter>, plain: &ScanFilter| match comp {
+            Some(cf) if sluice_fhir::is_patient_compartment_type(t) => cf.clone(),
+            _ => plain.clone(),
+        };
+        // Types whose `_typeFilter` bounds `_lastUpdated` or `_id` read (and count) only that.
+        let filtered: Vec<String> = job.plan.type_filters.keys().filter(|t| counts.contains_key(*t)).cloned().collect();
+        for t in &filtered {
+            let filter = narrow(&job.plan, t, &pick(t, compartment_filter.as_ref(), &plain_filter));
+            if filter != pick(t, compartment_filter.as_ref(), &plain_filter) {
+                let n = self.store.count(snapshot, &filter).await?.get(t).copied().unwrap_or(0);
+                counts.insert(t.to_string(), n);
+            }
+        }
         // Group members who joined after `_since` (D7): their resources from before it too.
         // Disjoint from what the compartment filter reads (last updated at or before
         // `_since`, against after it), so the counts add up and nothing is read twice.
@@ -469,6 +526,15 @@ impl Engine {
             Some(lf) => {
                 let mut c = self.store.count(snapshot, lf).await?;
                 c.retain(|t, _| sluice_fhir::is_patient_compartment_type(t));
+                let filtered: Vec<String> =
+                    job.plan.type_filters.keys().filter(|t| c.contains_key(*t)).cloned().collect();
+                for t in &filtered {
+                    let filter = narrow(&job.plan, t, lf);
+                    if &filter != lf {
+                        let n = self.store.count(snapshot, &filter).await?.get(t).copied().unwrap_or(0);
+                        c.insert(t.to_string(), n);
+                    }
+                }
                 c
             }
             None => BTreeMap::new(),
@@ -485,10 +551,6 @@ impl Engine {
         tracing::debug!(job = %job.id, ms = phase.elapsed().as_millis() as u64, "filters and counts");
         let types = job.plan.resolve_types(counts.keys().map(String::as_str));
         let del_types = job.plan.resolve_types(del_counts.keys().map(String::as_str));
-        let pick = |t: &str, comp: Option<&ScanFilter>, plain: &ScanFilter| match comp {
-            Some(cf) if sluice_fhir::is_patient_compartment_type(t) => cf.clone(),
-            _ => plain.clone(),
-        };
         // One part per type, or one per id range of a large type (every source of the type
         // restricted to the range); the deletions of every type go into one `Bundle` part.
         let total: u64 = types.iter().map(|t| counts[t]).sum();
@@ -496,17 +558,28 @@ impl Engine {
         job.progress.clear();
         for t in &types {
             job.progress.insert(t.clone(), TypeProgress { done: 0, total: counts[t] });
+        }
+        if job.plan.organize_by_patient {
+            plan_parts.extend(self.block_parts(&types, snapshot, compartment_filter.as_ref(), late.as_ref()).await?);
+        }
+        for t in types.iter().filter(|_| !job.plan.organize_by_patient) {
             let mut sources = Vec::with_capacity(2);
             if let Some(lf) = late.as_ref().filter(|_| late_counts.contains_key(t)) {
-                sources.push((t.clone(), lf.clone()));
+                sources.push((t.clone(), narrow(&job.plan, t, lf)));
             }
-            sources.push((t.clone(), pick(t, compartment_filter.as_ref(), &plain_filter)));
+            sources.push((t.clone(), narrow(&job.plan, t, &pick(t, compartment_filter.as_ref(), &plain_filter))));
             let ranges = match range_parts(&self.config, counts[t], total) {
                 1 => Vec::new(),
                 n => IdRange::between(&self.store.split_points(snapshot, t, n).await?),
             };
             if ranges.len() < 2 {
-                plan_parts.push(PlannedPart { resource_type: t.clone(), sources, deleted: false, size: counts[t] });
+                plan_parts.push(PlannedPart {
+                    resource_type: t.clone(),
+                    sources,
+                    blocks: None,
+                    deleted: false,
+                    size: counts[t],
+                });
                 continue;
             }
             tracing::debug!(job = %job.id, resource_type = %t, ranges = ranges.len(), "reading a type in id ranges");
@@ -516,7 +589,7 @@ impl Engine {
                     .iter()
                     .map(|(rt, f)| (rt.clone(), ScanFilter { id_range: Some(range.clone()), ..f.clone() }))
                     .collect();
-                plan_parts.push(PlannedPart { resource_type: t.clone(), sources, deleted: false, size });
+                plan_parts.push(PlannedPart { resource_type: t.clone(), sources, blocks: None, deleted: false, size });
             }
         }
         if !del_types.is_empty() {
@@ -524,7 +597,13 @@ impl Engine {
             job.progress.insert(DELETED.to_string(), TypeProgress { done: 0, total });
             let sources =
                 del_types.iter().map(|t| (t.clone(), pick(t, del_compartment.as_ref(), &del_plain))).collect();
-            plan_parts.push(PlannedPart { resource_type: "Bundle".into(), sources, deleted: true, size: total });
+            plan_parts.push(PlannedPart {
+                resource_type: "Bundle".into(),
+                sources,
+                blocks: None,
+                deleted: true,
+                size: total,
+            });
         }
         // Largest parts first, so the big ones run alongside the many small ones instead of
         // alone at the end.
@@ -533,6 +612,10 @@ impl Engine {
             return Err(RunError::Cancelled);
         }
 
+        // The lenient-mode error file first: with partial manifests every page carries the
+        // same `error` array, so it must exist before the first page.
+        job.error = self.write_error_file(job, storage).await?;
+        let finished: Finished = Arc::default();
         let done: Arc<BTreeMap<String, AtomicU64>> =
             Arc::new(job.progress.keys().map(|k| (k.clone(), AtomicU64::new(0))).collect());
         // File numbers per file name (type): the range parts of a type, and a `Bundle`
@@ -540,7 +623,7 @@ impl Engine {
         let mut file_numbers: HashMap<String, Arc<AtomicU32>> = HashMap::new();
         let limit = Arc::new(Semaphore::new(self.config.parallelism.max(1)));
         let mut parts = tokio::task::JoinSet::new();
-        for PlannedPart { resource_type: t, sources, deleted: del, .. } in plan_parts {
+        for PlannedPart { resource_type: t, sources, blocks, deleted: del, .. } in plan_parts {
             let part = Part {
                 file_numbers: file_numbers.entry(t.clone()).or_default().clone(),
                 engine: self.clone(),
@@ -552,19 +635,18 @@ impl Engine {
                 resource_type: t,
                 deleted: del,
                 sources,
+                blocks,
                 done: done.clone(),
+                finished: finished.clone(),
                 token: token.clone(),
             };
             let limit = limit.clone();
             parts.spawn(async move {
                 let _permit = limit.acquire_owned().await.map_err(|_| RunError::Cancelled)?;
-                let del = part.deleted;
-                part.run().await.map(|files| (del, files))
+                part.run().await
             });
         }
 
-        let mut files: Vec<OutputFile> = Vec::new();
-        let mut deleted_files: Vec<OutputFile> = Vec::new();
         let mut ticker = tokio::time::interval(self.config.progress_interval);
         ticker.tick().await;
         let mut failure: Option<RunError> = None;
@@ -572,8 +654,7 @@ impl Engine {
             tokio::select! {
                 joined = parts.join_next() => {
                     match joined.expect("set is not empty") {
-                        Ok(Ok((false, mut f))) => files.append(&mut f),
-                        Ok(Ok((true, mut f))) => deleted_files.append(&mut f),
+                        Ok(Ok(())) => {}
                         Ok(Err(e)) => { failure.get_or_insert(e); token.cancel(); }
                         Err(join) => {
                             failure.get_or_insert(RunError::Failed(Issue::fatal(IssueCode::Exception, format!("an export worker crashed: {join}"))));
@@ -583,6 +664,10 @@ impl Engine {
                 }
                 _ = ticker.tick() => {
                     Self::copy_progress(job, &done);
+                    if job.plan.allow_partial_manifests {
+                        Self::take_finished(job, &finished);
+                        job.close_page(false);
+                    }
                     if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
                         token.cancel();
                         failure.get_or_insert(RunError::Cancelled);
@@ -597,13 +682,15 @@ impl Engine {
             return Err(RunError::Cancelled);
         }
         Self::copy_progress(job, &done);
-
-        let order = |a: &OutputFile, b: &OutputFile| natural_key(&a.key).cmp(&natural_key(&b.key));
-        files.sort_by(|a, b| a.resource_type.cmp(&b.resource_type).then(order(a, b)));
-        deleted_files.sort_by(order);
-        job.output = files;
-        job.deleted = deleted_files;
-        job.error = self.write_error_file(job, storage).await?;
+        Self::take_finished(job, &finished);
+        if job.plan.allow_partial_manifests {
+            // Pages already closed keep their files; the rest make the last page.
+            job.close_page(true);
+        } else {
+            let order = |a: &OutputFile, b: &OutputFile| natural_key(&a.key).cmp(&natural_key(&b.key));
+            job.output.sort_by(|a, b| a.resource_type.cmp(&b.resource_type).then(order(a, b)));
+            job.deleted.sort_by(order);
+        }
         self.write_completion_markers(job, storage).await?;
         job.status = JobStatus::Completed;
         job.finished_at = Some(OffsetDateTime::now_utc());
@@ -611,6 +698,68 @@ impl Engine {
             return Err(RunError::Cancelled);
         }
         Ok(())
+    }
+
+    /// The parts of an export organized by patient: the patients split into about
+    /// [`EngineConfig::parallelism`] parts (listed patients in contiguous chunks; at patient
+    /// level, id ranges of the `Patient` resources).
+    async fn block_parts(
+        &self,
+        types: &[String],
+        snapshot: &Snapshot,
+        compartment: Option<&ScanFilter>,
+        late: Option<&ScanFilter>,
+    ) -> Result<Vec<PlannedPart>, RunError> {
+        let mut block_types: Vec<String> =
+            types.iter().filter(|t| sluice_fhir::is_patient_compartment_type(t)).cloned().collect();
+        block_types.sort_by_key(|t| (t != "Patient", t.clone()));
+        let Some(cf) = compartment else {
+            return Err(RunError::Failed(Issue::fatal(
+                IssueCode::Exception,
+                "organizeOutputBy=Patient needs a patient or group export",
+            )));
+        };
+        let window = ScanFilter { patients: None, ..cf.clone() };
+        let (late_set, late_window) = match late {
+            Some(ScanFilter { patients: Some(Patients::Only(ids)), .. }) => {
+                (ids.iter().cloned().collect(), ScanFilter { since: None, ..window.clone() })
+            }
+            _ => (HashSet::new(), window.clone()),
+        };
+        let p = self.config.parallelism.max(1);
+        let groups: Vec<BlockPatients> = match &cf.patients {
+            Some(Patients::Only(ids)) => {
+                ids.chunks(ids.len().div_ceil(p).max(1)).map(|c| BlockPatients::Listed(c.to_vec())).collect()
+            }
+            _ => IdRange::between(&self.store.split_points(snapshot, "Patient", p).await?)
+                .into_iter()
+                .map(BlockPatients::Range)
+                .collect(),
+        };
+        let late_set = Arc::new(late_set);
+        Ok(groups
+            .into_iter()
+            .map(|patients| {
+                let size = match &patients {
+                    BlockPatients::Listed(ids) => ids.len() as u64,
+                    BlockPatients::Range(_) => 0,
+                };
+                let blocks = Blocks {
+                    patients,
+                    types: block_types.clone(),
+                    window: window.clone(),
+                    late: (*late_set).clone(),
+                    late_window: late_window.clone(),
+                };
+                PlannedPart {
+                    resource_type: BLOCK_FILES.into(),
+                    sources: Vec::new(),
+                    blocks: Some(Arc::new(blocks)),
+                    deleted: false,
+                    size,
+                }
+            })
+            .collect())
     }
 
     /// Per-type counts of what the export reads: compartment types through the compartment
@@ -633,6 +782,15 @@ impl Engine {
             counts.extend(all.into_iter().filter(|(t, _)| !in_compartment(t)));
         }
         Ok(counts)
+    }
+
+    /// Moves the files the parts finished since the last call into the job, in the order
+    /// they finished.
+    fn take_finished(job: &mut JobRecord, finished: &Finished) {
+        let files = std::mem::take(&mut *finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for (deleted, file) in files {
+            if deleted { job.deleted.push(file) } else { job.output.push(file) }
+        }
     }
 
     fn copy_progress(job: &mut JobRecord, done: &BTreeMap<String, AtomicU64>) {
@@ -701,8 +859,7 @@ impl Engine {
         // the filter its `lastUpdated` falls in: no exclusion in the store, no set of ids
         // in the engine, no JSON parsed, and the counts simply add up.
         let until = Some(plan.until.map_or(since, |u| u.min(since)));
-        let late =
-            ScanFilter { until, patients: Some(Patients::Only(late)), ..Default::default() };
+        let late = ScanFilter { until, patients: Some(Patients::Only(late)), ..Default::default() };
         Ok(Filters {
             compartment: Some(only(Patients::Only(members), false)),
             // Deletions (D12) only of the members the client already had data for: a late
@@ -779,6 +936,16 @@ fn parse_group(id: &str, json: &str) -> Result<serde_json::Value, RunError> {
     serde_json::from_str(json).map_err(|e| {
         RunError::Failed(Issue::fatal(IssueCode::Exception, format!("Group/{id} is not readable JSON: {e}")))
     })
+}
+
+/// `filter` for reading `resource_type`, narrowed to the `_lastUpdated` window and `_id`
+/// list its `_typeFilter` queries bound (a superset of what they match: the queries are
+/// still evaluated on every resource read). Not for deletions.
+fn narrow(plan: &ExportPlan, resource_type: &str, filter: &ScanFilter) -> ScanFilter {
+    match plan.type_filter(resource_type).map(sluice_search::store_bounds) {
+        Some(b) if !b.is_unbounded() => filter.narrowed(b.after, b.until, b.ids.map(|ids| ids.into_iter().collect())),
+        _ => filter.clone(),
+    }
 }
 
 /// How many id ranges to read a type of `count` resources (of `total` in the export) in:
@@ -875,12 +1042,25 @@ impl Encoder {
             .collect()
     }
 
+    /// Encodes `lines`. In a patient block (`joined`), they stay in the file of the line
+    /// before them; `header` (a block's first line, which may start a new file) goes first.
     fn encode<'a>(
         &mut self,
+        header: Option<&[u8]>,
         lines: impl IntoIterator<Item = &'a [u8]>,
+        joined: bool,
     ) -> Result<Vec<Encoded>, sluice_ndjson::NdjsonError> {
         let mut events = Vec::new();
-        self.writer.write_lines(lines, &mut events)?;
+        if let Some(h) = header {
+            self.writer.write_line(h, &mut events)?;
+        }
+        for line in lines {
+            if joined {
+                self.writer.write_line_joined(line, &mut events)?;
+            } else {
+                self.writer.write_line(line, &mut events)?;
+            }
+        }
         Ok(self.digest(events))
     }
 
@@ -892,9 +1072,78 @@ impl Encoder {
     }
 }
 
+/// Files the parts have finished and the runner has not taken into the job yet:
+/// (whether it lists deletions, the file).
+type Finished = Arc<std::sync::Mutex<Vec<(bool, OutputFile)>>>;
+
 /// An object being written: the encoder's file index, the file's number in its type (its
 /// name, [`Part::key`]) and the writer.
 type OpenObject = (u32, u32, Box<dyn ObjectWriter>);
+
+/// What a running part holds: the encoder (on a blocking thread while a batch is encoded),
+/// the object being written, and its store readers (aborted when the part fails).
+struct PartState {
+    writer: Option<Encoder>,
+    open: Option<OpenObject>,
+    scans: Vec<tokio::task::AbortHandle>,
+}
+
+fn reader_crashed(e: tokio::task::JoinError) -> RunError {
+    RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}")))
+}
+
+/// What a part does to the lines of one type before encoding them ([`Part::treatment`]).
+#[derive(Clone, Default)]
+struct Treatment {
+    subset: Option<elements::Subsetter>,
+    queries: Option<Arc<Vec<sluice_planner::TypeQuery>>>,
+    targets: Option<Arc<Vec<String>>>,
+}
+
+impl Treatment {
+    /// The batch's lines as the plan keeps them: `None` when they are all kept unchanged (no
+    /// copy), else the kept lines, subsetted. Also whether nothing is left.
+    fn apply(&self, batch: &Batch) -> (Option<Vec<Vec<u8>>>, bool) {
+        if self.subset.is_none() && self.queries.is_none() && self.targets.is_none() {
+            return (None, batch.count == 0);
+        }
+        let keep = |line: &&[u8]| {
+            if self.queries.is_none() && self.targets.is_none() {
+                return true;
+            }
+            serde_json::from_slice::<serde_json::Value>(line).is_ok_and(|v| {
+                self.queries.as_ref().is_none_or(|q| sluice_search::matches_any(q, &v))
+                    && self.targets.as_ref().is_none_or(|t| sluice_planner::targets_any_of(&v, t))
+            })
+        };
+        let lines: Vec<Vec<u8>> = batch
+            .lines()
+            .filter(keep)
+            .map(|l| self.subset.as_ref().map_or_else(|| l.to_vec(), |s| s.apply(l)))
+            .collect();
+        let empty = lines.is_empty();
+        (Some(lines), empty)
+    }
+}
+
+/// The header line of a patient's block (Bulk Data IG v3, `organizeOutputBy`).
+fn block_header(id: &str) -> Vec<u8> {
+    serde_json::json!({
+        "resourceType": "Parameters",
+        "parameter": [{"name": "header", "valueReference": {"reference": format!("Patient/{id}")}}],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The `id` of a resource's JSON line.
+fn resource_id(line: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: String,
+    }
+    serde_json::from_slice::<Id>(line).ok().map(|r| r.id)
+}
 
 /// One resource type of one export, or one id range of a large type.
 struct Part {
@@ -913,11 +1162,15 @@ struct Part {
     /// their resources from before `_since`, then every member's changes since). The
     /// parts of a large type each read one id range of the same sources.
     sources: Sources,
+    /// `organizeOutputBy=Patient`: the patient blocks it writes instead of `sources`.
+    blocks: Option<Arc<Blocks>>,
     /// The next file number of the type, shared by its parts: each file a part starts takes
     /// one, so names are unique and dense (D15: `<Type>`, `<Type>-2`, ...) whichever part
     /// writes which file.
     file_numbers: Arc<AtomicU32>,
     done: Arc<BTreeMap<String, AtomicU64>>,
+    /// Where each finished file goes, as soon as it is stored.
+    finished: Finished,
     token: CancellationToken,
 }
 
@@ -931,123 +1184,181 @@ impl Part {
         }
     }
 
-    async fn run(self) -> Result<Vec<OutputFile>, RunError> {
+    async fn run(self) -> Result<(), RunError> {
         let cfg = &self.engine.config;
-        let mut scans: Vec<tokio::task::AbortHandle> = Vec::new();
         let compression = if self.plan.output_format.is_gzip() {
             Compression::Gzip { level: cfg.gzip_level }
         } else {
             Compression::None
         };
-        let mut writer = Some(Encoder { writer: NdjsonWriter::new(compression, cfg.split), digest: None });
-        let mut open: Option<OpenObject> = None;
-        let mut files = Vec::new();
-        let counter = &self.done[&self.progress_key];
-
+        let mut st = PartState {
+            writer: Some(Encoder { writer: NdjsonWriter::new(compression, cfg.split), digest: None }),
+            open: None,
+            scans: Vec::new(),
+        };
         let result: Result<(), RunError> = async {
-            for (rt, filter) in &self.sources {
-                let (tx, mut rx) = mpsc::channel(2);
-                let scan = {
-                    let store = self.engine.store.clone();
-                    let (snap, rt, filter, bytes) =
-                        (self.snapshot.clone(), rt.clone(), filter.clone(), cfg.batch_bytes);
-                    tokio::spawn(async move { store.scan(&snap, &rt, &filter, bytes, tx).await })
-                };
-                scans.push(scan.abort_handle());
-                let subset =
-                    if self.deleted { None } else { elements::Subsetter::for_type(self.plan.elements.as_deref(), rt) };
-                // `_typeFilter`: the type's queries, evaluated on each resource's JSON. Not on
-                // deletions: a tombstone has no content to match, and listing a deletion
-                // the client may not hold is harmless.
-                let queries: Option<Arc<Vec<sluice_planner::TypeQuery>>> =
-                    if self.deleted { None } else { self.plan.type_filter(rt).map(|q| Arc::new(q.to_vec())) };
-                // `includeAssociatedData=LatestProvenanceResources` at system level with
-                // `_type`: only the Provenance whose `target` is of an exported type.
-                let targets: Option<Arc<Vec<String>>> = match self.plan.provenance_targets() {
-                    Some(types) if !self.deleted && rt == "Provenance" => Some(Arc::new(types.to_vec())),
-                    _ => None,
-                };
-                loop {
-                    let batch = tokio::select! {
-                        b = rx.recv() => b,
-                        _ = self.token.cancelled() => return Err(RunError::Cancelled),
-                    };
-                    let Some(batch) = batch else { break };
-                    let n = batch.count;
-                    let mut w = writer.take().expect("writer present between batches");
-                    let (subset, queries, targets) = (subset.clone(), queries.clone(), targets.clone());
-                    let (w, events) = tokio::task::spawn_blocking(move || {
-                        let res = if subset.is_none() && queries.is_none() && targets.is_none() {
-                            w.encode(batch.lines())
-                        } else {
-                            let keep = |line: &&[u8]| {
-                                if queries.is_none() && targets.is_none() {
-                                    return true;
-                                }
-                                serde_json::from_slice::<serde_json::Value>(line).is_ok_and(|v| {
-                                    queries.as_ref().is_none_or(|q| sluice_search::matches_any(q, &v))
-                                        && targets.as_ref().is_none_or(|t| sluice_planner::targets_any_of(&v, t))
-                                })
-                            };
-                            let lines: Vec<Vec<u8>> = batch
-                                .lines()
-                                .filter(keep)
-                                .map(|l| subset.as_ref().map_or_else(|| l.to_vec(), |s| s.apply(l)))
-                                .collect();
-                            w.encode(lines.iter().map(Vec::as_slice))
-                        };
-                        (w, res)
-                    })
-                    .await
-                    .map_err(|e| {
-                        RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}")))
-                    })?;
-                    writer = Some(w);
-                    let events = events.map_err(|e| {
-                        RunError::Failed(Issue::fatal(
-                            IssueCode::Exception,
-                            format!("encoding {} failed: {e}", self.resource_type),
-                        ))
-                    })?;
-                    self.handle(events, &mut open, &mut files).await?;
-                    counter.fetch_add(n, Ordering::Relaxed);
-                    if let Some(pause) = cfg.throttle {
-                        tokio::select! {
-                            _ = tokio::time::sleep(pause) => {}
-                            _ = self.token.cancelled() => return Err(RunError::Cancelled),
-                        }
-                    }
+            match &self.blocks {
+                Some(blocks) => self.write_blocks(&mut st, blocks).await?,
+                None => {
+                    self.scan_into(&mut st, self.sources.clone(), None).await?;
                 }
-                scan.await.map_err(|e| {
-                    RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}")))
-                })??;
             }
-            let w = writer.take().expect("writer present at end");
+            let w = st.writer.take().expect("writer present at end");
             let events = tokio::task::spawn_blocking(move || w.finish())
                 .await
                 .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?
                 .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding failed: {e}"))))?;
-            self.handle(events, &mut open, &mut files).await
+            self.handle(events, &mut st.open).await
         }
         .await;
 
         if let Err(e) = result {
             // Stop reading before the snapshot is released, then drop what was written.
-            scans.iter().for_each(tokio::task::AbortHandle::abort);
-            if let Some((_, _, w)) = open.take() {
+            st.scans.iter().for_each(tokio::task::AbortHandle::abort);
+            if let Some((_, _, w)) = st.open.take() {
                 w.abort().await;
             }
             return Err(e);
         }
-        Ok(files)
+        Ok(())
     }
 
-    async fn handle(
+    /// `organizeOutputBy=Patient`: each patient's block, in order. A block starts with its
+    /// header only once it has a resource (with `_since`, a patient without changes has no
+    /// block), and no block is split across files.
+    async fn write_blocks(&self, st: &mut PartState, blocks: &Blocks) -> Result<(), RunError> {
+        let write = async |st: &mut PartState, id: &str| -> Result<(), RunError> {
+            let window = if blocks.late.contains(id) { &blocks.late_window } else { &blocks.window };
+            let filter = ScanFilter { patients: Some(Patients::Only(vec![id.to_string()])), ..window.clone() };
+            let sources = blocks.types.iter().map(|rt| (rt.clone(), narrow(&self.plan, rt, &filter))).collect();
+            self.scan_into(st, sources, Some(&mut Some(block_header(id)))).await
+        };
+        match &blocks.patients {
+            BlockPatients::Listed(ids) => {
+                for id in ids {
+                    write(st, id).await?;
+                }
+            }
+            BlockPatients::Range(range) => {
+                // The ids of the range's Patient resources, a batch at a time: the reader
+                // waits (bounded channel) while the batch's blocks are written.
+                let (tx, mut rx) = mpsc::channel(1);
+                let scan = {
+                    let store = self.engine.store.clone();
+                    let filter = ScanFilter { id_range: Some(range.clone()), ..Default::default() };
+                    let (snap, bytes) = (self.snapshot.clone(), self.engine.config.batch_bytes);
+                    tokio::spawn(async move { store.scan(&snap, "Patient", &filter, bytes, tx).await })
+                };
+                st.scans.push(scan.abort_handle());
+                while let Some(batch) = self.next_batch(&mut rx).await? {
+                    for line in batch.lines() {
+                        let id = resource_id(line).ok_or_else(|| {
+                            RunError::Failed(Issue::fatal(IssueCode::Exception, "a stored Patient has no id"))
+                        })?;
+                        write(st, &id).await?;
+                    }
+                }
+                scan.await.map_err(reader_crashed)??;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next batch from a store reader; `None` at its end. Cancellation ends the part.
+    async fn next_batch(&self, rx: &mut mpsc::Receiver<Batch>) -> Result<Option<Batch>, RunError> {
+        tokio::select! {
+            b = rx.recv() => Ok(b),
+            _ = self.token.cancelled() => Err(RunError::Cancelled),
+        }
+    }
+
+    /// What the plan does to the resources of `rt` once read: `_elements` subsetting,
+    /// `_typeFilter` queries (evaluated on each resource's JSON), and at system level with
+    /// `_type` and `includeAssociatedData` the Provenance target check. Nothing for
+    /// deletions: a tombstone has no content to match, and listing a deletion the client may
+    /// not hold is harmless.
+    fn treatment(&self, rt: &str) -> Treatment {
+        if self.deleted {
+            return Treatment::default();
+        }
+        Treatment {
+            subset: elements::Subsetter::for_type(self.plan.elements.as_deref(), rt),
+            queries: self.plan.type_filter(rt).map(|q| Arc::new(q.to_vec())),
+            targets: match self.plan.provenance_targets() {
+                Some(types) if rt == "Provenance" => Some(Arc::new(types.to_vec())),
+                _ => None,
+            },
+        }
+    }
+
+    /// Reads `sources` (each a type through a filter, one after the other) and encodes what
+    /// the plan keeps of them into the part's files. In a patient block (`header` given), the
+    /// lines stay together, after the block's header, which is written before the block's
+    /// first line (and then taken).
+    async fn scan_into(
         &self,
-        events: Vec<Encoded>,
-        open: &mut Option<OpenObject>,
-        files: &mut Vec<OutputFile>,
+        st: &mut PartState,
+        sources: Sources,
+        mut header: Option<&mut Option<Vec<u8>>>,
     ) -> Result<(), RunError> {
+        let cfg = &self.engine.config;
+        let joined = header.is_some();
+        let treatments: Vec<Treatment> = sources.iter().map(|(rt, _)| self.treatment(rt)).collect();
+        let counters: Vec<&AtomicU64> = sources
+            .iter()
+            .map(|(rt, _)| if joined { &self.done[rt] } else { &self.done[&self.progress_key] })
+            .collect();
+        let types: Vec<String> = sources.iter().map(|(rt, _)| rt.clone()).collect();
+        let (tx, mut rx) = mpsc::channel(2);
+        let scan = {
+            let store = self.engine.store.clone();
+            let (snap, bytes) = (self.snapshot.clone(), cfg.batch_bytes);
+            tokio::spawn(async move { store.scan_many(&snap, &sources, bytes, tx).await })
+        };
+        st.scans.push(scan.abort_handle());
+        loop {
+            let next = tokio::select! {
+                b = rx.recv() => b,
+                _ = self.token.cancelled() => return Err(RunError::Cancelled),
+            };
+            let Some((source, batch)) = next else { break };
+            let n = batch.count;
+            let mut w = st.writer.take().expect("writer present between batches");
+            let treatment = treatments[source].clone();
+            let pending = header.as_mut().and_then(|h| h.take());
+            let (w, events, pending) = tokio::task::spawn_blocking(move || {
+                let (lines, empty) = treatment.apply(&batch);
+                // A block's header goes before its first line, not before nothing.
+                let (first, pending) = if empty { (None, pending) } else { (pending, None) };
+                let res = match &lines {
+                    Some(lines) => w.encode(first.as_deref(), lines.iter().map(Vec::as_slice), joined),
+                    None => w.encode(first.as_deref(), batch.lines(), joined),
+                };
+                (w, res, pending)
+            })
+            .await
+            .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?;
+            st.writer = Some(w);
+            if let (Some(h), Some(p)) = (header.as_mut(), pending) {
+                **h = Some(p);
+            }
+            let events = events.map_err(|e| {
+                RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding {} failed: {e}", types[source])))
+            })?;
+            self.handle(events, &mut st.open).await?;
+            counters[source].fetch_add(n, Ordering::Relaxed);
+            if let Some(pause) = cfg.throttle {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                }
+            }
+        }
+        scan.await.map_err(reader_crashed)??;
+        Ok(())
+    }
+
+    async fn handle(&self, events: Vec<Encoded>, open: &mut Option<OpenObject>) -> Result<(), RunError> {
         for ev in events {
             match ev {
                 Encoded::Data { file, bytes } => {
@@ -1077,13 +1388,14 @@ impl Part {
                             format!("{}: stored {bytes} bytes, encoded {}", self.key(number), summary.bytes),
                         )));
                     }
-                    files.push(OutputFile {
+                    let file = OutputFile {
                         resource_type: self.resource_type.clone(),
                         key: self.key(number),
                         count: summary.resources,
                         bytes,
                         sha256: Some(sha256),
-                    });
+                    };
+                    self.finished.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((self.deleted, file));
                 }
             }
         }

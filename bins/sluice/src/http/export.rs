@@ -151,8 +151,10 @@ pub async fn status(
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let mut res = export_status(&app, &id).await?;
-    if separate_status_requested(query.as_deref()) {
+    let separate = separate_status_requested(query.as_deref());
+    let page = manifest_page_requested(query.as_deref())?;
+    let mut res = export_status(&app, &id, page, separate).await?;
+    if separate {
         let job_status = res.status();
         let text = format!("{} {}", job_status.as_u16(), job_status.canonical_reason().unwrap_or_default());
         *res.status_mut() = StatusCode::OK;
@@ -161,18 +163,69 @@ pub async fn status(
     Ok(res)
 }
 
+/// The manifest page a status URL asks for (`?page=N`, `allowPartialManifests`); 1 when
+/// it names none.
+fn manifest_page_requested(query: Option<&str>) -> Result<usize, ApiError> {
+    let Some((_, v)) = form_urlencoded::parse(query.unwrap_or_default().as_bytes()).find(|(k, _)| k == "page") else {
+        return Ok(1);
+    };
+    v.parse::<usize>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            Issue::error(
+                IssueCode::Invalid,
+                format!("page '{v}' is not a manifest page number; follow the manifest's link (pages count from 1)"),
+            ),
+        )
+    })
+}
+
+/// The URL of manifest page `page` of export `id` (page 1 is the status URL itself).
+fn page_url(app: &AppState, id: &str, page: usize, separate: bool) -> String {
+    let mut url = format!("{}/fhir/$export-status/{id}?page={page}", app.inner.base_url);
+    if separate {
+        url.push_str("&prefer=separate-export-status");
+    }
+    url
+}
+
+/// No such manifest page (`allowPartialManifests`), or pages asked of an export without them.
+fn no_page(job: &JobRecord, page: usize) -> ApiError {
+    let why = if job.plan.allow_partial_manifests {
+        "it has not been linked from an earlier page (yet)"
+    } else {
+        "the export was not started with allowPartialManifests=true, so its manifest has one page"
+    };
+    ApiError::not_found(format!("export {} has no manifest page {page}: {why}", job.id))
+}
+
 /// The status response as the IG's plain mode has it: `Ok` carries the export's status
 /// (202 running, 200 complete, 4xx/5xx failed); `Err` is a failure of the status request
-/// itself (404 unknown export, 429 too fast, 500 store errors).
-async fn export_status(app: &AppState, id: &str) -> Result<Response, ApiError> {
+/// itself (404 unknown export or page, 429 too fast, 500 store errors).
+///
+/// With `allowPartialManifests`, a running export's closed pages are served with 202
+/// (the files listed are complete and never change); a page links to the next once that
+/// is closed.
+async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) -> Result<Response, ApiError> {
     let polls = &app.inner.polls;
     let job = app.inner.engine.store().get(id).await.map_err(ApiError::internal)?;
     let Some(job) = job.filter(|j| j.status != JobStatus::Cancelled) else {
         polls.forget(id);
         return Err(ApiError::not_found(format!("no export with id '{id}' (it may have been cancelled or deleted)")));
     };
+    let partial = job.plan.allow_partial_manifests;
+    if page > 1 && !(partial && page <= job.pages.len() + 1) && job.status != JobStatus::Failed {
+        return Err(no_page(&job, page));
+    }
     match job.status {
-        JobStatus::Accepted | JobStatus::InProgress => running(polls, &job),
+        JobStatus::Accepted | JobStatus::InProgress if partial && page <= job.pages.len() => {
+            let mut res = running(polls, &job, page)?;
+            let m = signed_page(app, &job, page, separate).await?.ok_or_else(|| no_page(&job, page))?;
+            *res.body_mut() = axum::body::Body::from(m.body.to_string());
+            insert_expires(&mut res, &m)?;
+            Ok(res)
+        }
+        JobStatus::Accepted | JobStatus::InProgress => running(polls, &job, page),
         JobStatus::Failed => {
             polls.forget(id);
             let outcome = job
@@ -185,26 +238,54 @@ async fn export_status(app: &AppState, id: &str) -> Result<Response, ApiError> {
             let storage = app.inner.engine.storage_of(&job).await.map_err(|e| {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
             })?;
-            let m = sluice_engine::manifest(&job, storage.as_ref(), app.inner.ttl)
-                .await
-                .map_err(|e| ApiError::internal(format!("signing download links failed: {e}")))?;
+            let m = if partial {
+                signed_page(app, &job, page, separate).await?.ok_or_else(|| no_page(&job, page))?
+            } else {
+                sluice_engine::manifest(&job, storage.as_ref(), app.inner.ttl).await.map_err(signing_failed)?
+            };
             let mut res =
                 (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], m.body.to_string()).into_response();
-            let expires = m.expires.format(HTTP_DATE).map_err(ApiError::internal)?;
-            res.headers_mut().insert(header::EXPIRES, HeaderValue::from_str(&expires).map_err(ApiError::internal)?);
+            insert_expires(&mut res, &m)?;
             Ok(res)
         }
         JobStatus::Cancelled => unreachable!("filtered above"),
     }
 }
 
+fn signing_failed(e: sluice_storage::StorageError) -> ApiError {
+    ApiError::internal(format!("signing download links failed: {e}"))
+}
+
+/// Manifest page `page` of `job`, its URLs signed, once the page is closed.
+async fn signed_page(
+    app: &AppState,
+    job: &JobRecord,
+    page: usize,
+    separate: bool,
+) -> Result<Option<sluice_engine::Manifest>, ApiError> {
+    let storage = app.inner.engine.storage_of(job).await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
+    })?;
+    let next = |n| page_url(app, &job.id, n, separate);
+    sluice_engine::manifest_page(job, page, next, storage.as_ref(), app.inner.ttl).await.map_err(signing_failed)
+}
+
+/// `Expires`: when the manifest's links stop working (D11).
+fn insert_expires(res: &mut Response, m: &sluice_engine::Manifest) -> Result<(), ApiError> {
+    let expires = m.expires.format(HTTP_DATE).map_err(ApiError::internal)?;
+    res.headers_mut().insert(header::EXPIRES, HeaderValue::from_str(&expires).map_err(ApiError::internal)?);
+    Ok(())
+}
+
 /// The 202 of a running export (progress, ETA, `Retry-After`), or 429 when the last 202
-/// for it was too recent (D13).
-fn running(polls: &Polls, job: &JobRecord) -> Result<Response, ApiError> {
+/// for it (for manifest page `page`) was too recent (D13). Each page has its own budget:
+/// a client following a `next` link right after reading a page is not polling too fast.
+fn running(polls: &Polls, job: &JobRecord, page: usize) -> Result<Response, ApiError> {
     let (done, total) = job.totals();
     let counted = job.status == JobStatus::InProgress && !job.progress.is_empty();
     let now = Instant::now();
-    let first = match polls.poll(&job.id, now, POLL_SECONDS, counted.then_some(done)) {
+    let key = if page == 1 { job.id.clone() } else { format!("{}#page={page}", job.id) };
+    let first = match polls.poll(&key, now, POLL_SECONDS, counted.then_some(done)) {
         Poll::TooSoon { wait, since } => {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,

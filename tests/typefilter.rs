@@ -160,3 +160,50 @@ fn capability_statement_lists_search_parameters() {
     let date = obs["searchParam"].as_array().unwrap().iter().find(|p| p["name"] == "date").unwrap();
     assert_eq!(date["type"], "date");
 }
+
+/// `_lastUpdated` and `_id` queries are exact, and the store reads only what they bound: the
+/// progress the server reports while the export runs counts, for each filtered type, just the
+/// resources in the queried window or with the queried ids (the store counted them with the
+/// same query it reads with), not the whole type. Claim, unfiltered, keeps the slowed-down
+/// export running long enough to be polled.
+#[test]
+fn last_updated_and_id_queries_are_read_through_the_store() {
+    let srv = Server::loaded(&["--throttle-ms", "200", "--batch-bytes", "131072"]);
+    let r = reference();
+    let first = export(&srv, &with_query(&srv.fhir("/$export"), &[("_type", "Device")]));
+    let t1 = first["transactionTime"].as_str().unwrap().to_string();
+    let obs_id = r.resources["Observation"].keys().nth(7).unwrap().clone();
+    let mut obs = r.resource("Observation", &obs_id);
+    obs["status"] = json!("amended");
+    assert_eq!(put_json(&srv.fhir(&format!("/Observation/{obs_id}")), &obs).status, 200);
+    let patients: Vec<&str> = r.patient_ids().into_iter().skip(3).take(2).collect();
+
+    let url = with_query(
+        &srv.fhir("/$export"),
+        &[
+            ("_type", "Observation,Patient,Claim"),
+            ("_typeFilter", &format!("Observation?_lastUpdated=gt{t1}")),
+            ("_typeFilter", &format!("Patient?_id={},{},no-such-patient", patients[0], patients[1])),
+        ],
+    );
+    let status = kickoff(&srv, &url);
+    // Poll (as a client does) until the running export reports its counts.
+    let totals = loop {
+        let p = get(&status);
+        assert!(p.status == 202 || p.status == 429, "the export ended before its progress was seen: {}", p.text());
+        if p.status == 202 && p.json()["types"].as_object().is_some_and(|t| !t.is_empty()) {
+            break p.json()["types"].clone();
+        }
+        std::thread::sleep(std::time::Duration::from_secs(p.retry_after()));
+    };
+    assert_eq!(totals["Observation"]["total"], 1, "{totals}");
+    assert_eq!(totals["Patient"]["total"], 2, "{totals}");
+    assert_eq!(totals["Claim"]["total"], r.resources["Claim"].len(), "{totals}");
+
+    let m = complete_manifest(&poll_until_done(&status), &url);
+    let mut expected = r.types(&["Claim"]);
+    expected.entry("Observation".into()).or_default().insert(obs_id, obs.to_string().into());
+    let chosen = r.compartments_of(&patients);
+    expected.insert("Patient".into(), chosen["Patient"].clone());
+    check_export(&m, &expected);
+}

@@ -440,19 +440,6 @@ fn since_lists_deletions_in_the_deleted_array() {
     assert_eq!(m["deleted"], json!([]), "another patient's export does not");
 }
 
-/// The ids of the first `n` resources of type `t` in patient `p`'s compartment alone.
-fn own_resources(p: &str, t: &str, n: usize) -> Vec<String> {
-    let reference = reference();
-    let ids: Vec<String> = reference.compartments[p]
-        .iter()
-        .filter(|(rt, id)| rt == t && compartment_patients(&reference.resource(t, id)).len() == 1)
-        .map(|(_, id)| id.clone())
-        .take(n)
-        .collect();
-    assert_eq!(ids.len(), n, "patient {p} has {n} {t} of its own");
-    ids
-}
-
 /// Adds (or replaces) resources in an expectation.
 fn expect(expected: &mut Expected, resources: &[&Value]) {
     for r in resources {

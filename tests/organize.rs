@@ -24,15 +24,7 @@ fn header(patient: &str) -> String {
 /// `outputOrganizedBy: Patient`, `output` entries with `url`, `count`, `size` and `sha256`
 /// but no `type`, and typed `error` entries. Returns the manifest.
 fn organized_manifest(r: &Resp, request_url: &str) -> Value {
-    assert_eq!(r.status, 200, "the export did not complete: {}", r.text());
-    assert_eq!(r.media_type(), "application/json", "a manifest is served as application/json");
-    let expires = r.header("expires").expect("a manifest response has Expires");
-    assert!(is_http_date(expires), "Expires is not an HTTP date: {expires:?}");
-    let m = r.json();
-    let tt = m["transactionTime"].as_str().unwrap_or_else(|| panic!("no transactionTime: {m}"));
-    assert!(is_instant(tt), "transactionTime {tt:?} is not a FHIR instant");
-    assert_eq!(m["request"], request_url, "manifest request");
-    assert_eq!(m["requiresAccessToken"], false, "requiresAccessToken");
+    let m = manifest_response(r, request_url);
     assert_eq!(m["outputOrganizedBy"], "Patient", "outputOrganizedBy: {m}");
     for e in m["output"].as_array().unwrap_or_else(|| panic!("output is not an array: {m}")) {
         assert!(e.get("type").is_none(), "a file of patient blocks holds several types: no type, got {e}");
@@ -256,19 +248,6 @@ fn observation(id: &str, status: &str, category: &str, subject: &str, performer:
         "subject": {"reference": format!("Patient/{subject}")},
         "performer": [{"reference": format!("Patient/{performer}")}],
     })
-}
-
-/// The ids of the first `n` resources of type `t` in patient `p`'s compartment alone.
-fn own_resources(p: &str, t: &str, n: usize) -> Vec<String> {
-    let reference = reference();
-    let ids: Vec<String> = reference.compartments[p]
-        .iter()
-        .filter(|(rt, id)| rt == t && compartment_patients(&reference.resource(t, id)).len() == 1)
-        .map(|(_, id)| id.clone())
-        .take(n)
-        .collect();
-    assert_eq!(ids.len(), n, "patient {p} has {n} {t} of its own");
-    ids
 }
 
 /// The lines of the manifest's `error` files: OperationOutcomes (files of type

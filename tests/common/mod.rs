@@ -684,15 +684,7 @@ pub fn poll_until_done(status_url: &str) -> Resp {
 /// `requiresAccessToken: false`, and `output` / `error` arrays of well-formed entries.
 /// Returns the manifest.
 pub fn complete_manifest(r: &Resp, request_url: &str) -> Value {
-    assert_eq!(r.status, 200, "the export did not complete: {}", r.text());
-    assert_eq!(r.media_type(), "application/json", "a manifest is served as application/json");
-    let expires = r.header("expires").expect("a manifest response has Expires");
-    assert!(is_http_date(expires), "Expires is not an HTTP date: {expires:?}");
-    let m = r.json();
-    let tt = m["transactionTime"].as_str().unwrap_or_else(|| panic!("no transactionTime: {m}"));
-    assert!(is_instant(tt), "transactionTime {tt:?} is not a FHIR instant");
-    assert_eq!(m["request"], request_url, "manifest request");
-    assert_eq!(m["requiresAccessToken"], false, "requiresAccessToken");
+    let m = manifest_response(r, request_url);
     for key in ["output", "error"] {
         let entries = m[key].as_array().unwrap_or_else(|| panic!("manifest {key} is not an array: {m}"));
         for e in entries {
@@ -702,6 +694,22 @@ pub fn complete_manifest(r: &Resp, request_url: &str) -> Value {
             assert!(e["count"].is_u64(), "{key} entry without an integer count: {e}");
         }
     }
+    m
+}
+
+/// The part of [`complete_manifest`] every manifest shares, whatever its files: 200
+/// `application/json` with `Expires`, an instant `transactionTime`, `request` equal to
+/// `request_url`, `requiresAccessToken: false`. Returns the manifest.
+pub fn manifest_response(r: &Resp, request_url: &str) -> Value {
+    assert_eq!(r.status, 200, "the export did not complete: {}", r.text());
+    assert_eq!(r.media_type(), "application/json", "a manifest is served as application/json");
+    let expires = r.header("expires").expect("a manifest response has Expires");
+    assert!(is_http_date(expires), "Expires is not an HTTP date: {expires:?}");
+    let m = r.json();
+    let tt = m["transactionTime"].as_str().unwrap_or_else(|| panic!("no transactionTime: {m}"));
+    assert!(is_instant(tt), "transactionTime {tt:?} is not a FHIR instant");
+    assert_eq!(m["request"], request_url, "manifest request");
+    assert_eq!(m["requiresAccessToken"], false, "requiresAccessToken");
     m
 }
 
@@ -1004,4 +1012,17 @@ pub fn manifest_counts(manifest: &Value) -> BTreeMap<String, u64> {
         *out.entry(e["type"].as_str().expect("type").to_string()).or_insert(0) += e["count"].as_u64().expect("count");
     }
     out
+}
+
+/// The ids of the first `n` resources of type `t` in patient `p`'s compartment alone.
+pub fn own_resources(p: &str, t: &str, n: usize) -> Vec<String> {
+    let reference = reference();
+    let ids: Vec<String> = reference.compartments[p]
+        .iter()
+        .filter(|(rt, id)| rt == t && compartment_patients(&reference.resource(t, id)).len() == 1)
+        .map(|(_, id)| id.clone())
+        .take(n)
+        .collect();
+    assert_eq!(ids.len(), n, "patient {p} has {n} {t} of its own");
+    ids
 }

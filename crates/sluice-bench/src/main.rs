@@ -1,7 +1,8 @@
 //! `sluice-bench`: loads the large sample set (×copies) into a scratch PostgreSQL database,
 //! then times, through the HTTP API of a release `sluice serve`: system export (ndjson and
-//! ndjson.gz), patient export, and a group export of 10% of the patients. In the same run it
-//! times the pipe a DBA would write over the same resources in a plain `jsonb` table
+//! ndjson.gz), patient export (by type and organized by patient), a group export of 10% of the
+//! patients, and a `_typeFilter` evaluated on every Observation against one bounded in SQL. In
+//! the same run it times the pipe a DBA would write over the same resources in a plain `jsonb` table
 //! (`psql -c "COPY (SELECT resource FROM t) TO STDOUT (FORMAT binary)" | pigz -1 -p2`), and
 //! prints resources/s, MB/s, the server's peak RSS and the ratios.
 //!
@@ -302,14 +303,19 @@ fn bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
     let sys_gz = measure("$export?_outputFormat=ndjson.gz")?;
     let pat_gz = measure("Patient/$export?_outputFormat=ndjson.gz")?;
     let grp_gz = measure("Group/bench-10pct/$export?_outputFormat=ndjson.gz")?;
+    let org_gz = measure("Patient/$export?_outputFormat=ndjson.gz&organizeOutputBy=Patient")?;
+    // `_typeFilter` on Observation that matches nothing: evaluated on every resource
+    // (`status`), or pushed into the store's query (`_lastUpdated`).
+    let tf_eval = measure("$export?_type=Observation&_typeFilter=Observation%3Fstatus%3Dentered-in-error")?;
+    let tf_push = measure("$export?_type=Observation&_typeFilter=Observation%3F_lastUpdated%3Dgt2100-01-01")?;
     let rss = server.peak_rss_mb();
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 
     println!();
-    println!("{:<34} {:>8} {:>10} {:>12} {:>9}", "measurement (median)", "seconds", "resources", "resources/s", "MB/s");
+    println!("{:<38} {:>8} {:>10} {:>12} {:>9}", "measurement (median)", "seconds", "resources", "resources/s", "MB/s");
     println!(
-        "{:<34} {:>8.2} {:>10} {:>12.0} {:>9}",
+        "{:<38} {:>8.2} {:>10} {:>12.0} {:>9}",
         "naive: COPY jsonb | pigz -1 -p2",
         naive_s,
         loaded,
@@ -321,8 +327,11 @@ fn bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
         ("system export, ndjson.gz", sys_gz),
         ("patient export, ndjson.gz", pat_gz),
         ("group export (10%), ndjson.gz", grp_gz),
+        ("patient export by patient, ndjson.gz", org_gz),
+        ("_typeFilter status (evaluated)", tf_eval),
+        ("_typeFilter _lastUpdated (in SQL)", tf_push),
     ] {
-        println!("{name:<34} {s:>8.2} {n:>10} {:>12.0} {:>9.1}", n as f64 / s, b as f64 / 1e6 / s);
+        println!("{name:<38} {s:>8.2} {n:>10} {:>12.0} {:>9.1}", n as f64 / s, b as f64 / 1e6 / s);
     }
     println!();
     println!("ratios (targets in brackets):");
@@ -330,6 +339,8 @@ fn bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
     println!("  system ndjson / naive pipe      {:>6.2}", sys_nd.0 / naive_s);
     println!("  group 10% / system ndjson.gz    {:>6.2}   [<= 0.15]", grp_gz.0 / sys_gz.0);
     println!("  patient / system ndjson.gz      {:>6.2}", pat_gz.0 / sys_gz.0);
+    println!("  by patient / patient ndjson.gz  {:>6.2}", org_gz.0 / pat_gz.0);
+    println!("  _typeFilter in SQL / evaluated  {:>6.2}", tf_push.0 / tf_eval.0);
     println!("server peak RSS: {rss:.1} MB   [<= 64 MB at 1M resources]");
     Ok(())
 }

@@ -260,19 +260,23 @@ fn time_conditions(filter: &ScanFilter) -> String {
     sql
 }
 
-/// A query over the resources a filter selects, of one type or of all types, selecting
-/// `what` (columns of `sluice_resource r`), with literals inlined (`COPY` takes no
-/// parameters; only checked type names and FHIR ids are inlined, escaped all the same).
+/// A query over the resources a filter selects, of the given types (all types when none
+/// is given), selecting `what` (columns of `sluice_resource r`), with literals inlined
+/// (`COPY` takes no parameters; only checked type names and FHIR ids are inlined, escaped
+/// all the same).
 ///
 /// Listed patients are read through the `(patient, type)` index, so a small group reads
 /// its own rows (which a load writes close together), not the whole table.
-fn select_sql(resource_type: Option<&str>, filter: &ScanFilter, what: &str) -> Result<String, StoreError> {
-    if let Some(t) = resource_type
-        && !sluice_fhir::is_r4_resource_type(t)
-    {
+fn select_sql(types: &[&str], filter: &ScanFilter, what: &str) -> Result<String, StoreError> {
+    if let Some(t) = types.iter().find(|t| !sluice_fhir::is_r4_resource_type(t)) {
         return Err(db_err(format!("'{t}' is not a resource type")));
     }
-    let rtype = |col: &str| resource_type.map(|t| format!(" AND {col} = {}", lit(t))).unwrap_or_default();
+    let listed: Vec<String> = types.iter().map(|t| lit(t)).collect();
+    let rtype = |col: &str| match listed.as_slice() {
+        [] => String::new(),
+        [one] => format!(" AND {col} = {one}"),
+        many => format!(" AND {col} IN ({})", many.join(",")),
+    };
     let mut window = time_conditions(filter);
     // An id range (one of several parts reading a large type), in the column's collation,
     // as `split_points` picked its bounds. The bounds are inlined: only valid FHIR ids.
@@ -335,7 +339,7 @@ async fn copy_batches<T>(
     } else {
         "r.json".to_string()
     };
-    let sql = format!("COPY ({}) TO STDOUT (FORMAT binary)", select_sql(Some(resource_type), filter, &what)?);
+    let sql = format!("COPY ({}) TO STDOUT (FORMAT binary)", select_sql(&[resource_type], filter, &what)?);
     let stream = client.copy_out(&sql).await.map_err(pg_err)?;
     let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT]);
     pin_mut!(rows);
@@ -350,6 +354,56 @@ async fn copy_batches<T>(
         }
     }
     if batch.count > 0 && tx.send(wrap(batch)).await.is_err() {
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// Streams what `filter` selects of several types in one query, the rows of each type
+/// together and the types in the order of `sources` (`(tag, type)`, types distinct), into
+/// `tx` as batches of one type each, tagged. `Ok(false)` when the receiver is gone.
+async fn copy_types(
+    client: &Object,
+    sources: &[(usize, &str)],
+    filter: &ScanFilter,
+    batch_bytes: usize,
+    tx: &mpsc::Sender<(usize, Batch)>,
+) -> Result<bool, StoreError> {
+    let types: Vec<&str> = sources.iter().map(|(_, t)| *t).collect();
+    let order: Vec<String> = types.iter().map(|t| lit(t)).collect();
+    let sql = format!(
+        "COPY (SELECT q.type, q.json FROM ({}) q ORDER BY array_position(ARRAY[{}]::text[], q.type::text)) \
+         TO STDOUT (FORMAT binary)",
+        select_sql(&types, filter, "r.type, r.json")?,
+        order.join(",")
+    );
+    let stream = client.copy_out(&sql).await.map_err(pg_err)?;
+    let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT, Type::TEXT]);
+    pin_mut!(rows);
+    let mut batch = Batch::with_capacity(batch_bytes);
+    let mut tag: Option<usize> = None;
+    while let Some(row) = rows.next().await {
+        let row = row.map_err(pg_err)?;
+        let (t, json): (&str, &str) = (row.try_get(0).map_err(pg_err)?, row.try_get(1).map_err(pg_err)?);
+        let row_tag = sources.iter().find(|(_, st)| *st == t).map(|(i, _)| *i);
+        let row_tag = row_tag.ok_or_else(|| db_err(format!("a row of type {t} nobody asked for")))?;
+        if tag.is_some_and(|cur| cur != row_tag) && batch.count > 0 {
+            let full = std::mem::replace(&mut batch, Batch::with_capacity(batch_bytes));
+            if tx.send((tag.expect("checked"), full)).await.is_err() {
+                return Ok(false);
+            }
+        }
+        tag = Some(row_tag);
+        if let Some(full) = batch.push(json.as_bytes(), batch_bytes)
+            && tx.send((row_tag, full)).await.is_err()
+        {
+            return Ok(false);
+        }
+    }
+    if let Some(t) = tag
+        && batch.count > 0
+        && tx.send((t, batch)).await.is_err()
+    {
         return Ok(false);
     }
     Ok(true)
@@ -541,7 +595,7 @@ impl ResourceStore for PgStore {
 
     async fn count(&self, snapshot: &Snapshot, filter: &ScanFilter) -> Result<BTreeMap<String, u64>, StoreError> {
         let client = self.in_snapshot(snapshot).await?;
-        let sql = format!("SELECT type, count(*) FROM ({}) x GROUP BY type", select_sql(None, filter, "r.type")?);
+        let sql = format!("SELECT type, count(*) FROM ({}) x GROUP BY type", select_sql(&[], filter, "r.type")?);
         let rows = client.query(&sql, &[]).await.map_err(pg_err);
         Self::end(&client).await;
         Ok(rows?
@@ -619,10 +673,27 @@ impl ResourceStore for PgStore {
     ) -> Result<(), StoreError> {
         let client = self.in_snapshot(snapshot).await?;
         let result = async {
-            for (i, (resource_type, filter)) in sources.iter().enumerate() {
-                if !copy_batches(&client, resource_type, filter, batch_bytes, &tx, |b| (i, b)).await? {
+            // Consecutive sources of distinct types through the same filter (a patient's
+            // block) are one query; the rest one query each.
+            let mut i = 0;
+            while i < sources.len() {
+                let filter = &sources[i].1;
+                let mut group: Vec<(usize, &str)> = vec![(i, sources[i].0.as_str())];
+                while let Some((t, f)) = sources.get(i + group.len())
+                    && f == filter
+                    && !filter.deleted
+                    && group.iter().all(|(_, g)| g != t)
+                {
+                    group.push((i + group.len(), t.as_str()));
+                }
+                let open = match group.as_slice() {
+                    [(tag, t)] => copy_batches(&client, t, filter, batch_bytes, &tx, |b| (*tag, b)).await?,
+                    _ => copy_types(&client, &group, filter, batch_bytes, &tx).await?,
+                };
+                if !open {
                     break; // the reader stopped (cancelled)
                 }
+                i += group.len();
             }
             Ok(())
         }

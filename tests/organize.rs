@@ -597,3 +597,44 @@ fn refusals_strict_and_lenient() {
     check_blocks(&blocks(&download_blocks(&m, "ndjson")), &by_patient(&expected, &reference.patient_ids()));
     assert!(warns_about(&warnings(&m), "_type", "Practitioner"), "{}", m["error"]);
 }
+
+/// At patient level every patient with something to export gets a block, whether or not its
+/// `Patient` resource exists: once a Patient is deleted, and an Observation names a patient
+/// that was never loaded, their resources are in blocks without a `Patient` line, and the
+/// blocks together hold exactly what the export by type holds. A chained `_since` export then
+/// has blocks only for the patients with changes.
+#[test]
+fn patients_without_a_patient_resource_get_blocks_too() {
+    let srv = Server::loaded(&[]);
+    let r = reference();
+    let ids = r.patient_ids();
+    let (gone, other) = (ids[4], ids[9]);
+    assert_eq!(delete(&srv.fhir(&format!("/Patient/{gone}"))).status, 200);
+    let ghost = observation("organize-ghost", "final", "exam", "never-loaded", "never-loaded");
+    put_all(&srv, &[&ghost]);
+
+    let url = with_query(&srv.fhir("/Patient/$export"), &[("organizeOutputBy", "Patient")]);
+    let (_, m) = organized_export(&srv, &url);
+    let first = blocks(&download_blocks(&m, "ndjson"));
+    let mut expected = r.all_compartments();
+    expected.get_mut("Patient").unwrap().remove(gone);
+    expect(&mut expected, &[&ghost]);
+    let mut patients = ids.clone();
+    patients.push("never-loaded");
+    check_blocks(&first, &by_patient(&expected, &patients));
+    for p in [gone, "never-loaded"] {
+        let b = first.iter().find(|b| b.patient == p).unwrap_or_else(|| panic!("no block for Patient/{p}"));
+        assert_ne!(b.resources[0]["resourceType"], "Patient", "Patient/{p} has no Patient resource");
+    }
+
+    // Since that export: one change, one block.
+    let since = m["transactionTime"].as_str().unwrap().to_string();
+    let changed = observation("organize-later", "final", "exam", other, other);
+    put_all(&srv, &[&changed]);
+    let url = with_query(&srv.fhir("/Patient/$export"), &[("organizeOutputBy", "Patient"), ("_since", since.as_str())]);
+    let (_, m) = organized_export(&srv, &url);
+    let second = blocks(&download_blocks(&m, "ndjson"));
+    let mut expected = Expected::new();
+    expect(&mut expected, &[&changed]);
+    check_blocks(&second, &by_patient(&expected, &[other]));
+}

@@ -184,8 +184,8 @@ struct Blocks {
 enum BlockPatients {
     /// These ids, in order (group members, or the `patient` parameter).
     Listed(Vec<String>),
-    /// The `Patient` resources in this id range, in the order the store reads them
-    /// (patient level: every patient).
+    /// The patients with ids in this range that have resources in the window, in the
+    /// store's order ([`ResourceStore::compartment_patients`]; patient level).
     Range(IdRange),
 }
 
@@ -1136,15 +1136,6 @@ fn block_header(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The `id` of a resource's JSON line.
-fn resource_id(line: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Id {
-        id: String,
-    }
-    serde_json::from_slice::<Id>(line).ok().map(|r| r.id)
-}
-
 /// One resource type of one export, or one id range of a large type.
 struct Part {
     engine: Engine,
@@ -1240,36 +1231,31 @@ impl Part {
                 }
             }
             BlockPatients::Range(range) => {
-                // The ids of the range's Patient resources, a batch at a time: the reader
-                // waits (bounded channel) while the batch's blocks are written.
+                // The patients in the range with something to export (with `_since`, only
+                // those with changes), a batch of ids at a time: the reader waits (bounded
+                // channel) while the batch's blocks are written.
                 let (tx, mut rx) = mpsc::channel(1);
                 let scan = {
                     let store = self.engine.store.clone();
-                    let filter = ScanFilter { id_range: Some(range.clone()), ..Default::default() };
-                    let (snap, bytes) = (self.snapshot.clone(), self.engine.config.batch_bytes);
-                    tokio::spawn(async move { store.scan(&snap, "Patient", &filter, bytes, tx).await })
+                    let filter = ScanFilter { id_range: Some(range.clone()), ..blocks.window.clone() };
+                    let (snap, types) = (self.snapshot.clone(), blocks.types.clone());
+                    tokio::spawn(async move { store.compartment_patients(&snap, &types, &filter, tx).await })
                 };
                 st.scans.push(scan.abort_handle());
-                while let Some(batch) = self.next_batch(&mut rx).await? {
-                    for line in batch.lines() {
-                        let id = resource_id(line).ok_or_else(|| {
-                            RunError::Failed(Issue::fatal(IssueCode::Exception, "a stored Patient has no id"))
-                        })?;
-                        write(st, &id).await?;
+                loop {
+                    let ids = tokio::select! {
+                        ids = rx.recv() => ids,
+                        _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                    };
+                    let Some(ids) = ids else { break };
+                    for id in &ids {
+                        write(st, id).await?;
                     }
                 }
                 scan.await.map_err(reader_crashed)??;
             }
         }
         Ok(())
-    }
-
-    /// The next batch from a store reader; `None` at its end. Cancellation ends the part.
-    async fn next_batch(&self, rx: &mut mpsc::Receiver<Batch>) -> Result<Option<Batch>, RunError> {
-        tokio::select! {
-            b = rx.recv() => Ok(b),
-            _ = self.token.cancelled() => Err(RunError::Cancelled),
-        }
     }
 
     /// What the plan does to the resources of `rt` once read: `_elements` subsetting,

@@ -702,6 +702,69 @@ impl ResourceStore for PgStore {
         result
     }
 
+    async fn compartment_patients(
+        &self,
+        snapshot: &Snapshot,
+        types: &[String],
+        filter: &ScanFilter,
+        tx: mpsc::Sender<Vec<String>>,
+    ) -> Result<(), StoreError> {
+        if let Some(t) = types.iter().find(|t| !sluice_fhir::is_r4_resource_type(t)) {
+            return Err(db_err(format!("'{t}' is not a resource type")));
+        }
+        if types.is_empty() {
+            return Ok(());
+        }
+        let window = time_conditions(&ScanFilter { since: filter.since, until: filter.until, ..Default::default() });
+        let listed: Vec<String> = types.iter().map(|t| lit(t)).collect();
+        let listed = listed.join(",");
+        let mut bounds = String::new();
+        for (bound, op) in filter.id_range.iter().flat_map(|r| [(&r.from, ">="), (&r.to, "<")]) {
+            if let Some(id) = bound {
+                if !valid_id(id) {
+                    return Err(db_err(format!("'{id}' is not a valid id range bound")));
+                }
+                bounds.push_str(&format!(" AND p {op} {}", lit(id)));
+            }
+        }
+        // Each resource's least patient (indexed), plus the other patients of the few
+        // resources in several compartments.
+        let sql = format!(
+            "COPY (SELECT DISTINCT p FROM (\
+             SELECT r.patient AS p FROM sluice_resource r \
+             WHERE {window} AND r.type IN ({listed}) AND r.patient IS NOT NULL \
+             UNION ALL \
+             SELECT c.patient_id FROM sluice_compartment c JOIN sluice_resource r ON r.type = c.type AND r.id = c.id \
+             WHERE {window} AND r.multi AND r.type IN ({listed})) x WHERE true{bounds} ORDER BY p) \
+             TO STDOUT (FORMAT binary)"
+        );
+        let client = self.in_snapshot(snapshot).await?;
+        let result = async {
+            let stream = client.copy_out(&sql).await.map_err(pg_err)?;
+            let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT]);
+            pin_mut!(rows);
+            let mut batch = Vec::with_capacity(sluice_store::PATIENT_BATCH);
+            while let Some(row) = rows.next().await {
+                batch.push(row.map_err(pg_err)?.try_get::<String>(0).map_err(pg_err)?);
+                if batch.len() == sluice_store::PATIENT_BATCH
+                    && tx
+                        .send(std::mem::replace(&mut batch, Vec::with_capacity(sluice_store::PATIENT_BATCH)))
+                        .await
+                        .is_err()
+                {
+                    return Ok(());
+                }
+            }
+            if !batch.is_empty() {
+                let _ = tx.send(batch).await;
+            }
+            Ok(())
+        }
+        .await;
+        Self::end(&client).await;
+        result
+    }
+
     async fn split_points(
         &self,
         snapshot: &Snapshot,

@@ -511,6 +511,53 @@ impl ResourceStore for SqliteStore {
         .await
     }
 
+    async fn compartment_patients(
+        &self,
+        snapshot: &Snapshot,
+        types: &[String],
+        filter: &ScanFilter,
+        tx: mpsc::Sender<Vec<String>>,
+    ) -> Result<(), StoreError> {
+        use rusqlite::types::Value as V;
+        let snap = parse_snapshot(snapshot)?;
+        let window = ScanFilter { since: filter.since, until: filter.until, ..Default::default() };
+        let (cond, mut args) = visible_where(snap, &window);
+        args.push(V::Text(serde_json::to_string(types).expect("types serialise")));
+        let mut sql = format!(
+            "SELECT DISTINCT c.patient_id FROM compartment c JOIN resource_version r ON r.seq = c.seq \
+             WHERE {cond} AND r.type IN (SELECT value FROM json_each(?{}))",
+            args.len()
+        );
+        // Patient ids compare as bytes (BINARY), like the ids `split_points` returns.
+        for (bound, op) in filter.id_range.iter().flat_map(|r| [(&r.from, ">="), (&r.to, "<")]) {
+            if let Some(id) = bound {
+                args.push(V::Text(id.clone()));
+                sql.push_str(&format!(" AND c.patient_id {op} ?{}", args.len()));
+            }
+        }
+        sql.push_str(" ORDER BY c.patient_id");
+        self.with_reader(move |c| {
+            let mut stmt = c.prepare(&sql).map_err(db_err)?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(args)).map_err(db_err)?;
+            let mut batch = Vec::with_capacity(sluice_store::PATIENT_BATCH);
+            while let Some(row) = rows.next().map_err(db_err)? {
+                batch.push(row.get::<_, String>(0).map_err(db_err)?);
+                if batch.len() == sluice_store::PATIENT_BATCH
+                    && tx
+                        .blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(sluice_store::PATIENT_BATCH)))
+                        .is_err()
+                {
+                    return Ok(()); // the reader stopped (cancelled)
+                }
+            }
+            if !batch.is_empty() {
+                let _ = tx.blocking_send(batch);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn split_points(
         &self,
         snapshot: &Snapshot,

@@ -308,6 +308,9 @@ impl IdRange {
 pub const DELETED_LINE: (&str, &str) =
     (r#"{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"DELETE","url":""#, r#""}}]}"#);
 
+/// How many patient ids [`ResourceStore::compartment_patients`] sends at a time.
+pub const PATIENT_BATCH: usize = 1024;
+
 /// A compartment restriction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Patients {
@@ -466,6 +469,21 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
         }
         Ok(())
     }
+    /// The patients a patient-level export organized by patient (`organizeOutputBy=Patient`)
+    /// writes blocks for: the distinct ids, increasing in the store's order of ids (the
+    /// order [`IdRange`] bounds compare in), of the patients in whose compartment lies a
+    /// current resource of one of `types` last updated in `filter`'s window (`since`,
+    /// `until`). `filter.id_range` bounds the *patient* ids; its `patients`, `ids` and
+    /// `deleted` are ignored. A patient without a `Patient` resource (never loaded, or
+    /// deleted) counts like any other: the resources in its compartment are still exported.
+    /// Sent in batches of ids.
+    async fn compartment_patients(
+        &self,
+        snapshot: &Snapshot,
+        types: &[String],
+        filter: &ScanFilter,
+        tx: mpsc::Sender<Vec<String>>,
+    ) -> Result<(), StoreError>;
     /// Resource types that have at least one current resource.
     async fn types_with_data(&self) -> Result<Vec<String>, StoreError>;
     /// Up to `parts - 1` distinct ids, increasing in the store's order of ids (the order

@@ -126,6 +126,81 @@ fn export_end_to_end(cloud: &dyn Cloud) {
     assert!(!manifest.to_string().contains(cloud.secret()), "the manifest shows a secret");
 }
 
+/// `organizeOutputBy=Patient` with `allowPartialManifests=true`, gzip, in files of about 3,000
+/// lines: every page's URLs are the provider's signed URLs, the pages linked from the status
+/// URL list every file once, each file is patient blocks (a header first) holding exactly
+/// what the group export by type holds, and the bucket holds exactly those files plus the
+/// completion markers.
+fn organized_pages(cloud: &dyn Cloud) {
+    let mut args = cloud.server_args();
+    args.extend(["--max-file-resources".to_string(), "3000".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let srv = Server::loaded(&args);
+    cloud.configure(&srv);
+    let url = with_query(
+        &srv.fhir(&format!("/Group/{GROUP_ID}/$export")),
+        &[
+            ("organizeOutputBy", "Patient"),
+            ("allowPartialManifests", "true"),
+            ("_outputFormat", "application/fhir+ndjson+gzip"),
+            ("_type", "Patient,Condition,Encounter"),
+        ],
+    );
+    let status = kickoff(&srv, &url);
+    let mut page = poll_until_done(&status);
+    let mut entries: Vec<Value> = Vec::new();
+    loop {
+        let m = manifest_response(&page, &url);
+        assert_eq!(m["outputOrganizedBy"], "Patient", "{m}");
+        entries.extend(m["output"].as_array().expect("output").iter().cloned());
+        match m["link"][0]["url"].as_str() {
+            Some(next) => page = get(next),
+            None => break,
+        }
+    }
+    assert!(entries.len() > 1, "several files of blocks");
+
+    let mut lines_of: std::collections::BTreeMap<(String, String), String> = Default::default();
+    let mut files = Files::new();
+    for e in &entries {
+        let u = e["url"].as_str().expect("url");
+        assert!(u.starts_with(&cloud.url_prefix()), "{u} is not a signed URL of {}", cloud.url_prefix());
+        assert!(e.get("type").is_none(), "a file of blocks has no type: {e}");
+        let r = send("GET", u, &[("accept-encoding", "gzip")], None);
+        assert_eq!(r.status, 200, "GET {u}: {}", r.text());
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::MultiGzDecoder::new(&r.body[..]), &mut text).expect("gzip");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(Some(lines.len() as u64), e["count"].as_u64(), "count of {u}");
+        assert!(lines[0].starts_with(r#"{"resourceType":"Parameters","parameter":[{"name":"header""#), "{u}");
+        for line in lines {
+            let v: Value = serde_json::from_str(line).expect("JSON line");
+            let t = v["resourceType"].as_str().expect("resourceType").to_string();
+            if t == "Parameters" {
+                continue;
+            }
+            let key = (t.clone(), v["id"].as_str().expect("id").to_string());
+            match lines_of.get(&key) {
+                // In the blocks of two patients: the same resource both times.
+                Some(before) => assert_eq!(before, line, "{key:?} differs between blocks"),
+                None => {
+                    lines_of.insert(key, line.to_string());
+                    files.entry(t).or_default().push(line.to_string());
+                }
+            }
+        }
+    }
+    let mut expected = reference().all_compartments();
+    expected.retain(|t, _| ["Patient", "Condition", "Encounter"].contains(&t.as_str()));
+    check_content(&files, &expected);
+
+    let folder = folder_of(entries[0]["url"].as_str().unwrap());
+    let mut want: BTreeSet<String> = entries.iter().map(|e| key_of(e["url"].as_str().unwrap())).collect();
+    want.insert(format!("{folder}/manifest.json"));
+    want.insert(format!("{folder}/_SUCCESS"));
+    assert_eq!(cloud.list(&format!("{folder}/")), want, "the objects of the export");
+}
+
 /// An export whose bucket does not exist fails with an OperationOutcome naming it, and
 /// lists no file.
 fn export_to_missing_bucket(cloud: &dyn Cloud, bucket: &str) {
@@ -208,6 +283,12 @@ impl Cloud for S3 {
 fn s3_export_end_to_end() {
     let Some(endpoint) = emulator("SLUICE_TEST_S3_ENDPOINT") else { return };
     export_end_to_end(&S3::new(endpoint, true));
+}
+
+#[test]
+fn s3_organized_by_patient_in_pages() {
+    let Some(endpoint) = emulator("SLUICE_TEST_S3_ENDPOINT") else { return };
+    organized_pages(&S3::new(endpoint, true));
 }
 
 /// DELETE while an export runs removes the files it already wrote to the bucket.
@@ -340,6 +421,12 @@ fn azure_export_end_to_end() {
 }
 
 #[test]
+fn azure_organized_by_patient_in_pages() {
+    let Some(endpoint) = emulator("SLUICE_TEST_AZURE_ENDPOINT") else { return };
+    organized_pages(&Azure::new(endpoint, true));
+}
+
+#[test]
 fn azure_missing_container_fails_naming_it() {
     let Some(endpoint) = emulator("SLUICE_TEST_AZURE_ENDPOINT") else { return };
     let azure = Azure::new(endpoint, false);
@@ -414,6 +501,12 @@ impl Cloud for Gcs {
 fn gcs_export_end_to_end() {
     let Some(endpoint) = emulator("SLUICE_TEST_GCS_ENDPOINT") else { return };
     export_end_to_end(&Gcs::new(endpoint, true));
+}
+
+#[test]
+fn gcs_organized_by_patient_in_pages() {
+    let Some(endpoint) = emulator("SLUICE_TEST_GCS_ENDPOINT") else { return };
+    organized_pages(&Gcs::new(endpoint, true));
 }
 
 #[test]

@@ -161,9 +161,6 @@ const DELETED: &str = "deleted";
 /// `patients-2.ndjson`, ...
 const BLOCK_FILES: &str = "patients";
 
-/// How many patients' blocks are read at a time (one query on PostgreSQL).
-const BLOCK_CHUNK: usize = 64;
-
 /// The patient blocks of one part (`organizeOutputBy=Patient`): for each patient, in
 /// order, a `Parameters` header naming it, then its compartment's resources, type by type
 /// (`Patient` first), each read from the store through the patient's own compartment
@@ -1221,27 +1218,16 @@ impl Part {
     /// header only once it has a resource (with `_since`, a patient without changes has no
     /// block), and no block is split across files.
     async fn write_blocks(&self, st: &mut PartState, blocks: &Blocks) -> Result<(), RunError> {
-        // Patients are read a chunk at a time, each chunk through one window (late group
-        // joiners, D7, have their own).
-        let mut chunk: Vec<String> = Vec::with_capacity(BLOCK_CHUNK);
-        let mut chunk_late = false;
-        let mut take = async |st: &mut PartState, id: Option<&String>| -> Result<(), RunError> {
-            let late = id.is_some_and(|id| blocks.late.contains(id));
-            if !chunk.is_empty() && (id.is_none() || late != chunk_late || chunk.len() == BLOCK_CHUNK) {
-                let window = if chunk_late { &blocks.late_window } else { &blocks.window };
-                let sources = blocks.types.iter().map(|rt| (rt.clone(), narrow(&self.plan, rt, window))).collect();
-                self.scan_into(st, sources, Some(std::mem::take(&mut chunk))).await?;
-            }
-            if let Some(id) = id {
-                chunk_late = late;
-                chunk.push(id.clone());
-            }
-            Ok(())
+        let write = async |st: &mut PartState, id: &str| -> Result<(), RunError> {
+            let window = if blocks.late.contains(id) { &blocks.late_window } else { &blocks.window };
+            let filter = ScanFilter { patients: Some(Patients::Only(vec![id.to_string()])), ..window.clone() };
+            let sources = blocks.types.iter().map(|rt| (rt.clone(), narrow(&self.plan, rt, &filter))).collect();
+            self.scan_into(st, sources, Some(&mut Some(block_header(id)))).await
         };
         match &blocks.patients {
             BlockPatients::Listed(ids) => {
                 for id in ids {
-                    take(st, Some(id)).await?;
+                    write(st, id).await?;
                 }
             }
             BlockPatients::Range(range) => {
@@ -1263,13 +1249,13 @@ impl Part {
                     };
                     let Some(ids) = ids else { break };
                     for id in &ids {
-                        take(st, Some(id)).await?;
+                        write(st, id).await?;
                     }
                 }
                 scan.await.map_err(reader_crashed)??;
             }
         }
-        take(st, None).await
+        Ok(())
     }
 
     /// What the plan does to the resources of `rt` once read: `_elements` subsetting,
@@ -1292,75 +1278,40 @@ impl Part {
     }
 
     /// Reads `sources` (each a type through a filter, one after the other) and encodes what
-    /// the plan keeps of them into the part's files. With `blocks`, the sources are read for
-    /// each of these patients ([`ResourceStore::scan_blocks`]) and written as their blocks:
-    /// a block's lines stay together, after its header, which is written before the block's
-    /// first line (a patient with nothing to write gets no header).
+    /// the plan keeps of them into the part's files. In a patient block (`header` given), the
+    /// lines stay together, after the block's header, which is written before the block's
+    /// first line (and then taken).
     async fn scan_into(
         &self,
         st: &mut PartState,
         sources: Sources,
-        blocks: Option<Vec<String>>,
+        mut header: Option<&mut Option<Vec<u8>>>,
     ) -> Result<(), RunError> {
         let cfg = &self.engine.config;
-        let joined = blocks.is_some();
+        let joined = header.is_some();
         let treatments: Vec<Treatment> = sources.iter().map(|(rt, _)| self.treatment(rt)).collect();
         let counters: Vec<&AtomicU64> = sources
             .iter()
             .map(|(rt, _)| if joined { &self.done[rt] } else { &self.done[&self.progress_key] })
             .collect();
         let types: Vec<String> = sources.iter().map(|(rt, _)| rt.clone()).collect();
-        let patients = blocks.clone().unwrap_or_default();
-        let (tx, mut rx) = mpsc::channel::<(Option<usize>, usize, Batch)>(2);
+        let (tx, mut rx) = mpsc::channel(2);
         let scan = {
             let store = self.engine.store.clone();
             let (snap, bytes) = (self.snapshot.clone(), cfg.batch_bytes);
-            tokio::spawn(async move {
-                match blocks {
-                    Some(patients) => {
-                        let (inner, mut from) = mpsc::channel(1);
-                        let forward = async {
-                            while let Some((p, s, b)) = from.recv().await {
-                                if tx.send((Some(p), s, b)).await.is_err() {
-                                    break;
-                                }
-                            }
-                        };
-                        tokio::join!(store.scan_blocks(&snap, &patients, &sources, bytes, inner), forward).0
-                    }
-                    None => {
-                        let (inner, mut from) = mpsc::channel(1);
-                        let forward = async {
-                            while let Some((s, b)) = from.recv().await {
-                                if tx.send((None, s, b)).await.is_err() {
-                                    break;
-                                }
-                            }
-                        };
-                        tokio::join!(store.scan_many(&snap, &sources, bytes, inner), forward).0
-                    }
-                }
-            })
+            tokio::spawn(async move { store.scan_many(&snap, &sources, bytes, tx).await })
         };
         st.scans.push(scan.abort_handle());
-        let mut current: Option<usize> = None;
-        let mut header: Option<Vec<u8>> = None;
         loop {
             let next = tokio::select! {
                 b = rx.recv() => b,
                 _ = self.token.cancelled() => return Err(RunError::Cancelled),
             };
-            let Some((patient, source, batch)) = next else { break };
-            if let Some(p) = patient
-                && current != Some(p)
-            {
-                current = Some(p);
-                header = Some(block_header(&patients[p]));
-            }
+            let Some((source, batch)) = next else { break };
             let n = batch.count;
             let mut w = st.writer.take().expect("writer present between batches");
             let treatment = treatments[source].clone();
-            let pending = header.take();
+            let pending = header.as_mut().and_then(|h| h.take());
             let (w, events, pending) = tokio::task::spawn_blocking(move || {
                 let (lines, empty) = treatment.apply(&batch);
                 // A block's header goes before its first line, not before nothing.
@@ -1374,7 +1325,9 @@ impl Part {
             .await
             .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?;
             st.writer = Some(w);
-            header = pending;
+            if let (Some(h), Some(p)) = (header.as_mut(), pending) {
+                **h = Some(p);
+            }
             let events = events.map_err(|e| {
                 RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding {} failed: {e}", types[source])))
             })?;

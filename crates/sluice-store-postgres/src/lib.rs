@@ -277,13 +277,6 @@ fn select_sql(types: &[&str], filter: &ScanFilter, what: &str) -> Result<String,
         [one] => format!(" AND {col} = {one}"),
         many => format!(" AND {col} IN ({})", many.join(",")),
     };
-    let window = window_sql(filter)?;
-    select_from(&rtype("r.type"), &window, filter, what)
-}
-
-/// The conditions on `sluice_resource r` of a filter, except its patients: the window, the
-/// kind (resources or tombstones), the id range and the listed ids.
-fn window_sql(filter: &ScanFilter) -> Result<String, StoreError> {
     let mut window = time_conditions(filter);
     // An id range (one of several parts reading a large type), in the column's collation,
     // as `split_points` picked its bounds. The bounds are inlined: only valid FHIR ids.
@@ -306,20 +299,16 @@ fn window_sql(filter: &ScanFilter) -> Result<String, StoreError> {
             window.push_str(&format!(" AND r.id IN ({})", list.join(",")));
         }
     }
-    Ok(window)
-}
-
-/// [`select_sql`] once the type condition (`rt`, on `r.type`) and the window are built.
-fn select_from(rt: &str, window: &str, filter: &ScanFilter, what: &str) -> Result<String, StoreError> {
     Ok(match &filter.patients {
-        None => format!("SELECT {what} FROM sluice_resource r WHERE {window}{rt}"),
+        None => format!("SELECT {what} FROM sluice_resource r WHERE {window}{}", rtype("r.type")),
         // A resource is in some compartment exactly when it has a (least) patient.
         Some(Patients::Any) => {
-            format!("SELECT {what} FROM sluice_resource r WHERE {window}{rt} AND r.patient IS NOT NULL")
+            format!("SELECT {what} FROM sluice_resource r WHERE {window}{} AND r.patient IS NOT NULL", rtype("r.type"))
         }
         Some(Patients::Only(ids)) => {
             let list: Vec<String> = ids.iter().filter(|i| valid_id(i)).map(|i| lit(i)).collect();
             let list = if list.is_empty() { "NULL".to_string() } else { list.join(",") };
+            let rt = rtype("r.type");
             // Resources whose (least) patient is listed, read through the (patient, type)
             // index; plus the few in several compartments whose least patient is not listed.
             format!(
@@ -705,90 +694,6 @@ impl ResourceStore for PgStore {
                     break; // the reader stopped (cancelled)
                 }
                 i += group.len();
-            }
-            Ok(())
-        }
-        .await;
-        Self::end(&client).await;
-        result
-    }
-
-    /// The blocks of all `patients` in one query when every source has the same filter (a
-    /// block's types, without `_typeFilter` bounds): rows ordered by patient, then by the
-    /// sources' order of types. Otherwise one patient at a time.
-    async fn scan_blocks(
-        &self,
-        snapshot: &Snapshot,
-        patients: &[String],
-        sources: &[(String, ScanFilter)],
-        batch_bytes: usize,
-        tx: mpsc::Sender<(usize, usize, Batch)>,
-    ) -> Result<(), StoreError> {
-        let Some((_, filter)) = sources.first() else { return Ok(()) };
-        let distinct = sources.iter().enumerate().all(|(i, (t, _))| sources[..i].iter().all(|(u, _)| u != t));
-        if filter.deleted || !distinct || sources.iter().any(|(_, f)| f != filter) {
-            return sluice_store::scan_blocks_one_by_one(self, snapshot, patients, sources, batch_bytes, tx).await;
-        }
-        let types: Vec<&str> = sources.iter().map(|(t, _)| t.as_str()).collect();
-        if let Some(t) = types.iter().find(|t| !sluice_fhir::is_r4_resource_type(t)) {
-            return Err(db_err(format!("'{t}' is not a resource type")));
-        }
-        let listed: Vec<String> = types.iter().map(|t| lit(t)).collect();
-        let listed = listed.join(",");
-        let who: Vec<String> = patients.iter().filter(|p| valid_id(p)).map(|p| lit(p)).collect();
-        if who.is_empty() {
-            return Ok(());
-        }
-        let who = who.join(",");
-        let window = window_sql(filter)?;
-        // Each patient's rows: those whose (least) patient it is, through the (patient, type)
-        // index, and those of the few resources in several compartments it is another
-        // patient of.
-        let sql = format!(
-            "COPY (SELECT q.p, q.type, q.json FROM (\
-             SELECT r.patient AS p, r.type, r.json FROM sluice_resource r \
-             WHERE {window} AND r.type IN ({listed}) AND r.patient IN ({who}) \
-             UNION ALL \
-             SELECT c.patient_id, r.type, r.json FROM sluice_compartment c \
-             JOIN sluice_resource r ON r.type = c.type AND r.id = c.id \
-             WHERE {window} AND r.multi AND r.type IN ({listed}) AND c.patient_id IN ({who}) \
-             AND c.patient_id <> r.patient) q \
-             ORDER BY q.p, array_position(ARRAY[{listed}]::text[], q.type::text)) TO STDOUT (FORMAT binary)"
-        );
-        let index: HashMap<&str, usize> = patients.iter().enumerate().map(|(i, p)| (p.as_str(), i)).collect();
-        let client = self.in_snapshot(snapshot).await?;
-        let result = async {
-            let stream = client.copy_out(&sql).await.map_err(pg_err)?;
-            let rows = BinaryCopyOutStream::new(stream, &[Type::TEXT, Type::TEXT, Type::TEXT]);
-            pin_mut!(rows);
-            let mut batch = Batch::with_capacity(batch_bytes);
-            let mut tag: Option<(usize, usize)> = None;
-            while let Some(row) = rows.next().await {
-                let row = row.map_err(pg_err)?;
-                let (p, t, json): (&str, &str, &str) =
-                    (row.try_get(0).map_err(pg_err)?, row.try_get(1).map_err(pg_err)?, row.try_get(2).map_err(pg_err)?);
-                let row_tag = match (index.get(p), types.iter().position(|x| *x == t)) {
-                    (Some(p), Some(s)) => (*p, s),
-                    _ => return Err(db_err(format!("a row of {p} / {t} nobody asked for"))),
-                };
-                if tag.is_some_and(|cur| cur != row_tag) && batch.count > 0 {
-                    let full = std::mem::replace(&mut batch, Batch::with_capacity(batch_bytes));
-                    let (cp, cs) = tag.expect("checked");
-                    if tx.send((cp, cs, full)).await.is_err() {
-                        return Ok(());
-                    }
-                }
-                tag = Some(row_tag);
-                if let Some(full) = batch.push(json.as_bytes(), batch_bytes)
-                    && tx.send((row_tag.0, row_tag.1, full)).await.is_err()
-                {
-                    return Ok(());
-                }
-            }
-            if let Some((p, s)) = tag
-                && batch.count > 0
-            {
-                let _ = tx.send((p, s, batch)).await;
             }
             Ok(())
         }

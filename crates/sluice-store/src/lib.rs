@@ -469,23 +469,6 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
         }
         Ok(())
     }
-    /// Patient blocks (`organizeOutputBy=Patient`): for each of `patients`, the resources of
-    /// its compartment that each source selects (`(type, filter)`; the filter's `patients`
-    /// is replaced by that patient), into `tx` as batches tagged (patient index, source
-    /// index) that never mix either. Each patient's batches come together, source after
-    /// source; a store may take the patients in another order. A resource in several of the
-    /// patients' compartments comes once for each. The default reads the patients one by one
-    /// with [`ResourceStore::scan_many`] ([`scan_blocks_one_by_one`]).
-    async fn scan_blocks(
-        &self,
-        snapshot: &Snapshot,
-        patients: &[String],
-        sources: &[(String, ScanFilter)],
-        batch_bytes: usize,
-        tx: mpsc::Sender<(usize, usize, Batch)>,
-    ) -> Result<(), StoreError> {
-        scan_blocks_one_by_one(self, snapshot, patients, sources, batch_bytes, tx).await
-    }
     /// The patients a patient-level export organized by patient (`organizeOutputBy=Patient`)
     /// writes blocks for: the distinct ids, increasing in the store's order of ids (the
     /// order [`IdRange`] bounds compare in), of the patients in whose compartment lies a
@@ -517,39 +500,6 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
     ) -> Result<Vec<String>, StoreError> {
         Ok(Vec::new())
     }
-}
-
-/// [`ResourceStore::scan_blocks`] one patient at a time, each through
-/// [`ResourceStore::scan_many`]: what stores without a better way do.
-pub async fn scan_blocks_one_by_one<S: ResourceStore + ?Sized>(
-    store: &S,
-    snapshot: &Snapshot,
-    patients: &[String],
-    sources: &[(String, ScanFilter)],
-    batch_bytes: usize,
-    tx: mpsc::Sender<(usize, usize, Batch)>,
-) -> Result<(), StoreError> {
-    for (p, id) in patients.iter().enumerate() {
-        let own: Vec<(String, ScanFilter)> = sources
-            .iter()
-            .map(|(t, f)| (t.clone(), ScanFilter { patients: Some(Patients::Only(vec![id.clone()])), ..f.clone() }))
-            .collect();
-        let (inner_tx, mut inner_rx) = mpsc::channel(1);
-        let forward = async {
-            while let Some((source, batch)) = inner_rx.recv().await {
-                if tx.send((p, source, batch)).await.is_err() {
-                    return false;
-                }
-            }
-            true
-        };
-        let (scanned, open) = tokio::join!(store.scan_many(snapshot, &own, batch_bytes, inner_tx), forward);
-        scanned?;
-        if !open {
-            return Ok(()); // the reader stopped (cancelled)
-        }
-    }
-    Ok(())
 }
 
 /// Stamps `meta.versionId` and `meta.lastUpdated` into a resource and returns compact JSON.

@@ -510,15 +510,10 @@ impl Engine {
             Some(cf) if sluice_fhir::is_patient_compartment_type(t) => cf.clone(),
             _ => plain.clone(),
         };
-        // Types whose `_typeFilter` bounds `_lastUpdated` or `_id` read (and count) only that.
-        let filtered: Vec<String> = job.plan.type_filters.keys().filter(|t| counts.contains_key(*t)).cloned().collect();
-        for t in &filtered {
-            let filter = narrow(&job.plan, t, &pick(t, compartment_filter.as_ref(), &plain_filter));
-            if filter != pick(t, compartment_filter.as_ref(), &plain_filter) {
-                let n = self.store.count(snapshot, &filter).await?.get(t).copied().unwrap_or(0);
-                counts.insert(t.to_string(), n);
-            }
-        }
+        self.recount_narrowed(&job.plan, snapshot, &mut counts, |t| {
+            pick(t, compartment_filter.as_ref(), &plain_filter)
+        })
+        .await?;
         // Group members who joined after `_since` (D7): their resources from before it too.
         // Disjoint from what the compartment filter reads (last updated at or before
         // `_since`, against after it), so the counts add up and nothing is read twice.
@@ -526,15 +521,7 @@ impl Engine {
             Some(lf) => {
                 let mut c = self.store.count(snapshot, lf).await?;
                 c.retain(|t, _| sluice_fhir::is_patient_compartment_type(t));
-                let filtered: Vec<String> =
-                    job.plan.type_filters.keys().filter(|t| c.contains_key(*t)).cloned().collect();
-                for t in &filtered {
-                    let filter = narrow(&job.plan, t, lf);
-                    if &filter != lf {
-                        let n = self.store.count(snapshot, &filter).await?.get(t).copied().unwrap_or(0);
-                        c.insert(t.to_string(), n);
-                    }
-                }
+                self.recount_narrowed(&job.plan, snapshot, &mut c, |_| lf.clone()).await?;
                 c
             }
             None => BTreeMap::new(),
@@ -736,7 +723,6 @@ impl Engine {
                 .map(BlockPatients::Range)
                 .collect(),
         };
-        let late_set = Arc::new(late_set);
         Ok(groups
             .into_iter()
             .map(|patients| {
@@ -748,7 +734,7 @@ impl Engine {
                     patients,
                     types: block_types.clone(),
                     window: window.clone(),
-                    late: (*late_set).clone(),
+                    late: late_set.clone(),
                     late_window: late_window.clone(),
                 };
                 PlannedPart {
@@ -760,6 +746,27 @@ impl Engine {
                 }
             })
             .collect())
+    }
+
+    /// Recounts the types in `counts` whose `_typeFilter` bounds `_lastUpdated` or `_id`
+    /// ([`narrow`]): they read, so they count, only that. `filter_of` gives a type's filter
+    /// before narrowing.
+    async fn recount_narrowed(
+        &self,
+        plan: &ExportPlan,
+        snapshot: &Snapshot,
+        counts: &mut BTreeMap<String, u64>,
+        filter_of: impl Fn(&str) -> ScanFilter,
+    ) -> Result<(), RunError> {
+        for t in plan.type_filters.keys() {
+            let Some(n) = counts.get_mut(t) else { continue };
+            let wide = filter_of(t);
+            let filter = narrow(plan, t, &wide);
+            if filter != wide {
+                *n = self.store.count(snapshot, &filter).await?.get(t).copied().unwrap_or(0);
+            }
+        }
+        Ok(())
     }
 
     /// Per-type counts of what the export reads: compartment types through the compartment

@@ -235,12 +235,10 @@ async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) ->
         }
         JobStatus::Completed => {
             polls.forget(id);
-            let storage = app.inner.engine.storage_of(&job).await.map_err(|e| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
-            })?;
             let m = if partial {
                 signed_page(app, &job, page, separate).await?.ok_or_else(|| no_page(&job, page))?
             } else {
+                let storage = job_storage(app, &job).await?;
                 sluice_engine::manifest(&job, storage.as_ref(), app.inner.ttl).await.map_err(signing_failed)?
             };
             let mut res =
@@ -263,11 +261,16 @@ async fn signed_page(
     page: usize,
     separate: bool,
 ) -> Result<Option<sluice_engine::Manifest>, ApiError> {
-    let storage = app.inner.engine.storage_of(job).await.map_err(|e| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
-    })?;
+    let storage = job_storage(app, job).await?;
     let next = |n| page_url(app, &job.id, n, separate);
     sluice_engine::manifest_page(job, page, next, storage.as_ref(), app.inner.ttl).await.map_err(signing_failed)
+}
+
+/// The storage `job`'s files are in.
+async fn job_storage(app: &AppState, job: &JobRecord) -> Result<std::sync::Arc<dyn sluice_storage::Storage>, ApiError> {
+    app.inner.engine.storage_of(job).await.map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
+    })
 }
 
 /// `Expires`: when the manifest's links stop working (D11).

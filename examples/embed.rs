@@ -15,10 +15,10 @@ use std::time::Duration;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(dir.path().join("sluice.db"))?);
-    store.put(prepare(json!({"resourceType": "Patient", "id": "p1"}), None)?).await?;
+    store.put(prepare(&json!({"resourceType": "Patient", "id": "p1"}).to_string(), None)?).await?;
     let obs = json!({"resourceType": "Observation", "id": "o1", "status": "final",
                      "subject": {"reference": "Patient/p1"}});
-    store.put(prepare(obs, None)?).await?;
+    store.put(prepare(&obs.to_string(), None)?).await?;
 
     // A Patient-level export of everything in p1's compartment, as gzip.
     let query = vec![("_outputFormat".to_string(), "ndjson.gz".to_string())];

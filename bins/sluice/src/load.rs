@@ -7,8 +7,9 @@
 use crate::cli::CliError;
 use flate2::read::MultiGzDecoder;
 use indicatif::{ProgressBar, ProgressStyle};
-use sluice_store::bundle::{IdPolicy, bundle_ops};
-use sluice_store::{LoadMsg, NewResource, ResourceStore, WriteOp, prepare};
+use sluice_json::Json;
+use sluice_store::bundle::{IdPolicy, bundle_ops_with};
+use sluice_store::{LoadMsg, NewResource, ResourceStore, WriteOp, prepare_parsed};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write as _};
 use std::path::{Path, PathBuf};
@@ -142,16 +143,18 @@ struct Pending {
 }
 
 impl Pending {
-    /// Adds a resource (as the current copy).
-    fn push(&mut self, r: NewResource, bytes: usize) -> Result<(), String> {
-        let r = match self.copy {
-            0 => r,
-            k => prepare(copy_of(&r.resource, k), None).map_err(|i| format!("copy {k}: {}", i.diagnostics))?,
-        };
-        // Rendering here, on the reading thread, leaves the writer only the time to fill in.
-        self.resources.push(r.pre_render());
+    /// Adds a resource, prepared (and so rendered) here on the reading thread: the writer
+    /// only fills in the version and time.
+    fn push(&mut self, r: NewResource, bytes: usize) {
+        self.resources.push(r);
         self.bytes += bytes;
-        Ok(())
+    }
+
+    /// Renames a resource read from a file for the current copy (see [`copy_of`]).
+    fn edit(&self, resource: &mut Json<'_>) {
+        if self.copy > 0 {
+            copy_of(resource, self.copy);
+        }
     }
 
     /// Sends the batch when it is full (or, with `force`, whatever there is).
@@ -201,10 +204,12 @@ fn read_all(files: &[PathBuf], tx: &Sender, bar: &ProgressBar, batch: &mut Pendi
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                let value = serde_json::from_slice(&line)
-                    .map_err(|e| format!("{}:{no}: not valid JSON: {e}", file.display()))?;
-                let r = prepare(value, None).map_err(|i| format!("{}:{no}: {}", file.display(), i.diagnostics))?;
-                batch.push(r, line.len()).map_err(|e| format!("{}:{no}: {e}", file.display()))?;
+                let mut value =
+                    Json::parse_bytes(&line).map_err(|e| format!("{}:{no}: not valid JSON: {e}", file.display()))?;
+                batch.edit(&mut value);
+                let r =
+                    prepare_parsed(value, None).map_err(|i| format!("{}:{no}: {}", file.display(), i.diagnostics))?;
+                batch.push(r, line.len());
                 batch.flush(tx, false)?;
             }
         }
@@ -216,17 +221,19 @@ fn read_all(files: &[PathBuf], tx: &Sender, bar: &ProgressBar, batch: &mut Pendi
 fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Pending) -> Result<(), String> {
     let mut buf = Vec::new();
     r.read_to_end(&mut buf).map_err(|e| format!("{}: {e}", file.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&buf).map_err(|e| format!("{}:{}: not valid JSON: {e}", file.display(), e.line()))?;
-    if value.get("resourceType").and_then(|v| v.as_str()) != Some("Bundle") {
-        let r = prepare(value, None).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?;
-        return batch.push(r, buf.len()).map_err(|e| format!("{}: {e}", file.display()));
+    let mut value = Json::parse_bytes(&buf).map_err(|e| format!("{}: not valid JSON: {e}", file.display()))?;
+    if !value.get("resourceType").is_some_and(|t| t.is_str("Bundle")) {
+        batch.edit(&mut value);
+        let r = prepare_parsed(value, None).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?;
+        batch.push(r, buf.len());
+        return Ok(());
     }
-    let (_, ops) = bundle_ops(value, IdPolicy::Keep).map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?;
+    let (_, ops) = bundle_ops_with(value, IdPolicy::Keep, |r| batch.edit(r))
+        .map_err(|i| format!("{}: {}", file.display(), i.diagnostics))?;
     let per_entry = buf.len() / ops.len().max(1);
     for op in ops {
         match op {
-            Ok(WriteOp::Put(r)) => batch.push(r, per_entry).map_err(|e| format!("{}: {e}", file.display()))?,
+            Ok(WriteOp::Put(r)) => batch.push(r, per_entry),
             Ok(WriteOp::Delete { .. }) => {} // a file load only adds data
             Err(i) => {
                 return Err(format!(
@@ -241,36 +248,35 @@ fn read_json_file(file: &Path, mut r: impl Read, batch: &mut Pending) -> Result<
     Ok(())
 }
 
-/// Copy `k` of a resource: its id and every relative reference `Type/id` get the prefix
-/// `c<k>-`.
-fn copy_of(resource: &serde_json::Value, k: u32) -> serde_json::Value {
-    let mut v = resource.clone();
+/// Makes a resource copy `k` of itself: its id and every relative reference `Type/id` get
+/// the prefix `c<k>-`. Nothing else changes.
+fn copy_of(resource: &mut Json<'_>, k: u32) {
     let prefix = format!("c{k}-");
-    if let Some(id) = v.get_mut("id").and_then(|i| i.as_str().map(str::to_string)) {
-        v["id"] = serde_json::Value::String(format!("{prefix}{id}"));
+    if let Some(id) = resource.get("id").and_then(Json::as_str).map(|id| format!("{prefix}{id}")) {
+        resource.set("id", Json::string(&id), None);
     }
-    prefix_references(&mut v, &prefix);
-    v
+    prefix_references(resource, &prefix);
 }
 
-fn prefix_references(v: &mut serde_json::Value, prefix: &str) {
+fn prefix_references(v: &mut Json<'_>, prefix: &str) {
     match v {
-        serde_json::Value::Object(map) => {
-            for (key, child) in map.iter_mut() {
-                match child {
-                    serde_json::Value::String(s) if key == "reference" => {
-                        if let Some((t, rest)) = s.split_once('/')
-                            && sluice_fhir::is_r4_resource_type(t)
-                            && !rest.is_empty()
-                        {
-                            *s = format!("{t}/{prefix}{rest}");
-                        }
+        Json::Object(members) => {
+            for (key, child) in members.iter_mut() {
+                if key.is("reference")
+                    && let Some(s) = child.as_str()
+                {
+                    if let Some((t, rest)) = s.split_once('/')
+                        && sluice_fhir::is_r4_resource_type(t)
+                        && !rest.is_empty()
+                    {
+                        *child = Json::string(&format!("{t}/{prefix}{rest}"));
                     }
-                    _ => prefix_references(child, prefix),
+                } else {
+                    prefix_references(child, prefix);
                 }
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(|c| prefix_references(c, prefix)),
+        Json::Array(items) => items.iter_mut().for_each(|c| prefix_references(c, prefix)),
         _ => {}
     }
 }
@@ -278,22 +284,16 @@ fn prefix_references(v: &mut serde_json::Value, prefix: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn copies_rewrite_ids_and_relative_references() {
-        let r = json!({"resourceType":"Observation","id":"o1",
-            "subject":{"reference":"Patient/p1"},
-            "performer":[{"reference":"Practitioner/x/_history/2"},{"reference":"#contained"}],
-            "note":[{"text":"Patient/p1 is fine"}],
-            "basedOn":[{"reference":"https://elsewhere/fhir/ServiceRequest/s"}]});
-        let c = copy_of(&r, 2);
-        assert_eq!(c["id"], "c2-o1");
-        assert_eq!(c["subject"]["reference"], "Patient/c2-p1");
-        assert_eq!(c["performer"][0]["reference"], "Practitioner/c2-x/_history/2");
-        assert_eq!(c["performer"][1]["reference"], "#contained");
-        assert_eq!(c["note"][0]["text"], "Patient/p1 is fine", "only reference elements change");
-        assert_eq!(c["basedOn"][0]["reference"], "https://elsewhere/fhir/ServiceRequest/s");
-        assert_eq!(r["id"], "o1", "the original is untouched");
+        let text = r##"{"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"},"performer":[{"reference":"Practitioner/x/_history/2"},{"reference":"#contained"}],"note":[{"text":"Patient/p1 is fine"}],"basedOn":[{"reference":"https://elsewhere/fhir/ServiceRequest/s"}],"valueQuantity":{"value":1.50}}"##;
+        let mut c = Json::parse(text).unwrap();
+        copy_of(&mut c, 2);
+        assert_eq!(
+            c.to_string(),
+            r##"{"resourceType":"Observation","id":"c2-o1","subject":{"reference":"Patient/c2-p1"},"performer":[{"reference":"Practitioner/c2-x/_history/2"},{"reference":"#contained"}],"note":[{"text":"Patient/p1 is fine"}],"basedOn":[{"reference":"https://elsewhere/fhir/ServiceRequest/s"}],"valueQuantity":{"value":1.50}}"##,
+            "only ids and relative reference elements change"
+        );
     }
 }

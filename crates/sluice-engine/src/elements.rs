@@ -1,13 +1,18 @@
-//! `_elements`: keep only the listed top-level elements (plus `resourceType`, `id`, `meta`)
-//! and tag the result `SUBSETTED`, as FHIR search does.
+//! `_elements`: keep only the listed top-level elements (plus `resourceType`, `id`, `meta`
+//! and the type's mandatory elements, D21) and tag the result `SUBSETTED`, as FHIR search
+//! does. Kept elements are copied exactly as stored (D17), in their stored order.
 
-use serde_json::{Map, Value, json};
+use sluice_json::{Json, Str};
 use std::sync::Arc;
+
+/// The `SUBSETTED` tag added to `meta.tag`.
+const SUBSETTED: &str = r#"{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED","display":"subsetted"}"#;
 
 /// The subsetting for one resource type; `None` from [`Subsetter::for_type`] means "whole
 /// resources".
 #[derive(Debug, Clone)]
 pub(crate) struct Subsetter {
+    resource_type: String,
     keep: Arc<Vec<String>>,
 }
 
@@ -23,37 +28,33 @@ impl Subsetter {
                 Some(_) => None,
             })
             .collect();
-        (!keep.is_empty()).then(|| Subsetter { keep: Arc::new(keep) })
+        (!keep.is_empty()).then(|| Subsetter { resource_type: resource_type.to_string(), keep: Arc::new(keep) })
+    }
+
+    /// Whether the root member `name` stays: `resourceType`, `id`, `meta`, a listed or
+    /// mandatory element, or the `_name` that carries a kept primitive's id and extensions.
+    fn keeps(&self, name: &str) -> bool {
+        let element = name.strip_prefix('_').unwrap_or(name);
+        matches!(name, "resourceType" | "id" | "meta")
+            || self.keep.iter().any(|k| k == element)
+            || sluice_fhir::is_mandatory_element(&self.resource_type, element)
     }
 
     /// The subsetted line (compact JSON). A line that is not a JSON object is returned as is.
     pub(crate) fn apply(&self, line: &[u8]) -> Vec<u8> {
-        let Ok(Value::Object(mut full)) = serde_json::from_slice::<Value>(line) else {
+        let Ok(Json::Object(members)) = Json::parse_bytes(line) else {
             return line.to_vec();
         };
-        let mut out = Map::new();
-        for k in ["resourceType", "id"] {
-            if let Some(v) = full.remove(k) {
-                out.insert(k.to_string(), v);
-            }
+        let mut out = Json::Object(members.into_iter().filter(|(k, _)| self.keeps(&k.text())).collect());
+        let tag = Json::parse(SUBSETTED).expect("the SUBSETTED tag is JSON");
+        match out.get_mut("meta") {
+            Some(meta @ Json::Object(_)) => match meta.get_mut("tag") {
+                Some(Json::Array(tags)) => tags.push(tag),
+                _ => meta.set("tag", Json::Array(vec![tag]), None),
+            },
+            _ => out.set("meta", Json::Object(vec![(Str::new("tag"), Json::Array(vec![tag]))]), Some("id")),
         }
-        out.insert("meta".to_string(), full.remove("meta").unwrap_or_else(|| json!({})));
-        for k in self.keep.iter() {
-            if let Some(v) = full.remove(k.as_str()) {
-                out.insert(k.clone(), v);
-            }
-        }
-        if let Some(meta) = out.get_mut("meta").and_then(Value::as_object_mut) {
-            let tags = meta.entry("tag").or_insert_with(|| json!([]));
-            if let Some(tags) = tags.as_array_mut() {
-                tags.push(json!({
-                    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-                    "code": "SUBSETTED",
-                    "display": "subsetted"
-                }));
-            }
-        }
-        serde_json::to_vec(&Value::Object(out)).expect("a Value always serialises")
+        out.to_string().into_bytes()
     }
 }
 
@@ -61,21 +62,47 @@ impl Subsetter {
 mod tests {
     use super::*;
 
+    fn apply(s: &Subsetter, line: &str) -> String {
+        String::from_utf8(s.apply(line.as_bytes())).unwrap()
+    }
+
     #[test]
-    fn keeps_listed_and_mandatory_elements() {
-        let els = vec!["status".to_string(), "Patient.name".to_string()];
+    fn keeps_listed_and_mandatory_elements_exactly_in_their_order() {
+        let els = vec!["status".to_string(), "Patient.name".to_string(), "valueQuantity".to_string()];
         let obs = Subsetter::for_type(Some(&els), "Observation").unwrap();
-        let line = br#"{"resourceType":"Observation","id":"o","meta":{"versionId":"1"},"status":"final","code":{},"subject":{}}"#;
-        let v: Value = serde_json::from_slice(&obs.apply(line)).unwrap();
-        assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), vec!["resourceType", "id", "meta", "status"]);
-        assert_eq!(v["meta"]["versionId"], "1");
-        assert_eq!(v["meta"]["tag"][0]["code"], "SUBSETTED");
+        let line = r#"{"resourceType":"Observation","id":"o","meta":{"versionId":"1"},"valueQuantity":{"value":1.50},"status":"final","_status":{"id":"s"},"code":{"text":"\u2028"},"subject":{}}"#;
+        assert_eq!(
+            apply(&obs, line),
+            r#"{"resourceType":"Observation","id":"o","meta":{"versionId":"1","tag":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED","display":"subsetted"}]},"valueQuantity":{"value":1.50},"status":"final","_status":{"id":"s"},"code":{"text":"\u2028"}}"#,
+            "code is mandatory for Observation; subject is not"
+        );
 
         let pat = Subsetter::for_type(Some(&els), "Patient").unwrap();
-        let v: Value =
-            serde_json::from_slice(&pat.apply(br#"{"resourceType":"Patient","id":"p","name":[{}],"gender":"x"}"#))
-                .unwrap();
-        assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), vec!["resourceType", "id", "meta", "name"]);
+        let out = apply(
+            &pat,
+            r#"{"resourceType":"Patient","id":"p","name":[{}],"gender":"x","meta":{"tag":[{"code":"a"}]}}"#,
+        );
+        assert_eq!(
+            out,
+            r#"{"resourceType":"Patient","id":"p","name":[{}],"meta":{"tag":[{"code":"a"},{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED","display":"subsetted"}]}}"#
+        );
+        let bare = apply(&pat, r#"{"resourceType":"Patient","id":"p"}"#);
+        assert!(bare.starts_with(r#"{"resourceType":"Patient","id":"p","meta":{"tag":[{"#), "{bare}");
+    }
+
+    #[test]
+    fn mandatory_elements_stay_even_when_not_listed() {
+        let els = vec!["id".to_string(), "code".to_string()];
+        let cond = Subsetter::for_type(Some(&els), "Condition").unwrap();
+        let out = apply(
+            &cond,
+            r#"{"resourceType":"Condition","id":"c","subject":{"reference":"Patient/p"},"code":{},"onsetDateTime":"2020"}"#,
+        );
+        assert!(out.contains(r#""subject":{"reference":"Patient/p"}"#) && !out.contains("onset"), "{out}");
+        let mr = Subsetter::for_type(Some(&els), "MedicationRequest").unwrap();
+        let out =
+            apply(&mr, r#"{"resourceType":"MedicationRequest","id":"m","medicationCodeableConcept":{},"note":[]}"#);
+        assert!(out.contains("medicationCodeableConcept") && !out.contains("note"), "{out}");
     }
 
     #[test]

@@ -1118,7 +1118,7 @@ impl Treatment {
             if self.queries.is_none() && self.targets.is_none() {
                 return true;
             }
-            serde_json::from_slice::<serde_json::Value>(line).is_ok_and(|v| {
+            sluice_json::Json::parse_bytes(line).is_ok_and(|v| {
                 self.queries.as_ref().is_none_or(|q| sluice_search::matches_any(q, &v))
                     && self.targets.as_ref().is_none_or(|t| sluice_planner::targets_any_of(&v, t))
             })

@@ -17,17 +17,20 @@ use std::time::Duration;
 async fn store_with_data(dir: &std::path::Path) -> Arc<SqliteStore> {
     let s = Arc::new(SqliteStore::open(dir.join("s.db")).unwrap());
     for p in 0..3 {
-        s.put(prepare(json!({"resourceType":"Patient","id":format!("p{p}")}), None).unwrap()).await.unwrap();
+        s.put(prepare(&json!({"resourceType":"Patient","id":format!("p{p}")}).to_string(), None).unwrap())
+            .await
+            .unwrap();
         for o in 0..5 {
             let r = json!({"resourceType":"Observation","id":format!("o{p}-{o}"),"subject":{"reference":format!("Patient/p{p}")}});
-            s.put(prepare(r, None).unwrap()).await.unwrap();
+            s.put(prepare(&r.to_string(), None).unwrap()).await.unwrap();
         }
     }
-    s.put(prepare(json!({"resourceType":"Organization","id":"org"}), None).unwrap()).await.unwrap();
+    s.put(prepare(&json!({"resourceType":"Organization","id":"org"}).to_string(), None).unwrap()).await.unwrap();
     s.put(
         prepare(
-            json!({"resourceType":"Group","id":"g","type":"person","actual":true,"member":[
-        {"entity":{"reference":"Patient/p0"}},{"entity":{"reference":"Patient/p2"},"inactive":true}]}),
+            &json!({"resourceType":"Group","id":"g","type":"person","actual":true,"member":[
+        {"entity":{"reference":"Patient/p0"}},{"entity":{"reference":"Patient/p2"},"inactive":true}]})
+            .to_string(),
             None,
         )
         .unwrap(),
@@ -263,7 +266,7 @@ async fn an_interrupted_job_is_rerun_on_its_snapshot() {
     let snapshot_time = job.transaction_time.unwrap();
     // A write after the snapshot must not appear in the rerun.
     let late = json!({"resourceType":"Observation","id":"late","subject":{"reference":"Patient/p0"}});
-    store.put(prepare(late, None).unwrap()).await.unwrap();
+    store.put(prepare(&late.to_string(), None).unwrap()).await.unwrap();
 
     // Second process, same database: it finds the job (lease expired) and finishes it.
     let takeover = EngineConfig { lease: Duration::ZERO, ..EngineConfig::default() };
@@ -381,10 +384,10 @@ async fn ranges_combine_with_late_joiners() {
     let group = json!({"resourceType":"Group","id":"g","type":"person","actual":true,"member":[
         {"entity":{"reference":"Patient/p0"}},{"entity":{"reference":"Patient/p1"}},
         {"entity":{"reference":"Patient/p2"},"inactive":true}]});
-    store.put(prepare(group, None).unwrap()).await.unwrap();
+    store.put(prepare(&group.to_string(), None).unwrap()).await.unwrap();
     let changed =
         json!({"resourceType":"Observation","id":"o0-3","status":"amended","subject":{"reference":"Patient/p0"}});
-    store.put(prepare(changed, None).unwrap()).await.unwrap();
+    store.put(prepare(&changed.to_string(), None).unwrap()).await.unwrap();
     let mem = MemoryStorage::new();
     let since_param = sluice_fhir::instant::format(since);
     let plan = || get_plan(Level::Group("g".into()), &[("_since", since_param.as_str())]);

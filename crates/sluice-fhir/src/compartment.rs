@@ -27,7 +27,7 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::{Map, Value};
+use sluice_json::Json;
 
 /// One resource type of the Patient compartment and the search parameters that link it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,20 +189,20 @@ pub fn is_patient_compartment_type(t: &str) -> bool {
 ///   Patient (see [`patient_reference_id`]) contributes its id.
 /// - Resources without a string `resourceType`, of unknown types or of types outside the
 ///   compartment give an empty set.
-pub fn patient_ids(resource: &Value) -> BTreeSet<String> {
+pub fn patient_ids(resource: &Json<'_>) -> BTreeSet<String> {
     let mut ids = BTreeSet::new();
-    let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str) else {
+    let Some(resource_type) = resource.get("resourceType").and_then(Json::as_str) else {
         return ids;
     };
     if resource_type == "Patient" {
-        if let Some(id) = resource.get("id").and_then(Value::as_str)
+        if let Some(id) = resource.get("id").and_then(Json::as_str)
             && !id.is_empty()
         {
-            ids.insert(id.to_owned());
+            ids.insert(id.into_owned());
         }
         return ids;
     }
-    let Some(entry) = compartment_entry(resource_type) else {
+    let Some(entry) = compartment_entry(&resource_type) else {
         return ids;
     };
     for param in entry.params {
@@ -215,17 +215,17 @@ pub fn patient_ids(resource: &Value) -> BTreeSet<String> {
 
 /// Walks `path` (dot-separated element names) from `value`, fanning out over arrays, and adds
 /// the patient id of every Reference found at the end of it.
-fn collect_patient_ids(value: &Value, path: &str, ids: &mut BTreeSet<String>) {
+fn collect_patient_ids(value: &Json<'_>, path: &str, ids: &mut BTreeSet<String>) {
     match value {
-        Value::Array(items) => {
+        Json::Array(items) => {
             for item in items {
                 collect_patient_ids(item, path, ids);
             }
         }
-        Value::Object(object) if path.is_empty() => add_reference(object, ids),
-        Value::Object(object) => {
+        Json::Object(_) if path.is_empty() => add_reference(value, ids),
+        Json::Object(_) => {
             let (head, rest) = path.split_once('.').unwrap_or((path, ""));
-            if let Some(child) = object.get(head) {
+            if let Some(child) = value.get(head) {
                 collect_patient_ids(child, rest, ids);
             }
         }
@@ -234,8 +234,10 @@ fn collect_patient_ids(value: &Value, path: &str, ids: &mut BTreeSet<String>) {
 }
 
 /// Adds the patient id of a `Reference` object, if its `reference` points at a Patient.
-fn add_reference(reference: &Map<String, Value>, ids: &mut BTreeSet<String>) {
-    if let Some(id) = reference.get("reference").and_then(Value::as_str).and_then(patient_reference_id) {
+fn add_reference(reference: &Json<'_>, ids: &mut BTreeSet<String>) {
+    if let Some(reference) = reference.get("reference").and_then(Json::as_str)
+        && let Some(id) = patient_reference_id(&reference)
+    {
         ids.insert(id.to_owned());
     }
 }
@@ -271,7 +273,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::io::{BufRead, BufReader};
 
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
     use crate::types::is_r4_resource_type;
@@ -357,6 +359,11 @@ mod tests {
             .iter()
             .map(|param| (param.name, param.paths.to_vec()))
             .collect()
+    }
+
+    /// `patient_ids` of a `serde_json` value (written out and read back exactly).
+    fn patient_ids(resource: &Value) -> BTreeSet<String> {
+        super::patient_ids(&Json::parse(&resource.to_string()).unwrap())
     }
 
     fn ids(resource: &Value) -> Vec<String> {

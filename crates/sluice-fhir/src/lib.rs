@@ -2,7 +2,8 @@
 //!
 //! - [`compartment`]: the complete Patient CompartmentDefinition and the function that
 //!   tells which patients a resource belongs to.
-//! - [`types`]: the list of standard R4 resource types.
+//! - [`types`]: the list of standard R4 resource types, and each type's mandatory root
+//!   elements (generated from the R4 StructureDefinitions, `tools/mandatory_elements.py`).
 //! - [`outcome`]: `OperationOutcome` issues, the error currency of every layer.
 //! - [`instant`]: parsing FHIR `instant` / `dateTime` / `date` values and formatting instants.
 //!
@@ -10,9 +11,10 @@
 
 pub mod compartment;
 pub mod instant;
+mod mandatory;
 pub mod outcome;
 pub mod types;
 
 pub use compartment::{PATIENT_COMPARTMENT, is_patient_compartment_type, patient_ids};
 pub use outcome::{Issue, IssueCode, OperationOutcome, Severity};
-pub use types::{R4_RESOURCE_TYPES, is_r4_resource_type};
+pub use types::{R4_RESOURCE_TYPES, is_mandatory_element, is_r4_resource_type, mandatory_elements};

@@ -160,9 +160,44 @@ pub fn is_r4_resource_type(t: &str) -> bool {
     R4_RESOURCE_TYPES.binary_search(&t).is_ok()
 }
 
+/// The root elements of `resource_type` with minimum cardinality 1 in R4, as the R4
+/// StructureDefinitions list them (a choice element as `name[x]`); empty for a type that has
+/// none or is not an R4 type. `_elements` keeps them whether listed or not (D21).
+pub fn mandatory_elements(resource_type: &str) -> &'static [&'static str] {
+    use crate::mandatory::MANDATORY;
+    MANDATORY.binary_search_by(|(t, _)| t.cmp(&resource_type)).map_or(&[], |i| MANDATORY[i].1)
+}
+
+/// Whether the JSON member `name` of a `resource_type` is one of its mandatory root
+/// elements: listed in [`mandatory_elements`], or a typed form of a mandatory choice
+/// (`medicationCodeableConcept` for `medication[x]`).
+pub fn is_mandatory_element(resource_type: &str, name: &str) -> bool {
+    mandatory_elements(resource_type).iter().any(|element| match element.strip_suffix("[x]") {
+        Some(base) => name.strip_prefix(base).is_some_and(|ty| ty.starts_with(|c: char| c.is_ascii_uppercase())),
+        None => *element == name,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_r4_type_has_its_mandatory_elements() {
+        let table: Vec<&str> = crate::mandatory::MANDATORY.iter().map(|(t, _)| *t).collect();
+        assert_eq!(table, R4_RESOURCE_TYPES, "one row per R4 type, in the same order");
+        assert_eq!(mandatory_elements("Condition"), ["subject"]);
+        assert_eq!(mandatory_elements("Observation"), ["status", "code"]);
+        assert_eq!(mandatory_elements("Patient"), [] as [&str; 0]);
+        assert_eq!(mandatory_elements("EvidenceVariable"), ["status", "characteristic"]);
+        assert_eq!(mandatory_elements("Nope"), [] as [&str; 0]);
+        assert!(is_mandatory_element("MedicationRequest", "medicationReference"));
+        assert!(is_mandatory_element("MedicationRequest", "medicationCodeableConcept"));
+        assert!(!is_mandatory_element("MedicationRequest", "medication"));
+        assert!(!is_mandatory_element("MedicationRequest", "medicationsomething"));
+        assert!(is_mandatory_element("ExplanationOfBenefit", "patient"));
+        assert!(!is_mandatory_element("Condition", "code"));
+    }
 
     #[test]
     fn list_has_all_146_concrete_types_sorted_and_unique() {

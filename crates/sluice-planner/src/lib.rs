@@ -280,7 +280,7 @@ impl ExportPlan {
     /// Whether `resource` (FHIR JSON of type `resource_type`) passes `_typeFilter`: always
     /// when its type has no queries, otherwise when it matches at least one of them. A
     /// `Provenance` must also pass [`ExportPlan::provenance_targets`].
-    pub fn keeps(&self, resource_type: &str, resource: &serde_json::Value) -> bool {
+    pub fn keeps(&self, resource_type: &str, resource: &sluice_json::Json<'_>) -> bool {
         self.type_filter(resource_type).is_none_or(|queries| sluice_search::matches_any(queries, resource))
             && (resource_type != PROVENANCE
                 || self.provenance_targets().is_none_or(|types| targets_any_of(resource, types)))
@@ -317,23 +317,23 @@ const PROVENANCE: &str = "Provenance";
 /// literal `reference` (relative `Type/id`, absolute `https://host/fhir/Type/id`, either
 /// versioned `.../_history/n`), or for a logical reference without one, its `type`.
 /// Contained (`#x`) and `urn:` references name no type.
-pub fn targets_any_of(provenance: &serde_json::Value, types: &[String]) -> bool {
-    let Some(targets) = provenance.get("target").and_then(serde_json::Value::as_array) else { return false };
-    targets.iter().filter_map(target_type).any(|t| types.iter().any(|x| x == t))
+pub fn targets_any_of(provenance: &sluice_json::Json<'_>, types: &[String]) -> bool {
+    let Some(targets) = provenance.get("target").and_then(sluice_json::Json::as_array) else { return false };
+    targets.iter().filter_map(target_type).any(|t| types.contains(&t))
 }
 
 /// The resource type a `Reference` points at (see [`targets_any_of`]).
-fn target_type(target: &serde_json::Value) -> Option<&str> {
-    let Some(reference) = target.get("reference").and_then(serde_json::Value::as_str) else {
-        return target.get("type").and_then(serde_json::Value::as_str);
+fn target_type(target: &sluice_json::Json<'_>) -> Option<String> {
+    let Some(reference) = target.get("reference").and_then(sluice_json::Json::as_str) else {
+        return target.get("type").and_then(sluice_json::Json::as_str).map(|t| t.into_owned());
     };
     if reference.starts_with('#') || reference.starts_with("urn:") {
         return None;
     }
-    let unversioned = reference.split_once("/_history/").map_or(reference, |(base, _)| base);
+    let unversioned = reference.split_once("/_history/").map_or(reference.as_ref(), |(base, _)| base);
     let (before, _id) = unversioned.rsplit_once('/')?;
     let t = before.rsplit_once('/').map_or(before, |(_, t)| t);
-    is_r4_resource_type(t).then_some(t)
+    is_r4_resource_type(t).then(|| t.to_string())
 }
 
 /// The HTTP status for a failed kick-off: 406 when one of the issues is about the `Accept`

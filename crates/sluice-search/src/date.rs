@@ -203,21 +203,21 @@ fn parse_time(date: Date, text: &str) -> Option<Range> {
 
 /// The range of a resource's date-like JSON value: a `date`/`dateTime`/`instant` string, or
 /// a `Period` object (missing `start` or `end` is open). `None` for anything else.
-pub(crate) fn of_json(value: &serde_json::Value) -> Option<Range> {
+pub(crate) fn of_json(value: &sluice_json::Json<'_>) -> Option<Range> {
     match value {
-        serde_json::Value::String(s) => parse(s),
-        serde_json::Value::Object(o) => {
-            let bound = |key: &str| o.get(key).and_then(serde_json::Value::as_str);
+        sluice_json::Json::String(s) => parse(&s.text()),
+        sluice_json::Json::Object(_) => {
+            let bound = |key: &str| value.get(key).and_then(sluice_json::Json::as_str);
             let (start, end) = (bound("start"), bound("end"));
             if start.is_none() && end.is_none() {
                 return None;
             }
             let start = match start {
-                Some(s) => parse(s)?.start,
+                Some(s) => parse(&s)?.start,
                 None => i64::MIN,
             };
             let end = match end {
-                Some(e) => parse(e)?.end,
+                Some(e) => parse(&e)?.end,
                 None => i64::MAX,
             };
             Some(Range { start, end })

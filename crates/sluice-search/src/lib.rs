@@ -65,6 +65,7 @@ mod pushdown;
 mod tests;
 
 use serde::{Deserialize, Serialize};
+use sluice_json::Json;
 
 pub use date::Prefix;
 pub use error::SearchError;
@@ -170,8 +171,8 @@ impl TypeQuery {
     ///
     /// A criterion on a parameter this version does not support (possible only for a query
     /// stored by another version) matches nothing.
-    pub fn matches(&self, resource: &serde_json::Value) -> bool {
-        if resource.get("resourceType").and_then(serde_json::Value::as_str) != Some(self.resource_type.as_str()) {
+    pub fn matches(&self, resource: &Json<'_>) -> bool {
+        if !resource.get("resourceType").is_some_and(|t| t.is_str(&self.resource_type)) {
             return false;
         }
         self.criteria.iter().all(|c| match params::find(&self.resource_type, &c.param) {
@@ -189,6 +190,6 @@ impl std::fmt::Display for TypeQuery {
 
 /// Whether `resource` matches any of `queries` (several `_typeFilter` queries for one type
 /// are OR-ed). `false` when `queries` is empty.
-pub fn matches_any(queries: &[TypeQuery], resource: &serde_json::Value) -> bool {
+pub fn matches_any(queries: &[TypeQuery], resource: &Json<'_>) -> bool {
     queries.iter().any(|q| q.matches(resource))
 }

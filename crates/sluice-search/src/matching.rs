@@ -1,6 +1,7 @@
 //! Evaluating criteria against a resource's JSON.
 
-use serde_json::Value;
+use sluice_json::Json;
+use std::borrow::Cow;
 
 use crate::date::{self, Range};
 use crate::params::ParamDef;
@@ -10,12 +11,12 @@ use crate::{Criterion, StringMode, Test, TokenValue};
 /// Collects the values at `path` below `node`, following every element of every array on
 /// the way (and of an array at the end). `null`, `""` and `{}` carry no value and are
 /// skipped.
-fn collect<'a>(node: &'a Value, path: &[&str], out: &mut Vec<&'a Value>) {
+fn collect<'a, 'j>(node: &'a Json<'j>, path: &[&str], out: &mut Vec<&'a Json<'j>>) {
     match node {
-        Value::Array(items) => items.iter().for_each(|item| collect(item, path, out)),
-        Value::Null => {}
-        Value::String(s) if s.is_empty() => {}
-        Value::Object(o) if o.is_empty() => {}
+        Json::Array(items) => items.iter().for_each(|item| collect(item, path, out)),
+        Json::Null => {}
+        Json::String(s) if s.raw().is_empty() => {}
+        Json::Object(o) if o.is_empty() => {}
         _ => match path.split_first() {
             None => out.push(node),
             Some((head, rest)) => {
@@ -28,7 +29,7 @@ fn collect<'a>(node: &'a Value, path: &[&str], out: &mut Vec<&'a Value>) {
 }
 
 /// Every value the parameter's paths reach in `resource`.
-fn values_of<'a>(def: &ParamDef, resource: &'a Value) -> Vec<&'a Value> {
+fn values_of<'a, 'j>(def: &ParamDef, resource: &'a Json<'j>) -> Vec<&'a Json<'j>> {
     let mut out = Vec::new();
     for path in def.paths {
         let steps: Vec<&str> = path.split('.').collect();
@@ -39,7 +40,7 @@ fn values_of<'a>(def: &ParamDef, resource: &'a Value) -> Vec<&'a Value> {
 
 impl Criterion {
     /// Whether `resource` meets this criterion, with `def` the parameter's definition.
-    pub(crate) fn holds(&self, def: &ParamDef, resource: &Value) -> bool {
+    pub(crate) fn holds(&self, def: &ParamDef, resource: &Json<'_>) -> bool {
         let nodes = values_of(def, resource);
         match &self.test {
             Test::Missing(missing) => nodes.is_empty() == *missing,
@@ -56,10 +57,9 @@ impl Criterion {
                 .iter()
                 .filter_map(|n| date::of_json(n))
                 .any(|target| values.iter().any(|v| v.prefix.test(Range { start: v.start, end: v.end }, target))),
-            Test::Reference(values) => nodes
-                .iter()
-                .filter_map(|n| n.get("reference").and_then(Value::as_str).and_then(split_reference))
-                .any(|(ty, id)| {
+            Test::Reference(values) => {
+                nodes.iter().filter_map(|n| n.get("reference").and_then(Json::as_str)).any(|reference| {
+                    let Some((ty, id)) = split_reference(&reference) else { return false };
                     values.iter().any(|v| {
                         v.id == id
                             && match (&v.resource_type, ty) {
@@ -68,15 +68,16 @@ impl Criterion {
                                 (Some(_), None) => false,
                             }
                     })
-                }),
+                })
+            }
             Test::String { mode, values } => nodes.iter().filter_map(|n| n.as_str()).any(|s| match mode {
-                StringMode::Exact => values.iter().any(|v| v == s),
+                StringMode::Exact => values.iter().any(|v| *v == s),
                 StringMode::StartsWith => {
-                    let folded = fold(s);
+                    let folded = fold(&s);
                     values.iter().any(|v| folded.starts_with(v.as_str()))
                 }
                 StringMode::Contains => {
-                    let folded = fold(s);
+                    let folded = fold(&s);
                     values.iter().any(|v| folded.contains(v.as_str()))
                 }
             }),
@@ -86,32 +87,32 @@ impl Criterion {
 
 /// Whether a token value matches a `CodeableConcept`, `Coding`, `Identifier`, code/string
 /// or boolean.
-fn token_matches(node: &Value, wanted: &TokenValue) -> bool {
+fn token_matches(node: &Json<'_>, wanted: &TokenValue) -> bool {
     match node {
-        Value::Object(o) => match o.get("coding") {
-            Some(Value::Array(codings)) => codings.iter().any(|c| coding_matches(c, wanted)),
-            Some(coding @ Value::Object(_)) => coding_matches(coding, wanted),
+        Json::Object(_) => match node.get("coding") {
+            Some(Json::Array(codings)) => codings.iter().any(|c| coding_matches(c, wanted)),
+            Some(coding @ Json::Object(_)) => coding_matches(coding, wanted),
             Some(_) => false,
             None => coding_matches(node, wanted),
         },
-        Value::String(s) => plain_matches(s, wanted),
-        Value::Bool(b) => plain_matches(if *b { "true" } else { "false" }, wanted),
+        Json::String(s) => plain_matches(&s.text(), wanted),
+        Json::Bool(b) => plain_matches(if *b { "true" } else { "false" }, wanted),
         _ => false,
     }
 }
 
 /// A `Coding` (`system` + `code`) or an `Identifier` (`system` + `value`).
-fn coding_matches(coding: &Value, wanted: &TokenValue) -> bool {
-    let system = coding.get("system").and_then(Value::as_str);
-    let code = coding.get("code").or_else(|| coding.get("value")).and_then(Value::as_str);
+fn coding_matches(coding: &Json<'_>, wanted: &TokenValue) -> bool {
+    let system = coding.get("system").and_then(Json::as_str);
+    let code = coding.get("code").or_else(|| coding.get("value")).and_then(Json::as_str);
     let system_ok = match wanted.system.as_deref() {
         None => true,
         Some("") => system.is_none(),
-        Some(s) => system == Some(s),
+        Some(s) => system.as_deref() == Some(s),
     };
     let code_ok = match wanted.code.as_deref() {
         None => true,
-        Some(c) => code == Some(c),
+        Some(c) => code.as_deref() == Some(c),
     };
     system_ok && code_ok
 }
@@ -123,19 +124,21 @@ fn plain_matches(value: &str, wanted: &TokenValue) -> bool {
 
 /// The text associated with a coded value, for `:text`: `CodeableConcept.text` and its
 /// codings' `display`, `Coding.display`, `Identifier.type.text`.
-fn texts_of<'a>(node: &'a Value, out: &mut Vec<&'a str>) {
-    let Value::Object(o) = node else { return };
-    let mut push = |v: Option<&'a Value>| {
-        if let Some(s) = v.and_then(Value::as_str) {
+fn texts_of<'a>(node: &'a Json<'_>, out: &mut Vec<Cow<'a, str>>) {
+    if !node.is_object() {
+        return;
+    }
+    let mut push = |v: Option<&'a Json<'_>>| {
+        if let Some(s) = v.and_then(Json::as_str) {
             out.push(s);
         }
     };
-    push(o.get("text"));
-    push(o.get("display"));
-    push(o.get("type").and_then(|t| t.get("text")));
-    match o.get("coding") {
-        Some(Value::Array(codings)) => codings.iter().for_each(|c| push(c.get("display"))),
-        Some(c @ Value::Object(_)) => push(c.get("display")),
+    push(node.get("text"));
+    push(node.get("display"));
+    push(node.get("type").and_then(|t| t.get("text")));
+    match node.get("coding") {
+        Some(Json::Array(codings)) => codings.iter().for_each(|c| push(c.get("display"))),
+        Some(c @ Json::Object(_)) => push(c.get("display")),
         _ => {}
     }
 }

@@ -1089,8 +1089,11 @@ mod tests {
 
     fn group(members: &[&str]) -> NewResource {
         let member: Vec<_> = members.iter().map(|p| json!({"entity": {"reference": format!("Patient/{p}")}})).collect();
-        sluice_store::prepare(json!({"resourceType": "Group", "id": "g", "type": "person", "member": member}), None)
-            .unwrap()
+        sluice_store::prepare(
+            &json!({"resourceType": "Group", "id": "g", "type": "person", "member": member}).to_string(),
+            None,
+        )
+        .unwrap()
     }
 
     /// `read_as_of` gives the version current at an instant, from the current row or the

@@ -60,7 +60,7 @@ impl Drop for Scratch {
 
 fn obs(id: &str, patient: &str, status: &str) -> sluice_store::NewResource {
     prepare(
-        json!({"resourceType":"Observation","id":id,"status":status,"subject":{"reference":format!("Patient/{patient}")}}),
+        &json!({"resourceType":"Observation","id":id,"status":status,"subject":{"reference":format!("Patient/{patient}")}}).to_string(),
         None,
     )
     .unwrap()
@@ -113,7 +113,7 @@ async fn versions_snapshots_and_compartments() {
     // A resource in two compartments is found through either patient.
     let shared = json!({"resourceType":"Observation","id":"shared","subject":{"reference":"Patient/p1"},
         "performer":[{"reference":"Patient/p2"}]});
-    s.put(prepare(shared, None).unwrap()).await.unwrap();
+    s.put(prepare(&shared.to_string(), None).unwrap()).await.unwrap();
     let later = s.snapshot().await.unwrap();
     let p2 = ScanFilter { patients: Some(Patients::Only(vec!["p2".into()])), ..Default::default() };
     assert!(scan_ids(&s, &later, "Observation", &p2).await.contains("shared"), "found through its second patient");
@@ -365,15 +365,15 @@ fn count_of(counts: &std::collections::BTreeMap<String, u64>, t: &str) -> u64 {
 async fn listed_ids() {
     let Some(db) = Scratch::new().await else { return };
     let s = db.store().await;
-    s.put(prepare(json!({"resourceType":"Patient","id":"p1"}), None).unwrap()).await.unwrap();
-    s.put(prepare(json!({"resourceType":"Patient","id":"p2"}), None).unwrap()).await.unwrap();
+    s.put(prepare(&json!({"resourceType":"Patient","id":"p1"}).to_string(), None).unwrap()).await.unwrap();
+    s.put(prepare(&json!({"resourceType":"Patient","id":"p2"}).to_string(), None).unwrap()).await.unwrap();
     let mut written = Vec::new();
     for i in 1..=6 {
         written.push(s.put(obs(&format!("o{i}"), if i % 2 == 1 { "p1" } else { "p2" }, "final")).await.unwrap());
     }
     let shared = json!({"resourceType":"Observation","id":"shared","subject":{"reference":"Patient/p1"},
         "performer":[{"reference":"Patient/p2"}]});
-    s.put(prepare(shared, None).unwrap()).await.unwrap();
+    s.put(prepare(&shared.to_string(), None).unwrap()).await.unwrap();
     s.put(obs("o2", "p2", "amended")).await.unwrap(); // a second version of o2
     s.delete("Observation", "o6").await.unwrap();
     let snap = s.snapshot().await.unwrap();
@@ -520,7 +520,7 @@ async fn mark(s: &PgStore) -> time::OffsetDateTime {
 async fn compartment_patients_lists_patients_with_resources_in_the_window() {
     let Some(db) = Scratch::new().await else { return };
     let s = db.store().await;
-    let r = |v: Value| prepare(v, None).unwrap();
+    let r = |v: Value| prepare(&v.to_string(), None).unwrap();
     let patient = |id: &str| r(json!({"resourceType":"Patient","id":id}));
     let of = |t: &str, id: &str, p: &str| {
         r(json!({"resourceType":t,"id":id,"subject":{"reference":format!("Patient/{p}")}}))
@@ -640,7 +640,7 @@ async fn compartment_patients_in_batches() {
         resources.push(obs(&format!("o{i}"), &q(i), "final"));
         let shared = json!({"resourceType":"Observation","id":format!("s{i}"),"subject":{"reference":format!("Patient/{}", q(i))},
             "performer":[{"reference":format!("Patient/{}", q(i + 1))}]});
-        resources.push(prepare(shared, None).unwrap());
+        resources.push(prepare(&shared.to_string(), None).unwrap());
     }
     let (tx, rx) = mpsc::channel(4);
     let s2 = s.clone();

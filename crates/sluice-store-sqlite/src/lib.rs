@@ -622,8 +622,11 @@ mod tests {
 
     fn group(members: &[&str]) -> NewResource {
         let member: Vec<_> = members.iter().map(|p| json!({"entity": {"reference": format!("Patient/{p}")}})).collect();
-        sluice_store::prepare(json!({"resourceType": "Group", "id": "g", "type": "person", "member": member}), None)
-            .unwrap()
+        sluice_store::prepare(
+            &json!({"resourceType": "Group", "id": "g", "type": "person", "member": member}).to_string(),
+            None,
+        )
+        .unwrap()
     }
 
     async fn scan_ids(s: &SqliteStore, snap: &Snapshot, f: &ScanFilter) -> Vec<String> {
@@ -651,12 +654,14 @@ mod tests {
         let ids: Vec<String> = (0..40).map(|i| format!("{}{i}", ["a", "B", "z.", "0-", "Z"][i % 5])).collect();
         for id in &ids {
             let r = json!({"resourceType":"Observation","id":id,"subject":{"reference":"Patient/p"}});
-            s.put(sluice_store::prepare(r, None).unwrap()).await.unwrap();
+            s.put(sluice_store::prepare(&r.to_string(), None).unwrap()).await.unwrap();
         }
         s.delete("Observation", &ids[3]).await.unwrap();
         let snap = s.snapshot().await.unwrap();
         // Written after the snapshot: counted by neither the scans nor the counts.
-        s.put(sluice_store::prepare(json!({"resourceType":"Observation","id":"a-late"}), None).unwrap()).await.unwrap();
+        s.put(sluice_store::prepare(&json!({"resourceType":"Observation","id":"a-late"}).to_string(), None).unwrap())
+            .await
+            .unwrap();
         s.delete("Observation", &ids[4]).await.unwrap();
 
         assert!(s.split_points(&snap, "Observation", 1).await.unwrap().is_empty());
@@ -688,7 +693,9 @@ mod tests {
         // More parts than rows: distinct points only.
         let few = SqliteStore::open(dir.path().join("few.db")).unwrap();
         for id in ["b", "a"] {
-            few.put(sluice_store::prepare(json!({"resourceType":"Observation","id":id}), None).unwrap()).await.unwrap();
+            few.put(sluice_store::prepare(&json!({"resourceType":"Observation","id":id}).to_string(), None).unwrap())
+                .await
+                .unwrap();
         }
         let snap = few.snapshot().await.unwrap();
         assert_eq!(few.split_points(&snap, "Observation", 8).await.unwrap(), vec!["b".to_string()]);

@@ -19,7 +19,7 @@ fn open() -> (tempfile::TempDir, SqliteStore) {
 }
 
 fn r(v: Value) -> sluice_store::NewResource {
-    prepare(v, None).unwrap()
+    prepare(&v.to_string(), None).unwrap()
 }
 
 fn obs(id: &str, patient: &str, status: &str) -> sluice_store::NewResource {

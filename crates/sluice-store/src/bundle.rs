@@ -3,9 +3,9 @@
 //! Entries whose `fullUrl` is a `urn:uuid:` are given their resource id, and every
 //! `reference` to such a `fullUrl` anywhere in the Bundle is rewritten to `Type/id`.
 
-use crate::{WriteOp, prepare, valid_id};
-use serde_json::Value;
+use crate::{WriteOp, prepare_parsed, valid_id};
 use sluice_fhir::{Issue, IssueCode};
+use sluice_json::Json;
 use std::collections::HashMap;
 
 /// How entries get their ids.
@@ -35,19 +35,30 @@ pub type EntryOp = Result<WriteOp, Issue>;
 ///
 /// Errors in the Bundle as a whole (not a Bundle, no `type`) are returned as `Err`;
 /// errors in one entry are that entry's `Err`, with `expression` `Bundle.entry[i]`.
-pub fn bundle_ops(mut bundle: Value, policy: IdPolicy) -> Result<(BundleKind, Vec<EntryOp>), Issue> {
-    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+pub fn bundle_ops(bundle: Json<'_>, policy: IdPolicy) -> Result<(BundleKind, Vec<EntryOp>), Issue> {
+    bundle_ops_with(bundle, policy, |_| {})
+}
+
+/// [`bundle_ops`], with `edit` applied to each entry's resource after its references to
+/// other entries were resolved and before it is prepared (`sluice load --copies` renames).
+pub fn bundle_ops_with(
+    bundle: Json<'_>,
+    policy: IdPolicy,
+    edit: impl Fn(&mut Json<'_>),
+) -> Result<(BundleKind, Vec<EntryOp>), Issue> {
+    if !bundle.get("resourceType").is_some_and(|t| t.is_str("Bundle")) {
         return Err(Issue::error(IssueCode::Invalid, "expected a Bundle resource").at("resourceType"));
     }
-    let kind = match bundle.get("type").and_then(Value::as_str) {
+    let kind = match bundle.get("type").and_then(Json::as_str).as_deref() {
         Some("transaction") => BundleKind::Transaction,
         Some("batch") => BundleKind::Batch,
         Some(_) => BundleKind::Other,
         None => return Err(Issue::error(IssueCode::Required, "the Bundle has no type").at("Bundle.type")),
     };
-    let entries = match bundle.get_mut("entry") {
+    let Json::Object(members) = bundle else { unreachable!("a Bundle with a type is an object") };
+    let entries = match members.into_iter().rev().find(|(k, _)| k.is("entry")).map(|(_, v)| v) {
         None => return Ok((kind, Vec::new())),
-        Some(Value::Array(a)) => std::mem::take(a),
+        Some(Json::Array(a)) => a,
         Some(_) => return Err(Issue::error(IssueCode::Structure, "Bundle.entry must be an array").at("Bundle.entry")),
     };
 
@@ -55,17 +66,18 @@ pub fn bundle_ops(mut bundle: Value, policy: IdPolicy) -> Result<(BundleKind, Ve
     let mut urls: HashMap<String, String> = HashMap::new();
     let mut ids: Vec<Option<String>> = Vec::with_capacity(entries.len());
     for entry in &entries {
-        let rt = entry.pointer("/resource/resourceType").and_then(Value::as_str);
-        let method = entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("PUT");
-        let own = entry.pointer("/resource/id").and_then(Value::as_str);
-        let full = entry.get("fullUrl").and_then(Value::as_str);
-        let urn_id = full.and_then(|f| f.strip_prefix("urn:uuid:")).filter(|u| valid_id(u));
-        let id = match (policy, method) {
+        let text = |path: &[&str]| entry.pointer(path).and_then(Json::as_str);
+        let rt = text(&["resource", "resourceType"]);
+        let method = text(&["request", "method"]);
+        let own = text(&["resource", "id"]);
+        let full = text(&["fullUrl"]);
+        let urn_id = full.as_deref().and_then(|f| f.strip_prefix("urn:uuid:")).filter(|u| valid_id(u));
+        let id = match (policy, method.as_deref().unwrap_or("PUT")) {
             (IdPolicy::Rest, "POST") => Some(uuid::Uuid::new_v4().to_string()),
-            (IdPolicy::Rest, _) => url_id(entry).or(own.map(str::to_string)),
-            (IdPolicy::Keep, _) => own.or(urn_id).map(str::to_string),
+            (IdPolicy::Rest, _) => url_id(entry).or(own.map(|o| o.into_owned())),
+            (IdPolicy::Keep, _) => own.as_deref().or(urn_id).map(str::to_string),
         };
-        if let (Some(full), Some(rt), Some(id)) = (full, rt, &id) {
+        if let (Some(full), Some(rt), Some(id)) = (&full, &rt, &id) {
             urls.insert(full.to_string(), format!("{rt}/{id}"));
         }
         ids.push(id);
@@ -75,29 +87,33 @@ pub fn bundle_ops(mut bundle: Value, policy: IdPolicy) -> Result<(BundleKind, Ve
         .into_iter()
         .zip(ids)
         .enumerate()
-        .map(|(i, (entry, id))| entry_op(entry, id, policy, &urls).map_err(|e| e.at(format!("Bundle.entry[{i}]"))))
+        .map(|(i, (entry, id))| {
+            entry_op(entry, id, policy, &urls, &edit).map_err(|e| e.at(format!("Bundle.entry[{i}]")))
+        })
         .collect();
     Ok((kind, ops))
 }
 
-fn url_id(entry: &Value) -> Option<String> {
-    let url = entry.pointer("/request/url").and_then(Value::as_str)?;
-    let path = url.split('?').next().unwrap_or(url);
+fn url_id(entry: &Json<'_>) -> Option<String> {
+    let url = entry.pointer(&["request", "url"]).and_then(Json::as_str)?;
+    let path = url.split('?').next().unwrap_or(&url);
     let mut parts = path.trim_matches('/').split('/');
     let (_t, id) = (parts.next()?, parts.next()?);
     Some(id.to_string())
 }
 
 fn entry_op(
-    mut entry: Value,
+    entry: Json<'_>,
     id: Option<String>,
     policy: IdPolicy,
     urls: &HashMap<String, String>,
+    edit: &impl Fn(&mut Json<'_>),
 ) -> Result<WriteOp, Issue> {
-    let method = entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("PUT").to_string();
+    let method =
+        entry.pointer(&["request", "method"]).and_then(Json::as_str).map_or("PUT".to_string(), |m| m.into_owned());
     match (policy, method.as_str()) {
         (_, "DELETE") => {
-            let url = entry.pointer("/request/url").and_then(Value::as_str).unwrap_or("");
+            let url = entry.pointer(&["request", "url"]).and_then(Json::as_str).unwrap_or_default();
             let mut parts = url.trim_matches('/').split('/');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(t), Some(i), None) if sluice_fhir::is_r4_resource_type(t) && valid_id(i) => {
@@ -107,26 +123,31 @@ fn entry_op(
             }
         }
         (_, "PUT" | "POST") => {
-            let mut resource = entry
-                .get_mut("resource")
-                .map(Value::take)
+            let Json::Object(members) = entry else { unreachable!("an entry with a method is an object") };
+            let mut resource = members
+                .into_iter()
+                .rev()
+                .find(|(k, _)| k.is("resource"))
+                .map(|(_, v)| v)
                 .ok_or_else(|| Issue::error(IssueCode::Required, format!("a {method} entry needs a resource")))?;
             if policy == IdPolicy::Rest
-                && let (Some(obj), Some(id)) = (resource.as_object_mut(), &id)
+                && resource.is_object()
+                && let Some(id) = &id
             {
                 if method == "PUT"
-                    && let Some(Value::String(own)) = obj.get("id")
-                    && own != id
+                    && let Some(own) = resource.get("id").and_then(Json::as_str)
+                    && own != id.as_str()
                 {
                     return Err(Issue::error(
                         IssueCode::Invalid,
                         format!("resource id '{own}' does not match request.url id '{id}'"),
                     ));
                 }
-                obj.insert("id".into(), Value::String(id.clone()));
+                resource.set("id", Json::string(id), Some("resourceType"));
             }
             rewrite_references(&mut resource, urls);
-            prepare(resource, id.as_deref()).map(WriteOp::Put)
+            edit(&mut resource);
+            prepare_parsed(resource, id.as_deref()).map(WriteOp::Put)
         }
         (_, other) => Err(Issue::error(
             IssueCode::NotSupported,
@@ -136,25 +157,25 @@ fn entry_op(
 }
 
 /// Rewrites every `reference` whose value is a key of `urls`.
-pub fn rewrite_references(v: &mut Value, urls: &HashMap<String, String>) {
+pub fn rewrite_references(v: &mut Json<'_>, urls: &HashMap<String, String>) {
     if urls.is_empty() {
         return;
     }
     match v {
-        Value::Object(map) => {
-            for (k, child) in map.iter_mut() {
-                if k == "reference"
-                    && let Value::String(s) = child
+        Json::Object(members) => {
+            for (k, child) in members.iter_mut() {
+                if k.is("reference")
+                    && let Json::String(s) = child
                 {
-                    if let Some(new) = urls.get(s.as_str()) {
-                        *s = new.clone();
+                    if let Some(new) = urls.get(s.text().as_ref()) {
+                        *child = Json::string(new);
                     }
                     continue;
                 }
                 rewrite_references(child, urls);
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|c| rewrite_references(c, urls)),
+        Json::Array(items) => items.iter_mut().for_each(|c| rewrite_references(c, urls)),
         _ => {}
     }
 }
@@ -164,12 +185,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn synthea_bundle() -> Value {
-        json!({"resourceType":"Bundle","type":"transaction","entry":[
+    /// The exact tree of a `serde_json` value.
+    fn tree(v: serde_json::Value) -> Json<'static> {
+        Json::parse(&v.to_string()).unwrap().into_owned()
+    }
+
+    /// The stored JSON of a prepared resource, as a `serde_json` value.
+    fn stored(r: &crate::NewResource) -> serde_json::Value {
+        serde_json::from_str(&r.render(1, time::OffsetDateTime::UNIX_EPOCH)).unwrap()
+    }
+
+    fn synthea_bundle() -> Json<'static> {
+        tree(json!({"resourceType":"Bundle","type":"transaction","entry":[
             {"fullUrl":"urn:uuid:p1","resource":{"resourceType":"Patient","id":"p1"},"request":{"method":"POST","url":"Patient"}},
             {"fullUrl":"urn:uuid:e1","resource":{"resourceType":"Encounter","id":"e1","subject":{"reference":"urn:uuid:p1"}},"request":{"method":"POST","url":"Encounter"}},
             {"fullUrl":"urn:uuid:o1","resource":{"resourceType":"Observation","subject":{"reference":"urn:uuid:p1"},"encounter":{"reference":"urn:uuid:e1"}},"request":{"method":"POST","url":"Observation"}}
-        ]})
+        ]}))
     }
 
     #[test]
@@ -184,10 +215,10 @@ mod tests {
             })
             .collect();
         assert_eq!(puts[0].id, "p1");
-        assert_eq!(puts[1].resource["subject"]["reference"], "Patient/p1");
+        assert_eq!(stored(&puts[1])["subject"]["reference"], "Patient/p1");
         assert_eq!(puts[1].patients, vec!["p1".to_string()]);
         assert_eq!(puts[2].id, "o1", "falls back to the urn:uuid");
-        assert_eq!(puts[2].resource["encounter"]["reference"], "Encounter/e1");
+        assert_eq!(stored(&puts[2])["encounter"]["reference"], "Encounter/e1");
     }
 
     #[test]
@@ -201,7 +232,7 @@ mod tests {
             })
             .collect();
         assert_ne!(puts[0].id, "p1");
-        assert_eq!(puts[1].resource["subject"]["reference"], format!("Patient/{}", puts[0].id));
+        assert_eq!(stored(&puts[1])["subject"]["reference"], format!("Patient/{}", puts[0].id));
         assert_eq!(puts[1].patients, vec![puts[0].id.clone()]);
     }
 
@@ -215,7 +246,7 @@ mod tests {
             {"request":{"method":"PUT","url":"Patient/z"}},
             {"request":{"method":"DELETE","url":"Nope/z"}}
         ]});
-        let (kind, ops) = bundle_ops(b, IdPolicy::Rest).unwrap();
+        let (kind, ops) = bundle_ops(tree(b), IdPolicy::Rest).unwrap();
         assert_eq!(kind, BundleKind::Batch);
         assert!(matches!(&ops[0], Ok(WriteOp::Put(r)) if r.id == "a"));
         assert_eq!(ops[1], Ok(WriteOp::Delete { resource_type: "Patient".into(), id: "b".into() }));
@@ -227,9 +258,9 @@ mod tests {
 
     #[test]
     fn not_a_bundle() {
-        assert!(bundle_ops(json!({"resourceType":"Patient"}), IdPolicy::Keep).is_err());
-        assert!(bundle_ops(json!({"resourceType":"Bundle"}), IdPolicy::Keep).is_err());
-        let (_, ops) = bundle_ops(json!({"resourceType":"Bundle","type":"collection"}), IdPolicy::Keep).unwrap();
+        assert!(bundle_ops(tree(json!({"resourceType":"Patient"})), IdPolicy::Keep).is_err());
+        assert!(bundle_ops(tree(json!({"resourceType":"Bundle"})), IdPolicy::Keep).is_err());
+        let (_, ops) = bundle_ops(tree(json!({"resourceType":"Bundle","type":"collection"})), IdPolicy::Keep).unwrap();
         assert!(ops.is_empty());
     }
 }

@@ -16,9 +16,9 @@
 pub mod bundle;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use sluice_fhir::{Issue, IssueCode};
 use sluice_jobs::JobRepo;
+use sluice_json::Json;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -40,53 +40,128 @@ pub enum StoreError {
     Database(String),
 }
 
-/// A resource ready to be written: validated, with its type, id and patient links.
-#[derive(Debug, Clone, PartialEq)]
+/// A resource ready to be written: validated, with its type, id and patient links, and its
+/// JSON rendered once, exactly as it came in (D17), with room for `meta.versionId` and
+/// `meta.lastUpdated`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewResource {
     /// `resourceType`.
     pub resource_type: String,
     /// `id`.
     pub id: String,
-    /// The resource; `meta.versionId`/`meta.lastUpdated` are overwritten by the store.
-    /// `Null` once [`NewResource::pre_render`] moved it into `rendered`.
-    pub resource: Value,
     /// Ids of the patients whose compartment it is in.
     pub patients: Vec<String>,
-    /// The resource already rendered as version 1 (see [`NewResource::pre_render`]).
-    pub rendered: Option<Rendered>,
+    /// The compact JSON, less the two values the store assigns.
+    body: Template,
 }
 
-/// Compact JSON of a resource rendered as version 1, with a placeholder `lastUpdated` at a
-/// known offset: the store fills in the time without parsing or serialising again.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rendered {
-    json: String,
-    at: usize,
+/// Compact JSON with holes for `meta.versionId` and `meta.lastUpdated`: the store fills
+/// them in without parsing or serialising again.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Template {
+    /// The text around the holes.
+    text: String,
+    /// Where each hole is in `text`, in order.
+    holes: Vec<(usize, Hole)>,
 }
 
-/// Stands in for `meta.lastUpdated` in a [`Rendered`] resource; as long as a formatted
-/// instant (24 bytes), so the time is written in place.
-const PLACEHOLDER: &str = "~sluice-lastUpdated-000~";
+/// What goes into a [`Template`] hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hole {
+    VersionId,
+    LastUpdated,
+}
 
-impl NewResource {
-    /// Renders the resource now, as version 1, and drops the parsed form: loads call this
-    /// on their reading thread so the writer only fills in the time.
-    pub fn pre_render(mut self) -> Self {
-        if self.rendered.is_some() {
-            return self;
+impl Template {
+    /// Writes `resource` (an object) with every `meta` member's `versionId` and
+    /// `lastUpdated` as holes; a missing `meta` is added at the end, missing members at the
+    /// end of `meta`. Everything else is written exactly as it was read.
+    fn of(resource: &Json<'_>) -> Template {
+        let mut t = Template::default();
+        let members = resource.members().unwrap_or_default();
+        t.text.push('{');
+        let mut has_meta = false;
+        for (i, (key, value)) in members.iter().enumerate() {
+            if i > 0 {
+                t.text.push(',');
+            }
+            if key.is("meta") {
+                has_meta = true;
+                sluice_json::write_str(key, &mut t.text);
+                t.text.push(':');
+                t.meta(value);
+            } else {
+                sluice_json::write_member(key, value, &mut t.text);
+            }
         }
-        let placeholder = time::OffsetDateTime::UNIX_EPOCH;
-        let mut json = stamp(&mut self.resource, 1, placeholder);
-        let epoch = sluice_fhir::instant::format(placeholder);
-        let key = format!("\"lastUpdated\":\"{epoch}\"");
-        let Some(pos) = json.rfind(&key) else { return self };
-        let at = pos + key.len() - epoch.len() - 1;
-        json.replace_range(at..at + epoch.len(), PLACEHOLDER);
-        self.rendered = Some(Rendered { json, at });
-        self.resource = Value::Null;
-        self
+        if !has_meta {
+            if !members.is_empty() {
+                t.text.push(',');
+            }
+            t.text.push_str("\"meta\":");
+            t.meta(&Json::Null);
+        }
+        t.text.push('}');
+        t
     }
 
+    /// Writes a `meta` object (a non-object `meta` is replaced by an object).
+    fn meta(&mut self, meta: &Json<'_>) {
+        let mut first = true;
+        let mut sep = |text: &mut String| {
+            if !std::mem::take(&mut first) {
+                text.push(',');
+            }
+        };
+        let (mut version, mut updated) = (false, false);
+        self.text.push('{');
+        for (key, value) in meta.members().unwrap_or_default() {
+            let (seen, hole) = if key.is("versionId") {
+                (&mut version, Hole::VersionId)
+            } else if key.is("lastUpdated") {
+                (&mut updated, Hole::LastUpdated)
+            } else {
+                sep(&mut self.text);
+                sluice_json::write_member(key, value, &mut self.text);
+                continue;
+            };
+            if !std::mem::replace(seen, true) {
+                sep(&mut self.text);
+                sluice_json::write_str(key, &mut self.text);
+                self.text.push(':');
+                self.holes.push((self.text.len(), hole));
+            }
+        }
+        for (seen, key, hole) in [(version, "versionId", Hole::VersionId), (updated, "lastUpdated", Hole::LastUpdated)]
+        {
+            if !seen {
+                sep(&mut self.text);
+                self.text.push_str(&format!("\"{key}\":"));
+                self.holes.push((self.text.len(), hole));
+            }
+        }
+        self.text.push('}');
+    }
+
+    fn render(&self, version: u64, last_updated: OffsetDateTime) -> String {
+        let mut out = String::with_capacity(self.text.len() + 48);
+        let mut from = 0;
+        for &(at, hole) in &self.holes {
+            out.push_str(&self.text[from..at]);
+            out.push('"');
+            match hole {
+                Hole::VersionId => out.push_str(&version.to_string()),
+                Hole::LastUpdated => out.push_str(&sluice_fhir::instant::format(last_updated)),
+            }
+            out.push('"');
+            from = at;
+        }
+        out.push_str(&self.text[from..]);
+        out
+    }
+}
+
+impl NewResource {
     /// The write is a no-op when this resource equals the current version (stored as
     /// `current_json`, version `version` at `last_updated`) in everything but `meta`: then
     /// this returns what to report, and nothing should be written.
@@ -103,46 +178,46 @@ impl NewResource {
         })
     }
 
-    /// The JSON to store for `version` at `last_updated`.
+    /// The JSON to store for `version` at `last_updated`: the resource as it came in, with
+    /// only `meta.versionId` and `meta.lastUpdated` set.
     pub fn render(&self, version: u64, last_updated: OffsetDateTime) -> String {
-        match &self.rendered {
-            Some(r) if version == 1 => {
-                let mut json = r.json.clone();
-                json.replace_range(r.at..r.at + PLACEHOLDER.len(), &sluice_fhir::instant::format(last_updated));
-                json
-            }
-            Some(r) => {
-                let mut v: Value = serde_json::from_str(&r.json).expect("rendered JSON parses");
-                stamp(&mut v, version, last_updated)
-            }
-            None => stamp(&mut self.resource.clone(), version, last_updated),
-        }
+        self.body.render(version, last_updated)
     }
 }
 
+/// Checks an incoming resource, given as JSON text, and prepares it for writing (see
+/// [`prepare_parsed`]). Invalid JSON is an `Issue` naming the position.
+pub fn prepare(json: &str, id: Option<&str>) -> Result<NewResource, Issue> {
+    let resource = Json::parse(json)
+        .map_err(|e| Issue::error(IssueCode::Structure, format!("the resource is not valid JSON: {e}")))?;
+    prepare_parsed(resource, id)
+}
+
 /// Checks an incoming resource (an object with a known `resourceType` and a valid `id`)
-/// and computes its compartment membership. `id` may be given when the resource has none.
-pub fn prepare(mut resource: Value, id: Option<&str>) -> Result<NewResource, Issue> {
-    let obj = resource
-        .as_object_mut()
-        .ok_or_else(|| Issue::error(IssueCode::Structure, "a resource must be a JSON object"))?;
-    let rt = obj
+/// and computes its compartment membership. `id` may be given when the resource has none;
+/// it is then written after `resourceType`. Nothing else of the resource changes: numbers
+/// and strings are kept exactly as written (D17).
+pub fn prepare_parsed(mut resource: Json<'_>, id: Option<&str>) -> Result<NewResource, Issue> {
+    if !resource.is_object() {
+        return Err(Issue::error(IssueCode::Structure, "a resource must be a JSON object"));
+    }
+    let rt = resource
         .get("resourceType")
-        .and_then(Value::as_str)
+        .and_then(Json::as_str)
         .ok_or_else(|| Issue::error(IssueCode::Required, "the resource has no resourceType").at("resourceType"))?
-        .to_string();
+        .into_owned();
     if !sluice_fhir::is_r4_resource_type(&rt) {
         return Err(
             Issue::error(IssueCode::NotSupported, format!("'{rt}' is not a FHIR R4 resource type")).at("resourceType")
         );
     }
     if let Some(id) = id
-        && obj.get("id").is_none()
+        && resource.get("id").is_none()
     {
-        obj.insert("id".into(), Value::String(id.to_string()));
+        resource.set("id", Json::string(id), Some("resourceType"));
     }
-    let rid = match obj.get("id") {
-        Some(Value::String(s)) => s.clone(),
+    let rid = match resource.get("id") {
+        Some(Json::String(s)) => s.text().into_owned(),
         Some(_) => {
             return Err(Issue::error(IssueCode::Invalid, "the resource id must be a string").at(format!("{rt}.id")));
         }
@@ -156,7 +231,7 @@ pub fn prepare(mut resource: Value, id: Option<&str>) -> Result<NewResource, Iss
         .at(format!("{rt}.id")));
     }
     let patients = sluice_fhir::patient_ids(&resource).into_iter().collect();
-    Ok(NewResource { resource_type: rt, id: rid, resource, patients, rendered: None })
+    Ok(NewResource { resource_type: rt, id: rid, patients, body: Template::of(&resource) })
 }
 
 /// Whether `id` is a valid FHIR id: 1 to 64 characters of `A-Za-z0-9-.`.
@@ -502,39 +577,34 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
     }
 }
 
-/// Stamps `meta.versionId` and `meta.lastUpdated` into a resource and returns compact JSON.
-pub fn stamp(resource: &mut Value, version_id: u64, last_updated: OffsetDateTime) -> String {
-    if let Some(obj) = resource.as_object_mut() {
-        let meta = obj.entry("meta").or_insert_with(|| Value::Object(Default::default()));
-        if !meta.is_object() {
-            *meta = Value::Object(Default::default());
-        }
-        let m = meta.as_object_mut().expect("meta is an object");
-        m.insert("versionId".into(), Value::String(version_id.to_string()));
-        m.insert("lastUpdated".into(), Value::String(sluice_fhir::instant::format(last_updated)));
-    }
-    serde_json::to_string(resource).expect("a serde_json::Value always serialises")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+
+    fn t() -> OffsetDateTime {
+        sluice_fhir::instant::parse("2024-01-02T03:04:05.678Z").unwrap()
+    }
 
     #[test]
     fn prepare_checks_type_and_id() {
-        let ok = prepare(json!({"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"}}), None)
-            .unwrap();
+        let ok =
+            prepare(r#"{"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p1"}}"#, None).unwrap();
         assert_eq!((ok.resource_type.as_str(), ok.id.as_str()), ("Observation", "o1"));
-        assert!(prepare(json!([1]), None).is_err());
-        assert!(prepare(json!({"id":"x"}), None).is_err());
-        let e = prepare(json!({"resourceType":"Nope","id":"x"}), None).unwrap_err();
+        assert_eq!(ok.patients, vec!["p1".to_string()]);
+        assert!(prepare("[1]", None).is_err());
+        assert!(prepare(r#"{"id":"x"}"#, None).is_err());
+        let e = prepare(r#"{"resourceType":"Nope","id":"x"}"#, None).unwrap_err();
         assert!(e.diagnostics.contains("'Nope'"));
-        assert!(prepare(json!({"resourceType":"Patient"}), None).is_err());
-        assert!(prepare(json!({"resourceType":"Patient","id":"bad id"}), None).is_err());
-        assert!(prepare(json!({"resourceType":"Patient","id":7}), None).is_err());
-        let p = prepare(json!({"resourceType":"Patient"}), Some("new")).unwrap();
-        assert_eq!(p.resource["id"], "new");
+        assert!(prepare(r#"{"resourceType":"Patient"}"#, None).is_err());
+        assert!(prepare(r#"{"resourceType":"Patient","id":"bad id"}"#, None).is_err());
+        assert!(prepare(r#"{"resourceType":"Patient","id":7}"#, None).is_err());
+        let e = prepare(r#"{"resourceType":"Patient",}"#, None).unwrap_err();
+        assert!(e.diagnostics.contains("not valid JSON") && e.diagnostics.contains("column"), "{}", e.diagnostics);
+        let p = prepare(r#"{"resourceType":"Patient","active":true}"#, Some("new")).unwrap();
+        assert_eq!(
+            p.render(1, t()),
+            r#"{"resourceType":"Patient","id":"new","active":true,"meta":{"versionId":"1","lastUpdated":"2024-01-02T03:04:05.678Z"}}"#
+        );
     }
 
     #[test]
@@ -547,29 +617,45 @@ mod tests {
     }
 
     #[test]
-    fn stamp_sets_meta_and_keeps_the_rest() {
-        let mut r = json!({"resourceType":"Patient","id":"p","meta":{"profile":["x"],"versionId":"9"},"active":true});
-        let t = sluice_fhir::instant::parse("2024-01-02T03:04:05.678Z").unwrap();
-        let s = stamp(&mut r, 2, t);
+    fn render_sets_meta_where_it_is_and_keeps_the_rest() {
+        let r = prepare(
+            r#"{"resourceType":"Patient","id":"p","meta":{"lastUpdated":"x","profile":["x"],"versionId":"9"},"active":true}"#,
+            None,
+        )
+        .unwrap();
         assert_eq!(
-            s,
-            r#"{"resourceType":"Patient","id":"p","meta":{"profile":["x"],"versionId":"2","lastUpdated":"2024-01-02T03:04:05.678Z"},"active":true}"#
+            r.render(12, t()),
+            r#"{"resourceType":"Patient","id":"p","meta":{"lastUpdated":"2024-01-02T03:04:05.678Z","profile":["x"],"versionId":"12"},"active":true}"#
+        );
+        let bare = prepare(r#"{"resourceType":"Patient","id":"q"}"#, None).unwrap();
+        assert!(bare.render(1, t()).ends_with(r#""meta":{"versionId":"1","lastUpdated":"2024-01-02T03:04:05.678Z"}}"#));
+        let odd = prepare(r#"{"resourceType":"Patient","id":"q","meta":7}"#, None).unwrap();
+        assert!(odd.render(1, t()).ends_with(r#""meta":{"versionId":"1","lastUpdated":"2024-01-02T03:04:05.678Z"}}"#));
+        let tagged = prepare(r#"{"resourceType":"Patient","id":"q","meta":{"tag":[{"code":"a"}]}}"#, None).unwrap();
+        assert!(
+            tagged.render(2, t()).ends_with(
+                r#""meta":{"tag":[{"code":"a"}],"versionId":"2","lastUpdated":"2024-01-02T03:04:05.678Z"}}"#
+            )
         );
     }
 
     #[test]
-    fn pre_rendered_resources_render_like_parsed_ones() {
-        let r =
-            prepare(json!({"resourceType":"Patient","id":"p","meta":{"profile":["x"]},"name":[{"family":"A"}]}), None)
-                .unwrap();
-        let pre = r.clone().pre_render();
-        assert_eq!(pre.resource, Value::Null);
-        let t = sluice_fhir::instant::parse("2024-01-02T03:04:05.678Z").unwrap();
-        assert_eq!(pre.render(1, t), r.render(1, t));
-        assert_eq!(pre.render(3, t), r.render(3, t), "later versions take the slow path");
-        let bare = prepare(json!({"resourceType":"Patient","id":"q"}), None).unwrap();
-        assert_eq!(bare.clone().pre_render().render(1, t), bare.render(1, t));
-        assert!(bare.render(1, t).ends_with(r#""meta":{"versionId":"1","lastUpdated":"2024-01-02T03:04:05.678Z"}}"#));
+    fn numbers_strings_and_order_are_kept_exactly() {
+        let text = "{ \"resourceType\" : \"Observation\", \"id\":\"o\",\n \"valueQuantity\": {\"value\": 112.41600000000001, \"unit\":\"\\u2028\\\"😀\\ud83d\\ude00\"},\n \"component\":[{\"valueDecimal\":-0.0},{\"valueDecimal\":1.50},{\"valueInteger\":123456789012345678901234567890}],\"zz\":3.14159265358979323846264338327950288,\"aa\":0.010 }";
+        let r = prepare(text, None).unwrap();
+        assert_eq!(
+            r.render(1, t()),
+            "{\"resourceType\":\"Observation\",\"id\":\"o\",\"valueQuantity\":{\"value\":112.41600000000001,\"unit\":\"\\u2028\\\"😀\\ud83d\\ude00\"},\"component\":[{\"valueDecimal\":-0.0},{\"valueDecimal\":1.50},{\"valueInteger\":123456789012345678901234567890}],\"zz\":3.14159265358979323846264338327950288,\"aa\":0.010,\"meta\":{\"versionId\":\"1\",\"lastUpdated\":\"2024-01-02T03:04:05.678Z\"}}"
+        );
+    }
+
+    #[test]
+    fn unchanged_compares_everything_but_meta() {
+        let r = prepare(r#"{"resourceType":"Patient","id":"p","x":1.50}"#, None).unwrap();
+        let stored = r.render(3, t());
+        assert!(r.unchanged_from(&stored, 3, t()).is_some());
+        let other = prepare(r#"{"resourceType":"Patient","id":"p","x":1.5}"#, None).unwrap();
+        assert!(other.unchanged_from(&stored, 3, t()).is_none(), "1.5 is not 1.50");
     }
 
     #[test]

@@ -9,8 +9,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
+use sluice_json::Json;
 use sluice_store::bundle::{BundleKind, IdPolicy, bundle_ops};
-use sluice_store::{ReadResult, WriteOp, Written, prepare, valid_id};
+use sluice_store::{ReadResult, WriteOp, Written, prepare_parsed, valid_id};
 
 fn check_type(t: &str) -> Result<(), ApiError> {
     if sluice_fhir::is_r4_resource_type(t) {
@@ -20,11 +21,12 @@ fn check_type(t: &str) -> Result<(), ApiError> {
     }
 }
 
-fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+/// The body as an exact JSON tree: numbers and strings stay as the client wrote them (D17).
+fn parse_json(body: &[u8]) -> Result<Json<'_>, ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request("the request body is empty; send a FHIR JSON resource"));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
+    Json::parse_bytes(body).map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
 }
 
 fn invalid(issue: Issue) -> ApiError {
@@ -82,23 +84,23 @@ pub async fn update(
         return Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")));
     }
     let resource = parse_json(&body)?;
-    match resource.get("resourceType").and_then(Value::as_str) {
+    match resource.get("resourceType").and_then(Json::as_str) {
         Some(rt) if rt == t => {}
         other => {
             return Err(ApiError::bad_request(format!(
                 "the body's resourceType ({}) does not match the URL's type {t}",
-                other.unwrap_or("missing")
+                other.as_deref().unwrap_or("missing")
             )));
         }
     }
     match resource.get("id") {
         None => {}
-        Some(Value::String(s)) if *s == id => {}
+        Some(Json::String(s)) if s.is(&id) => {}
         Some(other) => {
             return Err(ApiError::bad_request(format!("the body's id ({other}) does not match the URL's id '{id}'")));
         }
     }
-    let r = prepare(resource, Some(&id)).map_err(invalid)?;
+    let r = prepare_parsed(resource, Some(&id)).map_err(invalid)?;
     let w = app.inner.engine.store().put(r).await.map_err(store_err)?;
     written_response(&app, &w, if w.created { StatusCode::CREATED } else { StatusCode::OK })
 }
@@ -107,14 +109,12 @@ pub async fn update(
 pub async fn create(State(app): State<AppState>, Path(t): Path<String>, body: Bytes) -> Result<Response, ApiError> {
     check_type(&t)?;
     let mut resource = parse_json(&body)?;
-    if resource.get("resourceType").and_then(Value::as_str) != Some(t.as_str()) {
+    if resource.get("resourceType").and_then(Json::as_str).as_deref() != Some(t.as_str()) {
         return Err(ApiError::bad_request(format!("the body's resourceType does not match the URL's type {t}")));
     }
     let id = uuid::Uuid::new_v4().to_string();
-    if let Some(obj) = resource.as_object_mut() {
-        obj.insert("id".into(), Value::String(id.clone()));
-    }
-    let r = prepare(resource, Some(&id)).map_err(invalid)?;
+    resource.set("id", Json::string(&id), Some("resourceType"));
+    let r = prepare_parsed(resource, Some(&id)).map_err(invalid)?;
     let w = app.inner.engine.store().put(r).await.map_err(store_err)?;
     written_response(&app, &w, StatusCode::CREATED)
 }

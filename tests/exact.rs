@@ -192,6 +192,17 @@ fn every_export_path_keeps_resources_exactly() {
         with_query(&srv.fhir("/$export"), &[("_type", "Observation"), ("_typeFilter", "Observation?status=final")]);
     check_content(&download_all(&export(&srv, &url)), &pick(&["edge-o1", "edge-o2", "edge-o4"]));
 
+    // Quantities compare as exact decimals: 5.4000000000000001 is above 5.40 (as an f64 it
+    // is not), and within the precision of eq5.40.
+    for (filter, ids) in [
+        ("Observation?value-quantity=gt5.40", ["edge-o1", "edge-o3", "edge-o4"].as_slice()),
+        ("Observation?value-quantity=5.40", &["edge-o2", "edge-o3"]),
+        ("Observation?value-quantity=le5.40&status=final", &["edge-o2"]),
+    ] {
+        let url = with_query(&srv.fhir("/$export"), &[("_type", "Observation"), ("_typeFilter", filter)]);
+        check_content(&download_all(&export(&srv, &url)), &pick(ids));
+    }
+
     let url = with_query(
         &srv.fhir("/$export"),
         &[("_type", "Observation"), ("includeAssociatedData", "LatestProvenanceResources")],

@@ -360,10 +360,12 @@ fn altered_signature_is_refused() {
 }
 
 /// The CapabilityStatement names Sluice, declares the three export operations and lists
-/// every type in the store.
+/// every R4 resource type, also those without data (D20); `Group` is marked not available
+/// to patient and group exports (D9, IG 3.0's operation-not-supported extension), other
+/// types are not (outside the compartment they are exported when asked for, D8).
 #[test]
 fn capability_statement() {
-    let srv = Server::loaded(&[]);
+    let srv = Server::empty(&[]);
     let r = get(&srv.fhir("/metadata"));
     assert_eq!(r.status, 200);
     let cs = r.json();
@@ -381,8 +383,23 @@ fn capability_statement() {
     assert!(op_defs(&by_type("Patient")["operation"]).contains(&format!("{bulk}patient-export")));
     assert!(op_defs(&by_type("Group")["operation"]).contains(&format!("{bulk}group-export")));
     let listed: BTreeSet<&str> = resources.iter().filter_map(|r| r["type"].as_str()).collect();
-    for (t, _) in DATA_COUNTS {
+    assert_eq!(listed.len(), 146, "every concrete R4 resource type, in an empty store: {listed:?}");
+    for t in DATA_COUNTS.map(|(t, _)| t).into_iter().chain(["DocumentReference", "Specimen", "Binary", "Provenance"]) {
         assert!(listed.contains(t), "rest[0].resource does not list {t}");
+    }
+    let not_supported = |t: &str| -> BTreeSet<String> {
+        by_type(t)["extension"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["url"] == "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/operation-not-supported")
+            .map(|e| e["valueCanonical"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let patient_and_group = BTreeSet::from([format!("{bulk}patient-export"), format!("{bulk}group-export")]);
+    assert_eq!(not_supported("Group"), patient_and_group, "Group is never exported at patient or group level");
+    for t in ["Patient", "Observation", "DocumentReference", "Provenance", "Organization", "Device", "Binary"] {
+        assert!(not_supported(t).is_empty(), "{t} can be exported at every level");
     }
 }
 

@@ -64,7 +64,8 @@ fn file_name(e: &Value) -> String {
 /// Downloads every `output` file as bulk clients do (`Accept-Encoding: gzip`): the files
 /// are `patients.<ext>`, `patients-2.<ext>`, ... in manifest order, served as
 /// `application/fhir+ndjson` (gzip bytes with `Content-Encoding: gzip` for `.ndjson.gz`);
-/// the served bytes have the entry's size and SHA-256, and the file its `count` lines.
+/// the served bytes have the entry's size and SHA-256, and the file `count` resources: its
+/// lines less the block headers (D18).
 fn download_blocks(m: &Value, ext: &str) -> Vec<BlockFile> {
     let entries = m["output"].as_array().expect("output");
     let names: Vec<String> = entries.iter().map(file_name).collect();
@@ -96,7 +97,13 @@ fn download_blocks(m: &Value, ext: &str) -> Vec<BlockFile> {
         let text = String::from_utf8(bytes).unwrap_or_else(|_| panic!("{name} is not UTF-8"));
         assert!(text.ends_with('\n'), "{name}: empty, or its last line does not end with a newline");
         let lines: Vec<String> = text.lines().map(String::from).collect();
-        assert_eq!(Some(lines.len() as u64), e["count"].as_u64(), "count of {name} (header lines included)");
+        let headers = lines.iter().filter(|l| l.starts_with(r#"{"resourceType":"Parameters""#)).count();
+        assert!(headers > 0, "{name} has no block header");
+        assert_eq!(
+            Some((lines.len() - headers) as u64),
+            e["count"].as_u64(),
+            "count of {name}: resources, not header lines (D18)"
+        );
         files.push(BlockFile { name, lines });
     }
     files
@@ -275,7 +282,7 @@ fn warns_about(warnings: &[Value], parameter: &str, word: &str) -> bool {
 
 /// A patient-level export organized by patient, as gzip: one block per patient with every
 /// resource of its compartment, Patient first and then type by type; the blocks together
-/// are exactly a patient-level export. The manifest's counts (header lines included),
+/// are exactly a patient-level export. The manifest's counts (resources, D18),
 /// sizes and checksums match the served files, and the export folder's `manifest.json`
 /// lists the same files, without types.
 #[test]
@@ -317,7 +324,8 @@ fn patient_export_organized_by_patient_as_gzip() {
 
 /// With `--max-file-resources 500` the blocks fill several files, and no block is split:
 /// each file starts with a header and takes a new block only while it holds fewer than 500
-/// lines, so a file exceeds the limit by less than its last block (the largest
+/// resources (headers are not counted, D18), so a file exceeds the limit by less than its
+/// last block (the largest
 /// compartment has over 2,000 resources); each patient's header is in exactly one file.
 #[test]
 fn blocks_are_never_split_across_files() {
@@ -339,7 +347,12 @@ fn blocks_are_never_split_across_files() {
     assert!(files.iter().any(|f| f.lines.len() > largest), "the largest block and its header share a file");
     for (f, file) in files.iter().enumerate() {
         let last = blocks.iter().filter(|b| b.file == f).map(|b| b.at).max().expect("a file holds a block");
-        assert!(last < LIMIT, "{}: a block starts at line {last}, with the file already full", file.name);
+        let resources_before = last - blocks.iter().filter(|b| b.file == f && b.at < last).count();
+        assert!(
+            resources_before < LIMIT,
+            "{}: a block starts after {resources_before} resources, with the file already full",
+            file.name
+        );
     }
     check_blocks(&blocks, &by_patient(&expected, &reference.patient_ids()));
 }
@@ -473,8 +486,9 @@ fn group_since_chain_with_a_late_joiner() {
     check_blocks(&blocks(&download_blocks(&fourth, "ndjson")), &PerPatient::from([(x.to_string(), x_block)]));
 }
 
-/// `_elements=id` within blocks: every resource is subsetted to `resourceType`, `id` and
-/// `meta`, tagged SUBSETTED, as in an export organized by type; the headers are untouched.
+/// `_elements=id` within blocks: every resource is subsetted to `resourceType`, `id`, `meta`
+/// and its type's mandatory elements (D21), tagged SUBSETTED, as in an export organized by
+/// type; the headers are untouched.
 #[test]
 fn elements_apply_within_blocks() {
     let srv = Server::loaded(&[]);
@@ -501,7 +515,9 @@ fn elements_apply_within_blocks() {
         assert_eq!(block_keys(b), keys(&want[&b.patient]), "the block of Patient/{}", b.patient);
         for r in &b.resources {
             let fields: BTreeSet<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
-            assert!(fields.is_subset(&BTreeSet::from(["resourceType", "id", "meta"])), "{r}");
+            // Immunization's mandatory elements (R4 min 1) stay too (D21).
+            let kept = ["resourceType", "id", "meta", "status", "vaccineCode", "patient", "occurrenceDateTime"];
+            assert!(fields.is_subset(&BTreeSet::from(kept)), "{r}");
             let tags = r["meta"]["tag"].as_array().unwrap_or_else(|| panic!("no meta.tag: {r}"));
             assert!(
                 tags.iter().any(|t| t["code"] == "SUBSETTED"

@@ -36,6 +36,12 @@ struct Args {
     /// Keep the scratch database afterwards.
     #[arg(long)]
     keep: bool,
+    /// A `sluice` binary built from an earlier commit (e.g. with `git worktree`): its load,
+    /// system exports, `_typeFilter` evaluation and client round trip are timed in the same
+    /// run, on a scratch database of its own, and the report adds this build / that build
+    /// ratios.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
 }
 
 const SETS: [&str; 3] = ["r4-615-patients", "r4-100-patients-groups", "r4-79-patients-hiv"];
@@ -213,10 +219,39 @@ fn run(args: &Args) -> Res<()> {
             .map_err(|_| format!("needs {tool} (apt-get install postgresql-client pigz)"))?;
     }
     let bin = sluice_bin()?;
-    let name = format!("sluice_bench_{}", std::process::id());
+    let before = match &args.baseline_bin {
+        Some(old) => {
+            println!("== baseline build: {}", old.display());
+            let r = with_database(args, "base", |db| bench(args, old, db));
+            println!("\n== this build");
+            Some(r?)
+        }
+        None => None,
+    };
+    let after = with_database(args, "main", |db| bench(args, &bin, db))?;
+    if let Some(before) = before {
+        println!();
+        println!("this build / baseline build (same run; < 1 is faster, > 1 for rates is faster):");
+        println!("  load resources/s               {:>6.2}   [target: >= 50k/s]", after.load_rate / before.load_rate);
+        println!("  system export ndjson.gz time   {:>6.2}", after.sys_gz / before.sys_gz);
+        println!("  system export ndjson time      {:>6.2}", after.sys_nd / before.sys_nd);
+        println!("  _typeFilter evaluated time     {:>6.2}", after.tf_eval / before.tf_eval);
+        println!("  _elements time                 {:>6.2}", after.elements / before.elements);
+        println!("  server peak RSS                {:>6.2}", after.rss / before.rss);
+        println!(
+            "  client round trip (100 patients, kick-off to last byte) {:.2} s -> {:.2} s",
+            before.client, after.client
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` on a scratch database, dropped afterwards unless `--keep`.
+fn with_database<T>(args: &Args, tag: &str, f: impl FnOnce(&str) -> Res<T>) -> Res<T> {
+    let name = format!("sluice_bench_{tag}_{}", std::process::id());
     psql(&args.database_url, &format!("CREATE DATABASE {name}"))?;
     let db = db_url(&args.database_url, &name);
-    let result = bench(args, &bin, &db);
+    let result = f(&db);
     if !args.keep {
         let _ = psql(&args.database_url, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
     } else {
@@ -225,7 +260,90 @@ fn run(args: &Args) -> Res<()> {
     result
 }
 
-fn bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
+/// The figures compared between two builds.
+struct Figures {
+    load_rate: f64,
+    sys_gz: f64,
+    sys_nd: f64,
+    tf_eval: f64,
+    elements: f64,
+    rss: f64,
+    client: f64,
+}
+
+/// A bulk client's whole run on the 100-patient set (embedded store): kick-off of a system
+/// export, status polls that wait exactly each `Retry-After`, and the download of every file:
+/// the seconds from the kick-off to the last byte (median of `runs`).
+fn client_round_trip(args: &Args, bin: &Path) -> Res<f64> {
+    let dir = std::env::temp_dir().join(format!("sluice-bench-client-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    sh(Command::new(bin)
+        .args(["load", "--data-dir"])
+        .arg(&dir)
+        .arg(args.data.join("r4-100-patients-groups"))
+        .env("SLUICE_LOG", "warn"))?;
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .env("SLUICE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let url = lines
+        .find_map(|l| l.ok().and_then(|l| l.strip_prefix("sluice listening on ").map(|u| u.trim().to_string())))
+        .ok_or("sluice serve did not start")?;
+    std::thread::spawn(move || lines.for_each(drop));
+    let agent = agent();
+    let mut runs = Vec::new();
+    let mut result = Ok(());
+    for _ in 0..args.runs.max(1) {
+        match client_once(&agent, &url) {
+            Ok(s) => runs.push(s),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map(|()| median(runs))
+}
+
+/// One client run (see [`client_round_trip`]).
+fn client_once(agent: &ureq::Agent, url: &str) -> Res<f64> {
+    let started = Instant::now();
+    let r = agent.get(format!("{url}/fhir/$export")).header("prefer", "respond-async").call();
+    let r = r.map_err(|e| e.to_string())?;
+    let loc = r.headers().get("content-location").and_then(|v| v.to_str().ok()).ok_or("no Content-Location")?;
+    let loc = loc.to_string();
+    let manifest: Value = loop {
+        let mut r = agent.get(&loc).call().map_err(|e| e.to_string())?;
+        match r.status().as_u16() {
+            200 => {
+                break serde_json::from_str(&r.body_mut().read_to_string().map_err(|e| e.to_string())?)
+                    .map_err(|e| e.to_string())?;
+            }
+            202 | 429 => {
+                let wait = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse().ok());
+                std::thread::sleep(Duration::from_secs(wait.unwrap_or(1)));
+            }
+            s => return Err(format!("status {s}")),
+        }
+    };
+    for f in manifest["output"].as_array().into_iter().flatten() {
+        let mut r = agent.get(f["url"].as_str().unwrap_or_default()).call().map_err(|e| e.to_string())?;
+        std::io::copy(&mut r.body_mut().with_config().limit(1 << 32).reader(), &mut std::io::sink())
+            .map_err(|e| e.to_string())?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let _ = agent.delete(&loc).call();
+    Ok(secs)
+}
+
+fn bench(args: &Args, bin: &Path, db: &str) -> Res<Figures> {
     let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -308,6 +426,8 @@ fn bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
     // (`status`), or pushed into the store's query (`_lastUpdated`).
     let tf_eval = measure("$export?_type=Observation&_typeFilter=Observation%3Fstatus%3Dentered-in-error")?;
     let tf_push = measure("$export?_type=Observation&_typeFilter=Observation%3F_lastUpdated%3Dgt2100-01-01")?;
+    // `_elements` parses and rewrites every resource of the types it names.
+    let elements = measure("$export?_type=Observation,Claim&_elements=id,status&_outputFormat=ndjson.gz")?;
     let rss = server.peak_rss_mb();
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
@@ -330,6 +450,7 @@ fn bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
         ("patient export by patient, ndjson.gz", org_gz),
         ("_typeFilter status (evaluated)", tf_eval),
         ("_typeFilter _lastUpdated (in SQL)", tf_push),
+        ("_elements id,status (Observation, Claim)", elements),
     ] {
         println!("{name:<38} {s:>8.2} {n:>10} {:>12.0} {:>9.1}", n as f64 / s, b as f64 / 1e6 / s);
     }
@@ -342,5 +463,15 @@ fn bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
     println!("  by patient / patient ndjson.gz  {:>6.2}", org_gz.0 / pat_gz.0);
     println!("  _typeFilter in SQL / evaluated  {:>6.2}", tf_push.0 / tf_eval.0);
     println!("server peak RSS: {rss:.1} MB   [<= 64 MB at 1M resources]");
-    Ok(())
+    let client = client_round_trip(args, bin)?;
+    println!("client round trip, 100 patients, kick-off to last byte: {client:.2} s   [<= 1.5 s]");
+    Ok(Figures {
+        load_rate: loaded as f64 / load_secs,
+        sys_gz: sys_gz.0,
+        sys_nd: sys_nd.0,
+        tf_eval: tf_eval.0,
+        elements: elements.0,
+        rss,
+        client,
+    })
 }

@@ -1059,7 +1059,7 @@ impl Encoder {
     ) -> Result<Vec<Encoded>, sluice_ndjson::NdjsonError> {
         let mut events = Vec::new();
         if let Some(h) = header {
-            self.writer.write_line(h, &mut events)?;
+            self.writer.write_header(h, &mut events)?;
         }
         for line in lines {
             if joined {

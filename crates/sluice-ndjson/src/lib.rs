@@ -255,7 +255,7 @@ impl NdjsonWriter {
     /// May first finish the current file and start the next one (see the
     /// [splitting rule](crate#file-splitting-rule)).
     pub fn write_line(&mut self, line: &[u8], out: &mut Vec<Event>) -> Result<(), NdjsonError> {
-        self.write(line, true, out)
+        self.write(line, true, false, out)
     }
 
     /// Appends one line to the current file whatever the split limits say: the line stays
@@ -266,10 +266,19 @@ impl NdjsonWriter {
     ///
     /// [`write_line`]: Self::write_line
     pub fn write_line_joined(&mut self, line: &[u8], out: &mut Vec<Event>) -> Result<(), NdjsonError> {
-        self.write(line, false, out)
+        self.write(line, false, false, out)
     }
 
-    fn write(&mut self, line: &[u8], may_split: bool, out: &mut Vec<Event>) -> Result<(), NdjsonError> {
+    /// Appends a line that is not a resource: a patient block's `Parameters` header
+    /// (`organizeOutputBy=Patient`). It may start a new file like a
+    /// [`write_line`](Self::write_line) line, but it is not counted in
+    /// [`FileSummary::resources`] nor in the `max_resources` limit: manifests count resources
+    /// only (D18), as the SMART reference server does.
+    pub fn write_header(&mut self, line: &[u8], out: &mut Vec<Event>) -> Result<(), NdjsonError> {
+        self.write(line, true, true, out)
+    }
+
+    fn write(&mut self, line: &[u8], may_split: bool, header: bool, out: &mut Vec<Event>) -> Result<(), NdjsonError> {
         validate_line(line)?;
         let added = line.len() as u64 + 1;
         if may_split && self.must_split(added, out)? {
@@ -296,7 +305,7 @@ impl NdjsonWriter {
                 file.observe(deflate);
             }
         }
-        file.resources += 1;
+        file.resources += u64::from(!header);
         file.uncompressed += added;
         Ok(())
     }

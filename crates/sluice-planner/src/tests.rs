@@ -824,9 +824,9 @@ fn type_filter_queries_sluice_cannot_run_are_errors_when_strict() {
         ("Foo?x=1", IssueCode::NotSupported, &["'Foo' is not a standard FHIR R4 resource type"][..]),
         ("observation?status=final", IssueCode::NotSupported, &["did you mean Observation?"]),
         (
-            "Observation?value-quantity=gt5",
+            "Observation?combo-code=x",
             IssueCode::NotSupported,
-            &["'value-quantity' is not supported on Observation", "_id, _lastUpdated, category"],
+            &["'combo-code' is not supported on Observation", "_id, _lastUpdated, category"],
         ),
         ("Observation?status=final&_sort=date", IssueCode::NotSupported, &["'_sort' is a search result parameter"]),
         ("Observation?subject.name=x", IssueCode::NotSupported, &["chained"]),

@@ -2,15 +2,18 @@
 //! then evaluated against each resource's JSON in memory.
 //!
 //! ```
-//! use serde_json::json;
+//! use sluice_json::Json;
 //!
-//! let q = sluice_search::parse_query("Observation?status=final&date=ge2024-01&code=http://loinc.org|8302-2,8867-4")?;
-//! let obs = json!({
+//! let q = sluice_search::parse_query(
+//!     "Observation?status=final&date=ge2024-01&code=http://loinc.org|8302-2,8867-4&value-quantity=gt5.40",
+//! )?;
+//! let obs = Json::parse(r#"{
 //!     "resourceType": "Observation", "status": "final",
 //!     "code": {"coding": [{"system": "http://loinc.org", "code": "8302-2"}]},
-//!     "effectiveDateTime": "2024-03-05T10:00:00+01:00"
-//! });
-//! assert!(q.matches(&obs));
+//!     "effectiveDateTime": "2024-03-05T10:00:00+01:00",
+//!     "valueQuantity": {"value": 5.4000000000000001}
+//! }"#).unwrap();
+//! assert!(q.matches(&obs), "5.4000000000000001 > 5.40, compared as exact decimals");
 //! # Ok::<(), sluice_search::SearchError>(())
 //! ```
 //!
@@ -44,6 +47,12 @@
 //! - string: starts-with ignoring case and accents; `:contains` anywhere; `:exact` the whole
 //!   string, case and accents included. `name` on a `HumanName` searches family, given,
 //!   prefix, suffix and text.
+//! - quantity (`value-quantity`, `component-value-quantity` on Observation):
+//!   `[prefix]number[|system|code]`. The resource's `value` and the search number are compared
+//!   as exact decimals, as written (D17), never through `f64`: `gt5.40` matches
+//!   `5.4000000000000001`. `eq` (default) and `ne` use the search number's precision (`5.40`
+//!   is `[5.395, 5.405)`); `gt`, `lt`, `ge`, `le` (and `sa`, `eb`) compare the values.
+//!   `system|code` must match the Quantity's; `||code` matches its `code` or `unit`.
 //! - `:missing=true|false` on every kind: whether the resource has no value for the parameter.
 //!
 //! **Pushdown.** [`store_bounds`] derives from a type's queries what a store can select before
@@ -114,6 +123,8 @@ pub enum Test {
     Date(Vec<DateValue>),
     /// A reference parameter.
     Reference(Vec<RefValue>),
+    /// A quantity parameter.
+    Quantity(Vec<QuantityValue>),
     /// A string parameter.
     String {
         /// How the strings are compared.
@@ -142,6 +153,19 @@ pub struct DateValue {
     pub start: i64,
     /// The millisecond after the range.
     pub end: i64,
+}
+
+/// A quantity value: `[prefix]number[|system|code]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantityValue {
+    /// The prefix (`eq` when none was given).
+    pub prefix: Prefix,
+    /// The number exactly as given (`5.40`): its digits set the precision `eq` compares at.
+    pub number: String,
+    /// The unit system; `None` for any (`5.4` or `5.4||mg`).
+    pub system: Option<String>,
+    /// The unit code (or, without a system, the code or the unit text); `None` for any.
+    pub code: Option<String>,
 }
 
 /// A reference value.

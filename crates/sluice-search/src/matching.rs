@@ -6,7 +6,9 @@ use std::borrow::Cow;
 use crate::date::{self, Range};
 use crate::params::ParamDef;
 use crate::parse::split_reference;
-use crate::{Criterion, StringMode, Test, TokenValue};
+use crate::{Criterion, Prefix, QuantityValue, StringMode, Test, TokenValue};
+use bigdecimal::BigDecimal;
+use std::str::FromStr;
 
 /// Collects the values at `path` below `node`, following every element of every array on
 /// the way (and of an array at the end). `null`, `""` and `{}` carry no value and are
@@ -70,6 +72,7 @@ impl Criterion {
                     })
                 })
             }
+            Test::Quantity(values) => nodes.iter().any(|n| values.iter().any(|v| quantity_matches(n, v))),
             Test::String { mode, values } => nodes.iter().filter_map(|n| n.as_str()).any(|s| match mode {
                 StringMode::Exact => values.iter().any(|v| *v == s),
                 StringMode::StartsWith => {
@@ -98,6 +101,51 @@ fn token_matches(node: &Json<'_>, wanted: &TokenValue) -> bool {
         Json::String(s) => plain_matches(&s.text(), wanted),
         Json::Bool(b) => plain_matches(if *b { "true" } else { "false" }, wanted),
         _ => false,
+    }
+}
+
+/// A FHIR decimal as an exact number: the text as written, digits and scale kept (`5.40`
+/// has scale 2). `None` for anything else, including JSON's `1e400`-style numbers too large
+/// to be a FHIR decimal (their exponent is bounded so that comparisons stay cheap).
+pub(crate) fn decimal(text: &str) -> Option<BigDecimal> {
+    let valid = text.strip_prefix('-').unwrap_or(text).starts_with(|c: char| c.is_ascii_digit())
+        && text.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'))
+        && text.len() <= 64;
+    let d = BigDecimal::from_str(text).ok().filter(|_| valid)?;
+    (d.as_bigint_and_exponent().1.abs() <= 1000).then_some(d)
+}
+
+/// Whether a `Quantity` matches a quantity search value. The resource's value and the
+/// search number are compared as exact decimals (D17): `gt5.40` matches
+/// `5.4000000000000001`. `eq` (and `ne`) use the search number's precision, as FHIR's
+/// number search defines it: `5.40` stands for `[5.395, 5.405)`.
+fn quantity_matches(node: &Json<'_>, wanted: &QuantityValue) -> bool {
+    let Some(value) = node.get("value").and_then(Json::as_number).and_then(decimal) else { return false };
+    let Some(number) = decimal(&wanted.number) else { return false };
+    let text = |key: &str| node.get(key).and_then(Json::as_str);
+    let unit_ok = match (&wanted.system, &wanted.code) {
+        (None, None) => true,
+        (Some(system), code) => {
+            text("system").as_deref() == Some(system.as_str())
+                && code.as_ref().is_none_or(|c| text("code").as_deref() == Some(c.as_str()))
+        }
+        (None, Some(code)) => {
+            text("code").as_deref() == Some(code.as_str()) || text("unit").as_deref() == Some(code.as_str())
+        }
+    };
+    if !unit_ok {
+        return false;
+    }
+    // Half a unit in the last given digit: 0.005 for 5.40, 50 for 1e2.
+    let half = BigDecimal::new(5.into(), number.as_bigint_and_exponent().1 + 1);
+    let within = value >= &number - &half && value < &number + &half;
+    match wanted.prefix {
+        Prefix::Eq => within,
+        Prefix::Ne => !within,
+        Prefix::Gt | Prefix::Sa => value > number,
+        Prefix::Lt | Prefix::Eb => value < number,
+        Prefix::Ge => value >= number,
+        Prefix::Le => value <= number,
     }
 }
 

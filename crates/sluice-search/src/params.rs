@@ -22,6 +22,9 @@ pub enum ParamKind {
     Reference,
     /// Text: case- and accent-insensitive starts-with by default.
     String,
+    /// A `Quantity`'s value (with an optional `system|code`), compared as an exact decimal
+    /// with prefixes (`gt5.40`), never through binary floating point.
+    Quantity,
 }
 
 impl ParamKind {
@@ -32,6 +35,7 @@ impl ParamKind {
             ParamKind::Date => "date",
             ParamKind::Reference => "reference",
             ParamKind::String => "string",
+            ParamKind::Quantity => "quantity",
         }
     }
 }
@@ -60,6 +64,10 @@ const fn date(name: &'static str, paths: &'static [&'static str]) -> ParamDef {
 
 const fn string(name: &'static str, paths: &'static [&'static str]) -> ParamDef {
     ParamDef { name, kind: ParamKind::String, paths, target: None }
+}
+
+const fn quantity(name: &'static str, paths: &'static [&'static str]) -> ParamDef {
+    ParamDef { name, kind: ParamKind::Quantity, paths, target: None }
 }
 
 const fn reference(name: &'static str, paths: &'static [&'static str], target: Option<&'static str>) -> ParamDef {
@@ -91,6 +99,8 @@ const OBSERVATION: &[ParamDef] = &[
     token("code", &["code"]),
     STATUS,
     date("date", &["effectiveDateTime", "effectivePeriod", "effectiveInstant"]),
+    quantity("value-quantity", &["valueQuantity"]),
+    quantity("component-value-quantity", &["component.valueQuantity"]),
     PATIENT_SUBJECT,
     SUBJECT,
     ENCOUNTER,

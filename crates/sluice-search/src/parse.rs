@@ -5,7 +5,7 @@ use sluice_fhir::{R4_RESOURCE_TYPES, is_r4_resource_type};
 use crate::date::{self, Prefix};
 use crate::matching::fold;
 use crate::params::{self, ParamDef, ParamKind};
-use crate::{Criterion, DateValue, RefValue, SearchError, StringMode, Test, TokenValue, TypeQuery};
+use crate::{Criterion, DateValue, QuantityValue, RefValue, SearchError, StringMode, Test, TokenValue, TypeQuery};
 
 /// The FHIR search result parameters, which shape a result page and cannot filter.
 const RESULT_PARAMETERS: &[&str] =
@@ -252,6 +252,7 @@ fn allowed_modifiers(kind: ParamKind) -> &'static str {
         ParamKind::Date => ":missing",
         ParamKind::Reference => ":missing, :[type] (e.g. :Patient)",
         ParamKind::String => ":missing, :exact, :contains",
+        ParamKind::Quantity => ":missing",
     }
 }
 
@@ -276,6 +277,10 @@ fn kind_test(def: &ParamDef, name: &str, modifier: Option<&str>, value: &str) ->
         },
         ParamKind::Date => match modifier {
             None => Ok(Test::Date(list.iter().map(|v| date_value(name, v)).collect::<Result<_, _>>()?)),
+            Some(m) => Err(bad_modifier(m)),
+        },
+        ParamKind::Quantity => match modifier {
+            None => Ok(Test::Quantity(list.iter().map(|v| quantity_value(name, v)).collect::<Result<_, _>>()?)),
             Some(m) => Err(bad_modifier(m)),
         },
         ParamKind::String => {
@@ -334,8 +339,38 @@ fn token_value(name: &str, value: &str) -> Result<TokenValue, SearchError> {
 }
 
 /// `[prefix]date`.
-fn date_value(name: &str, value: &str) -> Result<DateValue, SearchError> {
-    let (prefix, text) = match value.get(..2) {
+/// `[prefix]number[|system|code]`, the number a FHIR decimal (`5.40`, `-1`, `1e3`).
+fn quantity_value(name: &str, value: &str) -> Result<QuantityValue, SearchError> {
+    let parts = split_unescaped(value, '|');
+    let (number, system, code) = match parts.as_slice() {
+        [n] => (*n, None, None),
+        [n, s, c] => {
+            let (s, c) = (unescape(s), unescape(c));
+            (*n, (!s.is_empty()).then_some(s), (!c.is_empty()).then_some(c))
+        }
+        _ => {
+            return Err(invalid(
+                name,
+                format!("'{value}' is not number, or number|system|code (e.g. gt5.4|http://unitsofmeasure.org|mg)"),
+            ));
+        }
+    };
+    let (prefix, number) = prefixed(name, number, "number")?;
+    if crate::matching::decimal(number).is_none() {
+        return Err(invalid(
+            name,
+            format!(
+                "'{number}' is not a decimal number (e.g. 5.40, -1, 1.5e3), optionally after a prefix ({})",
+                Prefix::ACCEPTED
+            ),
+        ));
+    }
+    Ok(QuantityValue { prefix, number: number.to_string(), system, code })
+}
+
+/// Splits a search prefix (`gt`, ...) off `value`; `eq` when there is none.
+fn prefixed<'v>(name: &str, value: &'v str, what: &str) -> Result<(Prefix, &'v str), SearchError> {
+    Ok(match value.get(..2) {
         Some(p) if p.bytes().all(|b| b.is_ascii_alphabetic()) => match Prefix::parse(p) {
             Some(prefix) => (prefix, &value[2..]),
             None if p == "ap" => {
@@ -347,12 +382,16 @@ fn date_value(name: &str, value: &str) -> Result<DateValue, SearchError> {
             None => {
                 return Err(invalid(
                     name,
-                    format!("'{p}' in '{value}' is not a date prefix; use one of {}", Prefix::ACCEPTED),
+                    format!("'{p}' in '{value}' is not a {what} prefix; use one of {}", Prefix::ACCEPTED),
                 ));
             }
         },
         _ => (Prefix::Eq, value),
-    };
+    })
+}
+
+fn date_value(name: &str, value: &str) -> Result<DateValue, SearchError> {
+    let (prefix, text) = prefixed(name, value, "date")?;
     let Some(range) = date::parse(text) else {
         return Err(invalid(
             name,

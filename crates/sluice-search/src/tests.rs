@@ -257,8 +257,8 @@ fn unknown_types_are_refused_with_a_hint() {
 #[test]
 fn unsupported_parameters_list_the_supported_ones() {
     let err = refused(
-        "Observation?value-quantity=gt5",
-        &["'value-quantity' is not supported on Observation", "_id, _lastUpdated, category, code, status, date"],
+        "Observation?combo-code=x",
+        &["'combo-code' is not supported on Observation", "_id, _lastUpdated, category, code, status, date"],
     );
     assert!(err.is_not_supported());
     refused("Device?type=x", &["supported: _id, _lastUpdated"]);
@@ -902,7 +902,7 @@ fn queries_round_trip_through_json() {
     // Old or foreign records: `query` is optional; an unknown parameter matches nothing.
     let stored: TypeQuery = serde_json::from_value(json!({
         "resource_type": "Observation",
-        "criteria": [{"param": "value-quantity", "test": {"missing": false}}]
+        "criteria": [{"param": "combo-code", "test": {"missing": false}}]
     }))
     .unwrap();
     assert_eq!(stored.query, "");
@@ -1021,6 +1021,7 @@ fn every_parameter_parses_with_every_modifier_of_its_kind() {
                 ParamKind::Date => &["2024", "ge2024-05-03T10:00:00Z"],
                 ParamKind::Reference => &["Patient/1", "1"],
                 ParamKind::String => &["x"],
+                ParamKind::Quantity => &["5.40", "gt5|http://unitsofmeasure.org|cm", "le-1e3||mg"],
             };
             let modifiers: &[&str] = match kind {
                 ParamKind::Token => &["", ":not", ":text"],
@@ -1349,4 +1350,69 @@ fn bounds_are_exact_at_the_edges() {
             assert!(!matches_any(&queries, &j(&stored_obs("o1", u + 1))), "{text}: {u} + 1 is excluded");
         }
     }
+}
+
+// ---------------------------------------------------------------- quantities (exact decimals)
+
+/// An Observation whose `valueQuantity.value` is written as `value` (exact text).
+fn quantity_obs(value: &str) -> Json<'static> {
+    let text = format!(
+        r#"{{"resourceType":"Observation","valueQuantity":{{"value":{value},"unit":"cm","system":"http://unitsofmeasure.org","code":"cm"}}}}"#
+    );
+    Json::parse(&text).unwrap().into_owned()
+}
+
+fn qm(query: &str, value: &str) -> bool {
+    q(&format!("Observation?value-quantity={query}")).matches(&quantity_obs(value))
+}
+
+#[test]
+fn quantities_compare_as_exact_decimals_never_through_f64() {
+    // 5.4000000000000001 and 5.40 are the same f64; they are not the same decimal.
+    assert!(qm("gt5.40", "5.4000000000000001"));
+    assert!(!qm("gt5.40", "5.40"));
+    assert!(!qm("gt5.40", "5.4"));
+    assert!(qm("ge5.40", "5.4"));
+    assert!(qm("lt5.4000000000000001", "5.40"));
+    assert!(!qm("le5.3999999999999999", "5.4"));
+    assert!(qm("gt123456789012345678901234567889", "123456789012345678901234567890"));
+    assert!(!qm("gt123456789012345678901234567890", "123456789012345678901234567890"));
+    assert!(qm("sa5", "5.0000000000000000001") && qm("eb5", "4.9999999999999999999"));
+    // eq and ne use the precision of the search number: 5.40 is [5.395, 5.405).
+    assert!(qm("5.40", "5.4000000000000001"));
+    assert!(qm("eq5.40", "5.395"));
+    assert!(!qm("eq5.40", "5.405"));
+    assert!(qm("5.4", "5.44") && !qm("5.40", "5.44"));
+    assert!(qm("ne5.40", "5.41") && !qm("ne5.40", "5.4"));
+    assert!(qm("1e2", "149") && !qm("1e2", "150"));
+    assert!(qm("-0.0", "0") && qm("0", "-0.0"));
+    // Several values are OR-ed; units narrow.
+    assert!(qm("1,5.4", "5.4"));
+    assert!(qm("5.4|http://unitsofmeasure.org|cm", "5.4"));
+    assert!(!qm("5.4|http://unitsofmeasure.org|mm", "5.4"));
+    assert!(qm("5.4||cm", "5.4") && !qm("5.4||kg", "5.4"));
+    // Not a number at the path, or no value: no match.
+    let text = Json::parse(r#"{"resourceType":"Observation","valueQuantity":{"value":"5.4"}}"#).unwrap();
+    assert!(!q("Observation?value-quantity=5.4").matches(&text));
+    assert!(q("Observation?value-quantity:missing=false").matches(&j(&observation())));
+    assert!(!q("Observation?value-quantity:missing=true").matches(&j(&observation())));
+}
+
+#[test]
+fn component_quantities_are_searched_too() {
+    let text = r#"{"resourceType":"Observation","component":[{"valueQuantity":{"value":120}},{"valueQuantity":{"value":80.0}}]}"#;
+    let obs = Json::parse(text).unwrap();
+    assert!(q("Observation?component-value-quantity=gt119").matches(&obs));
+    assert!(q("Observation?component-value-quantity=80").matches(&obs));
+    assert!(!q("Observation?component-value-quantity=gt120").matches(&obs));
+}
+
+#[test]
+fn bad_quantities_are_refused_with_reasons() {
+    for bad in ["gtabc", "ap5", "5|x", "5|a|b|c", "xx5", "5.4.3", "1e99999", "0x10", ".5", "5,"] {
+        let err = parse_query(&format!("Observation?value-quantity={bad}")).unwrap_err();
+        assert!(matches!(err, SearchError::InvalidValue { .. }), "{bad}: {err}");
+    }
+    let err = parse_query("Observation?value-quantity:exact=5").unwrap_err();
+    assert!(matches!(err, SearchError::UnsupportedModifier { .. }), "{err}");
 }

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Seconds a client should wait between status polls (small: real clients wait this long).
-const POLL_SECONDS: u64 = 2;
+const MAX_POLL_SECONDS: u64 = 10;
 /// Seconds a client should wait before retrying a kick-off refused because one is running.
 const BUSY_SECONDS: u64 = 5;
 
@@ -288,8 +288,8 @@ fn running(polls: &Polls, job: &JobRecord, page: usize) -> Result<Response, ApiE
     let counted = job.status == JobStatus::InProgress && !job.progress.is_empty();
     let now = Instant::now();
     let key = if page == 1 { job.id.clone() } else { format!("{}#page={page}", job.id) };
-    let first = match polls.poll(&key, now, POLL_SECONDS, counted.then_some(done)) {
-        Poll::TooSoon { wait, since } => {
+    let first = match polls.poll(&key, now, counted.then_some(done)) {
+        Poll::TooSoon { wait, since, asked } => {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 Issue::error(
@@ -299,7 +299,7 @@ fn running(polls: &Polls, job: &JobRecord, page: usize) -> Result<Response, ApiE
                          Retry-After: {}; wait {wait} s (Retry-After) before polling again",
                         job.id,
                         since.as_secs_f64(),
-                        POLL_SECONDS
+                        asked
                     ),
                 ),
             )
@@ -313,6 +313,8 @@ fn running(polls: &Polls, job: &JobRecord, page: usize) -> Result<Response, ApiE
         .then(|| Duration::try_from(time::OffsetDateTime::now_utc() - job.created_at).ok())
         .flatten();
     let left = if counted { seconds_left(done, total, first, now, since_kickoff) } else { None };
+    let retry_after = retry_after(left);
+    polls.asked(&key, retry_after);
     let progress = match job.status {
         JobStatus::Accepted => "accepted: waiting to start".to_string(),
         _ if !counted => "in-progress: 0% (taking the snapshot, counting resources)".to_string(),
@@ -340,8 +342,20 @@ fn running(polls: &Polls, job: &JobRecord, page: usize) -> Result<Response, ApiE
         (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
     let h = res.headers_mut();
     h.insert("x-progress", HeaderValue::from_str(&progress).map_err(ApiError::internal)?);
-    h.insert(header::RETRY_AFTER, HeaderValue::from(POLL_SECONDS));
+    h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     Ok(res)
+}
+
+/// `Retry-After` for a running export (D19): 1 s while it is likely to end within a second
+/// or two (or nothing tells yet how long it will take: most exports are short), else a
+/// quarter of the time left, so a long export is polled a few times on its way, never more
+/// than the time left and at most [`MAX_POLL_SECONDS`] (clients such as smart-fetch wait a
+/// minute when told more).
+fn retry_after(seconds_left: Option<u64>) -> u64 {
+    match seconds_left {
+        Some(left) if left > 2 => (left / 4).clamp(1, MAX_POLL_SECONDS),
+        _ => 1,
+    }
 }
 
 /// Seconds an export still needs at the rate it has written so far, when that can be
@@ -407,22 +421,24 @@ const MAX_TRACKED: usize = 256;
 /// What [`Polls::poll`] decided.
 #[derive(Debug, PartialEq)]
 enum Poll {
-    /// Too early: 429, retry after `wait` seconds; the last 202 was `since` ago.
-    TooSoon { wait: u64, since: Duration },
+    /// Too early: 429, retry after `wait` seconds; the last 202 was `since` ago and asked
+    /// for `asked` seconds.
+    TooSoon { wait: u64, since: Duration, asked: u64 },
     /// Answer with the status; `first` is the first progress seen, for the ETA.
     Answer { first: Option<(Instant, u64)> },
 }
 
 impl Polls {
-    /// A poll of export `id` at `now`, to be answered 202 with `retry_after` (and `done`
-    /// resources written, once counted) unless it comes too early.
+    /// A poll of export `id` at `now`, to be answered 202 (with `done` resources written,
+    /// once counted) unless it comes too early; [`Polls::asked`] then records the
+    /// `Retry-After` the answer carries.
     ///
     /// The tolerance: a poll is accepted from half the previous `Retry-After` on. Clients'
     /// timers are coarse and `Retry-After` is whole seconds, so a client that waits what it
     /// was told is never refused, even with jitter; one that polls several times per
     /// interval is. A 429 does not restart the interval, and its `Retry-After` is what is
     /// left of the full interval (at least 1 s), so waiting it is always enough.
-    fn poll(&self, id: &str, now: Instant, retry_after: u64, done: Option<u64>) -> Poll {
+    fn poll(&self, id: &str, now: Instant, done: Option<u64>) -> Poll {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = map.get_mut(id) {
             let since = now.saturating_duration_since(s.answered);
@@ -430,10 +446,9 @@ impl Polls {
             if since < asked / 2 {
                 let rest = asked - since;
                 let wait = rest.as_secs() + u64::from(rest.subsec_nanos() > 0);
-                return Poll::TooSoon { wait: wait.max(1), since };
+                return Poll::TooSoon { wait: wait.max(1), since, asked: s.retry_after };
             }
             s.answered = now;
-            s.retry_after = retry_after;
             if let Some(done) = done {
                 // A rerun (after a restart elsewhere) starts again from 0: start over too.
                 if s.first.is_none() || done < s.last_done {
@@ -449,8 +464,16 @@ impl Polls {
             map.remove(&oldest);
         }
         let first = done.map(|d| (now, d));
-        map.insert(id.to_string(), PollState { answered: now, retry_after, first, last_done: done.unwrap_or(0) });
+        map.insert(id.to_string(), PollState { answered: now, retry_after: 1, first, last_done: done.unwrap_or(0) });
         Poll::Answer { first }
+    }
+
+    /// Records the `Retry-After` of the 202 just given for export `id`: the next poll is
+    /// accepted from half of it on.
+    fn asked(&self, id: &str, retry_after: u64) {
+        if let Some(s) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get_mut(id) {
+            s.retry_after = retry_after;
+        }
     }
 
     /// Forgets export `id` (it ended, or was cancelled or deleted).
@@ -484,41 +507,64 @@ mod tests {
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
+    /// A poll as the status handler makes it: answered polls record their `Retry-After`.
+    fn ask(polls: &Polls, id: &str, now: Instant, retry_after: u64, done: Option<u64>) -> Poll {
+        let answer = polls.poll(id, now, done);
+        if matches!(answer, Poll::Answer { .. }) {
+            polls.asked(id, retry_after);
+        }
+        answer
+    }
+
+    #[test]
+    fn retry_after_follows_the_estimate() {
+        assert_eq!(retry_after(None), 1, "no estimate yet: most exports are short");
+        assert_eq!(retry_after(Some(1)), 1);
+        assert_eq!(retry_after(Some(2)), 1);
+        assert_eq!(retry_after(Some(3)), 1, "never more than the time left");
+        assert_eq!(retry_after(Some(12)), 3);
+        assert_eq!(retry_after(Some(39)), 9);
+        assert_eq!(retry_after(Some(3600)), 10, "at most 10 s");
+        for left in 1..100 {
+            assert!(retry_after(Some(left)) <= left, "{left}");
+        }
+    }
+
     #[test]
     fn polls_faster_than_half_the_retry_after_are_refused() {
         let polls = Polls::default();
         let t0 = Instant::now();
-        assert_eq!(polls.poll("a", t0, 2, None), Poll::Answer { first: None });
+        assert_eq!(ask(&polls, "a", t0, 2, None), Poll::Answer { first: None });
         // Too early: what is left of the full 2 s, rounded up, at least 1 s.
-        assert_eq!(polls.poll("a", t0 + MS(300), 2, None), Poll::TooSoon { wait: 2, since: MS(300) });
-        assert_eq!(polls.poll("a", t0 + MS(999), 2, None), Poll::TooSoon { wait: 2, since: MS(999) });
+        assert_eq!(ask(&polls, "a", t0 + MS(300), 2, None), Poll::TooSoon { wait: 2, since: MS(300), asked: 2 });
+        assert_eq!(ask(&polls, "a", t0 + MS(999), 2, None), Poll::TooSoon { wait: 2, since: MS(999), asked: 2 });
         // Other exports are counted apart.
-        assert_eq!(polls.poll("b", t0 + MS(999), 2, None), Poll::Answer { first: None });
+        assert_eq!(ask(&polls, "b", t0 + MS(999), 2, None), Poll::Answer { first: None });
         // From half the interval on: answered, and the interval starts again.
-        assert_eq!(polls.poll("a", t0 + MS(1000), 2, Some(5)), Poll::Answer { first: Some((t0 + MS(1000), 5)) });
-        assert!(matches!(polls.poll("a", t0 + MS(1500), 2, Some(9)), Poll::TooSoon { wait: 2, .. }));
+        assert_eq!(ask(&polls, "a", t0 + MS(1000), 2, Some(5)), Poll::Answer { first: Some((t0 + MS(1000), 5)) });
+        assert!(matches!(ask(&polls, "a", t0 + MS(1500), 2, Some(9)), Poll::TooSoon { wait: 2, .. }));
         // A refused poll does not restart the interval: waiting its Retry-After is enough.
-        assert!(matches!(polls.poll("a", t0 + MS(3000), 2, Some(9)), Poll::Answer { .. }));
+        assert!(matches!(ask(&polls, "a", t0 + MS(3000), 2, Some(9)), Poll::Answer { .. }));
         // Retry-After 1: allowed from 0.5 s; a refusal says 1 s.
-        assert!(matches!(polls.poll("a", t0 + MS(5000), 1, Some(9)), Poll::Answer { .. }));
-        assert_eq!(polls.poll("a", t0 + MS(5100), 1, None), Poll::TooSoon { wait: 1, since: MS(100) });
-        assert!(matches!(polls.poll("a", t0 + MS(5500), 1, None), Poll::Answer { .. }));
+        assert!(matches!(ask(&polls, "a", t0 + MS(5000), 1, Some(9)), Poll::Answer { .. }));
+        assert_eq!(ask(&polls, "a", t0 + MS(5100), 1, None), Poll::TooSoon { wait: 1, since: MS(100), asked: 1 });
+        assert!(matches!(ask(&polls, "a", t0 + MS(5500), 1, None), Poll::Answer { .. }));
         // Forgotten (the export ended): the next poll is answered at once.
         polls.forget("a");
-        assert!(matches!(polls.poll("a", t0 + MS(5501), 2, None), Poll::Answer { .. }));
+        assert!(matches!(ask(&polls, "a", t0 + MS(5501), 2, None), Poll::Answer { .. }));
     }
 
     #[test]
     fn polls_remember_the_first_progress_and_restart_with_a_rerun() {
         let polls = Polls::default();
         let t0 = Instant::now();
-        assert_eq!(polls.poll("a", t0, 2, None), Poll::Answer { first: None });
-        assert_eq!(polls.poll("a", t0 + MS(2000), 2, Some(0)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
-        assert_eq!(polls.poll("a", t0 + MS(4000), 2, Some(50)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
-        assert_eq!(polls.poll("a", t0 + MS(5000), 2, Some(50)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
+        assert_eq!(ask(&polls, "a", t0, 2, None), Poll::Answer { first: None });
+        assert_eq!(ask(&polls, "a", t0 + MS(2000), 2, Some(0)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
+        assert_eq!(ask(&polls, "a", t0 + MS(4000), 2, Some(50)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
+        assert_eq!(ask(&polls, "a", t0 + MS(5000), 2, Some(50)), Poll::Answer { first: Some((t0 + MS(2000), 0)) });
         // Fewer done than before: the export started over (a restart); so does the estimate.
-        assert_eq!(polls.poll("a", t0 + MS(6000), 2, Some(10)), Poll::Answer { first: Some((t0 + MS(6000), 10)) });
-        assert_eq!(polls.poll("a", t0 + MS(8000), 2, Some(20)), Poll::Answer { first: Some((t0 + MS(6000), 10)) });
+        assert_eq!(ask(&polls, "a", t0 + MS(6000), 2, Some(10)), Poll::Answer { first: Some((t0 + MS(6000), 10)) });
+        assert_eq!(ask(&polls, "a", t0 + MS(8000), 2, Some(20)), Poll::Answer { first: Some((t0 + MS(6000), 10)) });
     }
 
     #[test]
@@ -526,11 +572,11 @@ mod tests {
         let polls = Polls::default();
         let t0 = Instant::now();
         for i in 0..(MAX_TRACKED as u64 * 3) {
-            polls.poll(&format!("e{i}"), t0 + MS(i), 2, None);
+            ask(&polls, &format!("e{i}"), t0 + MS(i), 2, None);
         }
         assert!(polls.map.lock().unwrap().len() <= MAX_TRACKED);
         // Entries not polled for FORGET_AFTER go at the next new export.
-        polls.poll("late", t0 + FORGET_AFTER + MS(MAX_TRACKED as u64 * 3), 2, None);
+        ask(&polls, "late", t0 + FORGET_AFTER + MS(MAX_TRACKED as u64 * 3), 2, None);
         assert_eq!(polls.map.lock().unwrap().len(), 1);
     }
 

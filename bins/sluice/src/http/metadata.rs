@@ -11,17 +11,17 @@ const EXPORT_OP: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/exp
 const PATIENT_EXPORT_OP: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export";
 const GROUP_EXPORT_OP: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 
-/// The server's CapabilityStatement: the three export operations, and every resource type
-/// the store holds (bulk clients intersect their `_type` list with it).
+/// The IG's extension marking a resource type (or search parameter) as not available to
+/// one export operation (Bulk Data IG 3.0).
+const NOT_SUPPORTED: &str = "http://hl7.org/fhir/uv/bulkdata/StructureDefinition/operation-not-supported";
+
+/// The server's CapabilityStatement: the three export operations and every R4 resource type
+/// (D20: anything can be loaded and exported, and bulk clients intersect their `_type` list
+/// with this one), each with the search parameters `_typeFilter` accepts. `Group` carries the
+/// IG's `operation-not-supported` extension for the patient and group exports, which never
+/// include Groups (D9).
 pub async fn capability_statement(State(app): State<AppState>) -> Result<Response, ApiError> {
-    let mut types = app.inner.engine.store().types_with_data().await.map_err(ApiError::internal)?;
-    for t in ["Patient", "Group"] {
-        if !types.iter().any(|x| x == t) {
-            types.push(t.to_string());
-        }
-    }
-    types.sort();
-    let resources: Vec<_> = types
+    let resources: Vec<_> = sluice_fhir::R4_RESOURCE_TYPES
         .iter()
         .map(|t| {
             let mut r = json!({
@@ -39,10 +39,18 @@ pub async fn capability_statement(State(app): State<AppState>) -> Result<Respons
             if !params.is_empty() {
                 r["searchParam"] = json!(params);
             }
-            match t.as_str() {
+            match *t {
                 "Patient" => r["operation"] = json!([{"name": "export", "definition": PATIENT_EXPORT_OP}]),
                 "Group" => r["operation"] = json!([{"name": "export", "definition": GROUP_EXPORT_OP}]),
                 _ => {}
+            }
+            // Other types outside the compartment are exported whole when `_type` names them
+            // (D8); a Group never is at these levels (it says nothing about its patients, D9).
+            if *t == "Group" {
+                r["extension"] = json!([
+                    {"url": NOT_SUPPORTED, "valueCanonical": PATIENT_EXPORT_OP},
+                    {"url": NOT_SUPPORTED, "valueCanonical": GROUP_EXPORT_OP},
+                ]);
             }
             r
         })

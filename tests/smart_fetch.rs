@@ -87,13 +87,14 @@ fn only(expected: Expected, types: &[&str]) -> Expected {
     expected.into_iter().filter(|(t, _)| types.contains(&t.as_str())).collect()
 }
 
-/// Per-type counts, for a readable first comparison.
-fn counts_of(files: &Files) -> BTreeMap<String, usize> {
-    files.iter().map(|(t, lines)| (t.clone(), lines.len())).collect()
-}
-
-fn expected_counts(expected: &Expected) -> BTreeMap<String, usize> {
-    expected.iter().filter(|(_, ids)| !ids.is_empty()).map(|(t, ids)| (t.clone(), ids.len())).collect()
+/// What smart-fetch wrote is `expected`: first the counts per type (a readable first
+/// comparison), then every line.
+fn assert_fetched(files: &Files, expected: &Expected) {
+    let got: BTreeMap<&str, usize> = files.iter().map(|(t, lines)| (t.as_str(), lines.len())).collect();
+    let want: BTreeMap<&str, usize> =
+        expected.iter().filter(|(_, ids)| !ids.is_empty()).map(|(t, ids)| (t.as_str(), ids.len())).collect();
+    assert_eq!(got, want, "resources per type");
+    check_content(files, expected);
 }
 
 #[test]
@@ -102,8 +103,7 @@ fn smart_fetch_system_export() {
     let srv = Server::loaded(&[]);
     let files = run(&bin, &srv, &["--no-default-filters"]);
     let expected = only(reference().all(), &SMART_FETCH_TYPES);
-    assert_eq!(counts_of(&files), expected_counts(&expected), "resources per type");
-    check_content(&files, &expected);
+    assert_fetched(&files, &expected);
 }
 
 #[test]
@@ -115,8 +115,7 @@ fn smart_fetch_group_export() {
     // smart-fetch's `_type`, it is exported whole (D8).
     let mut expected = only(reference().all_compartments(), &SMART_FETCH_TYPES);
     expected.extend(reference().types(&["Device"]));
-    assert_eq!(counts_of(&files), expected_counts(&expected), "resources per type");
-    check_content(&files, &expected);
+    assert_fetched(&files, &expected);
 }
 
 /// A `--type-filter` with a comma and `|` in its value (smart-fetch encodes them twice),
@@ -138,6 +137,5 @@ fn smart_fetch_type_filter() {
             .any(|c| c["system"] == "http://loinc.org" && codes.iter().any(|code| c["code"] == *code))
     });
     assert!(expected["Observation"].len() > 100, "the filter selects some Observations");
-    assert_eq!(counts_of(&files), expected_counts(&expected), "resources per type");
-    check_content(&files, &expected);
+    assert_fetched(&files, &expected);
 }

@@ -208,7 +208,15 @@ fn no_page(job: &JobRecord, page: usize) -> ApiError {
 /// is closed.
 async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) -> Result<Response, ApiError> {
     let polls = &app.inner.polls;
-    let job = app.inner.engine.store().get(id).await.map_err(ApiError::internal)?;
+    let mut job = app.inner.engine.store().get(id).await.map_err(ApiError::internal)?;
+    if let Some(j) = &job
+        && settles(j, page)
+    {
+        // A young export running here: give it a moment to finish (D29), then look again.
+        if tokio::time::timeout(SETTLE, app.inner.engine.wait(id)).await.is_ok() {
+            job = app.inner.engine.store().get(id).await.map_err(ApiError::internal)?;
+        }
+    }
     let Some(job) = job.filter(|j| j.status != JobStatus::Cancelled) else {
         polls.forget(id);
         return Err(ApiError::not_found(format!("no export with id '{id}' (it may have been cancelled or deleted)")));
@@ -344,6 +352,24 @@ fn running(polls: &Polls, job: &JobRecord, page: usize) -> Result<Response, ApiE
     h.insert("x-progress", HeaderValue::from_str(&progress).map_err(ApiError::internal)?);
     h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     Ok(res)
+}
+
+/// How long a status request may wait for a young export to finish (D29).
+const SETTLE: Duration = Duration::from_millis(900);
+/// Exports younger than this are young: most small exports are done within it.
+const SETTLE_WINDOW: Duration = Duration::from_secs(2);
+
+/// Whether a status request for manifest page `page` of `job` waits (up to [`SETTLE`]) for
+/// the export to finish before answering (D29): it is running and was kicked off less than
+/// [`SETTLE_WINDOW`] ago, so a small export's first poll gets the manifest instead of a
+/// `202` and a second of `Retry-After`. Pages of partial manifests are answered at once.
+fn settles(job: &JobRecord, page: usize) -> bool {
+    let young =
+        Duration::try_from(time::OffsetDateTime::now_utc() - job.created_at).is_ok_and(|age| age < SETTLE_WINDOW);
+    matches!(job.status, JobStatus::Accepted | JobStatus::InProgress)
+        && page == 1
+        && !job.plan.allow_partial_manifests
+        && young
 }
 
 /// `Retry-After` for a running export (D19): 1 s while it is likely to end within a second

@@ -543,6 +543,25 @@ mod tests {
     }
 
     #[test]
+    fn only_young_running_exports_settle() {
+        let now = time::OffsetDateTime::now_utc();
+        let plan = sluice_planner::ExportPlan::new(Level::System);
+        let mut job = JobRecord::new("j".into(), plan, "u".into(), now);
+        assert!(settles(&job, 1), "just kicked off");
+        assert!(!settles(&job, 2), "a later manifest page is answered at once");
+        job.status = JobStatus::InProgress;
+        assert!(settles(&job, 1));
+        job.created_at = now - time::Duration::seconds(3);
+        assert!(!settles(&job, 1), "older than the window: answered at once, with Retry-After");
+        job.created_at = now;
+        job.status = JobStatus::Completed;
+        assert!(!settles(&job, 1), "nothing to wait for");
+        job.status = JobStatus::InProgress;
+        job.plan.allow_partial_manifests = true;
+        assert!(!settles(&job, 1), "partial manifests answer with the pages they have");
+    }
+
+    #[test]
     fn retry_after_follows_the_estimate() {
         assert_eq!(retry_after(None), 1, "no estimate yet: most exports are short");
         assert_eq!(retry_after(Some(1)), 1);

@@ -1,12 +1,12 @@
 //! Embedding Sluice's crates: the SQLite store, the engine and in-memory storage, without
 //! the HTTP server. Run with `cargo run -p sluice-engine --example embed`.
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice_engine::{Engine, EngineConfig};
 use sluice_jobs::JobRepo;
 use sluice_planner::{KickoffRequest, Level, plan};
 use sluice_storage::{FixedStorage, MemoryStorage};
-use sluice_store::{ResourceStore, prepare};
+use sluice_store::{ResourceWrites, prepare};
 use sluice_store_sqlite::SqliteStore;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let storage = MemoryStorage::new();
     let engine = Engine::new(store.clone(), Arc::new(FixedStorage(Arc::new(storage.clone()))), EngineConfig::default());
-    let job = engine.kickoff(export_plan, "embedded".into(), Value::Null).await?;
+    let job = engine.kickoff(export_plan, "embedded".into(), sluice_storage::StorageTarget::Default).await?;
     engine.wait(&job.id).await;
 
     let job = store.get(&job.id).await?.ok_or("job vanished")?;

@@ -456,7 +456,7 @@ impl Gcs {
 
 impl Cloud for Gcs {
     fn server_args(&self) -> Vec<String> {
-        // No service account: against an emulator, anonymous requests (DESIGN.md §1).
+        // No service account: against an emulator, anonymous requests (`SLUICE_STORAGE_ENDPOINT`).
         ["--storage-provider", "gcp", "--gcp-bucket", &self.bucket, "--storage-endpoint", &self.endpoint]
             .into_iter()
             .map(String::from)

@@ -626,7 +626,7 @@ impl InProcess {
     fn new(config: sluice_engine::EngineConfig) -> InProcess {
         let dir = loaded_dir();
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let store: std::sync::Arc<dyn sluice_store::ResourceStore> =
+        let store: std::sync::Arc<dyn sluice_engine::ExportStore> =
             match std::fs::read_to_string(dir.path().join("database-url")) {
                 Ok(url) => std::sync::Arc::new(
                     runtime
@@ -648,7 +648,11 @@ impl InProcess {
         let q: Vec<(String, String)> = query.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let plan = sluice_planner::plan(&sluice_planner::KickoffRequest::get(level, &q)).expect("a valid kick-off");
         self.runtime.block_on(async {
-            let job = self.engine.kickoff(plan, "http://test/fhir/$export".into(), Value::Null).await.unwrap();
+            let job = self
+                .engine
+                .kickoff(plan, "http://test/fhir/$export".into(), sluice_storage::StorageTarget::Default)
+                .await
+                .unwrap();
             self.engine.wait(&job.id).await;
             let job = self.engine.store().get(&job.id).await.unwrap().unwrap();
             assert_eq!(job.status, sluice_jobs::JobStatus::Completed, "{:?}", job.outcome);

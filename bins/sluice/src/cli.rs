@@ -1,18 +1,20 @@
-//! Command-line interface: `sluice serve` and `sluice load` (DESIGN.md §1).
+//! Command-line interface: `sluice serve` and `sluice load` (D1).
 
-use crate::{http, load};
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use sluice_engine::{Engine, EngineConfig};
 use sluice_ndjson::SplitLimits;
+use sluice_server::{Api, Store};
 use sluice_storage::CloudOptions;
 use sluice_storage_config::{ConfiguredStorage, StorageEnv};
 use sluice_storage_local::{LocalStorage, SigningKey};
-use sluice_store::ResourceStore;
+use sluice_store::LoadSummary;
 use sluice_store_postgres::{PgOptions, PgStore};
 use sluice_store_sqlite::SqliteStore;
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Sluice: a FHIR Bulk Data ($export) server.
 #[derive(Debug, Parser)]
@@ -93,7 +95,7 @@ struct ServeArgs {
     job_lease_ms: u64,
 }
 
-/// Cloud storage for export files, configured exactly as in Aidbox (DESIGN.md §1).
+/// Cloud storage for export files, configured exactly as in Aidbox (see the README).
 #[derive(Debug, Args)]
 struct CloudArgs {
     /// Where export files go: aws, azure or gcp (unset: local disk under the data dir).
@@ -153,7 +155,7 @@ struct LoadArgs {
 /// An error for the user, printed as `sluice: <message>`.
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn open_store(args: &StoreArgs) -> Result<Arc<dyn ResourceStore>, CliError> {
+async fn open_store(args: &StoreArgs) -> Result<Arc<dyn Store>, CliError> {
     if let Some(url) = &args.database_url {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err("--database-url must be a postgres:// or postgresql:// URL".into());
@@ -172,8 +174,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Load(args) => {
             let store = open_store(&args.store).await?;
-            load::load_paths(store, &args.paths, args.copies).await?;
-            Ok(())
+            load(store.as_ref(), &args.paths, args.copies).await
         }
         Command::Serve(args) => serve(*args).await,
     }
@@ -182,7 +183,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let store = open_store(&args.store).await?;
     if !args.load.is_empty() {
-        load::load_paths(store.clone(), &args.load, 1).await?;
+        load(store.as_ref(), &args.load, 1).await?;
     }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -226,12 +227,13 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     }
     // Finishes exports whose server died (this one before a restart, or a peer).
     engine.spawn_recovery();
-    let state = http::AppState::new(engine, Some(local), base_url.clone(), Duration::from_secs(args.signed_url_ttl));
-    let app = http::router(state);
+    let app = Api::new(engine, store.clone(), base_url.clone())
+        .local_files(local)
+        .signed_url_ttl(Duration::from_secs(args.signed_url_ttl))
+        .router();
     tracing::info!(store = %store.describe(), %base_url, "sluice listening");
     // Scripts and tests read this line; a closed stdout is not a reason to stop serving.
     {
-        use std::io::Write;
         let mut out = std::io::stdout();
         let _ = writeln!(out, "sluice listening on {base_url}").and_then(|()| out.flush());
     }
@@ -253,4 +255,56 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     tracing::info!("shutting down");
+}
+
+/// Loads files with a progress bar on stderr and prints a summary per type on stdout.
+async fn load(store: &dyn Store, paths: &[PathBuf], copies: u32) -> Result<(), CliError> {
+    let started = Instant::now();
+    let bar = Bar(ProgressBar::new(0));
+    let summary = sluice_load::load_paths(store, paths, copies, Arc::new(bar.clone())).await;
+    bar.0.finish_and_clear();
+    print_summary(&summary?, started.elapsed().as_secs_f64(), &store.describe());
+    Ok(())
+}
+
+/// The load's progress bar.
+#[derive(Clone)]
+struct Bar(ProgressBar);
+
+impl sluice_load::Progress for Bar {
+    fn start(&self, bytes: u64) {
+        self.0.set_length(bytes);
+        self.0.set_style(
+            ProgressStyle::with_template("{spinner} loading [{bar:30}] {bytes}/{total_bytes} {msg} ({eta})")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+    }
+
+    fn file(&self, file: &Path) {
+        self.0.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    }
+
+    fn read(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+fn print_summary(summary: &LoadSummary, secs: f64, store: &str) {
+    use std::fmt::Write as _;
+    let n: u64 = summary.per_type.values().sum();
+    // The summary goes to stdout; a closed pipe (`sluice load ... | head -1`) is not an error.
+    let mut out = String::new();
+    let _ = writeln!(out, "loaded {n} resources in {secs:.1}s ({:.0}/s) into {store}", n as f64 / secs.max(1e-9));
+    for (t, c) in &summary.per_type {
+        let _ = writeln!(out, "  {t:<28} {c:>9}");
+    }
+    if summary.updated > 0 {
+        let _ =
+            writeln!(out, "  ({} of them replaced an existing resource with the same type and id)", summary.updated);
+    }
+    if summary.unchanged > 0 {
+        let _ = writeln!(out, "  ({} of them were already stored unchanged: no new version)", summary.unchanged);
+    }
+    let _ = std::io::stdout().write_all(out.as_bytes());
 }

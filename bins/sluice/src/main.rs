@@ -1,9 +1,8 @@
-//! `sluice`: the FHIR Bulk Data export server. This binary only wires the crates together:
-//! the CLI ([`cli`]), loading files ([`load`]) and the HTTP API ([`http`]).
+//! `sluice`: the FHIR Bulk Data export server. This binary only wires the crates together
+//! ([`cli`]): the store, the engine, the storage, the HTTP API (`sluice-server`) and the
+//! loader (`sluice-load`).
 
 mod cli;
-mod http;
-mod load;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -7,8 +7,10 @@ use sluice_engine::{Engine, EngineConfig, KickoffError};
 use sluice_jobs::{JobRepo, JobStatus};
 use sluice_ndjson::SplitLimits;
 use sluice_planner::{KickoffRequest, Level, plan};
-use sluice_storage::{FixedStorage, MemoryStorage, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError};
-use sluice_store::{ResourceStore, prepare};
+use sluice_storage::{
+    FixedStorage, MemoryStorage, ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError, StorageTarget,
+};
+use sluice_store::{ExportReads, ResourceWrites, prepare};
 use sluice_store_sqlite::SqliteStore;
 use std::io::Read;
 use std::sync::Arc;
@@ -56,7 +58,7 @@ fn lines(bytes: &[u8], gzip: bool) -> Vec<Value> {
 }
 
 async fn run(engine: &Engine, p: sluice_planner::ExportPlan) -> sluice_jobs::JobRecord {
-    let job = engine.kickoff(p, "http://x/fhir/$export".into(), Value::Null).await.unwrap();
+    let job = engine.kickoff(p, "http://x/fhir/$export".into(), StorageTarget::Default).await.unwrap();
     engine.wait(&job.id).await;
     engine.store().get(&job.id).await.unwrap().unwrap()
 }
@@ -112,9 +114,10 @@ async fn patient_and_group_exports_follow_the_compartment() {
     expected.push("Patient/p0".into());
     assert_eq!(ids, expected, "the inactive member p2 is skipped");
 
-    let missing = engine.kickoff(get_plan(Level::Group("nope".into()), &[]), "u".into(), Value::Null).await;
+    let missing = engine.kickoff(get_plan(Level::Group("nope".into()), &[]), "u".into(), StorageTarget::Default).await;
     assert!(matches!(missing, Err(KickoffError::NotFound(_))));
-    let missing = engine.kickoff(get_plan(Level::Patient, &[("patient", "zz")]), "u".into(), Value::Null).await;
+    let missing =
+        engine.kickoff(get_plan(Level::Patient, &[("patient", "zz")]), "u".into(), StorageTarget::Default).await;
     assert!(matches!(missing, Err(KickoffError::NotFound(i)) if i.diagnostics.contains("zz")));
 }
 
@@ -161,16 +164,19 @@ async fn cancel_removes_everything_and_frees_the_slot() {
     let mem = MemoryStorage::new();
     let config = EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
     let engine = Engine::new(store, Arc::new(FixedStorage(Arc::new(mem.clone()))), config);
-    let job = engine.kickoff(get_plan(Level::System, &[]), "u".into(), Value::Null).await.unwrap();
+    let job = engine.kickoff(get_plan(Level::System, &[]), "u".into(), StorageTarget::Default).await.unwrap();
     assert!(
-        matches!(engine.kickoff(get_plan(Level::System, &[]), "u".into(), Value::Null).await, Err(KickoffError::Busy(id)) if id == job.id)
+        matches!(engine.kickoff(get_plan(Level::System, &[]), "u".into(), StorageTarget::Default).await, Err(KickoffError::Busy(id)) if id == job.id)
     );
     engine.cancel(&job.id).await.unwrap();
     assert!(mem.keys().is_empty(), "nothing of a cancelled export remains: {:?}", mem.keys());
     assert_eq!(engine.store().get(&job.id).await.unwrap().unwrap().status, JobStatus::Cancelled);
     assert!(engine.cancel(&job.id).await.is_err(), "a second DELETE finds nothing");
     // The slot is free at once.
-    let next = engine.kickoff(get_plan(Level::System, &[("_type", "Patient")]), "u".into(), Value::Null).await.unwrap();
+    let next = engine
+        .kickoff(get_plan(Level::System, &[("_type", "Patient")]), "u".into(), StorageTarget::Default)
+        .await
+        .unwrap();
     engine.cancel(&next.id).await.unwrap();
 }
 
@@ -242,7 +248,7 @@ fn crash_mid_export(
             let slow =
                 EngineConfig { throttle: Some(Duration::from_secs(3600)), batch_bytes: 1, ..EngineConfig::default() };
             let engine = Engine::new(store.clone(), Arc::new(FixedStorage(Arc::new(mem))), slow);
-            let job = engine.kickoff(plan, "u".into(), Value::Null).await.unwrap();
+            let job = engine.kickoff(plan, "u".into(), StorageTarget::Default).await.unwrap();
             loop {
                 let j = store.get(&job.id).await.unwrap().unwrap();
                 if j.status == JobStatus::InProgress && !j.progress.is_empty() {

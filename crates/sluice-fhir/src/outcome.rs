@@ -51,6 +51,10 @@ pub enum IssueCode {
     Informational,
     /// Security problem (forbidden content, signature mismatch).
     Security,
+    /// The client is not authenticated.
+    Login,
+    /// The client is authenticated but not allowed to do this.
+    Forbidden,
 }
 
 impl IssueCode {
@@ -72,6 +76,8 @@ impl IssueCode {
             IssueCode::Incomplete => "incomplete",
             IssueCode::Informational => "informational",
             IssueCode::Security => "security",
+            IssueCode::Login => "login",
+            IssueCode::Forbidden => "forbidden",
         }
     }
 }

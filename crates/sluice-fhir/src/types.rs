@@ -1,4 +1,4 @@
-//! The standard resource types of FHIR R4 (4.0.1).
+//! The standard resource types of FHIR R4 (4.0.1), and what a resource id may be.
 //!
 //! The list is the `ResourceType` code system of R4 (`CodeSystem-resource-types.json` in the
 //! `hl7.fhir.r4.core` 4.0.1 package) without the two abstract types `Resource` and
@@ -160,6 +160,11 @@ pub fn is_r4_resource_type(t: &str) -> bool {
     R4_RESOURCE_TYPES.binary_search(&t).is_ok()
 }
 
+/// Whether `id` is a valid FHIR id: 1 to 64 characters of `A-Za-z0-9-.`.
+pub fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 /// The root elements of `resource_type` with minimum cardinality 1 in R4, as the R4
 /// StructureDefinitions list them (a choice element as `name[x]`); empty for a type that has
 /// none or is not an R4 type. `_elements` keeps them whether listed or not (D21).
@@ -250,6 +255,15 @@ mod tests {
         ] {
             assert!(!is_r4_resource_type(t), "{t:?}");
         }
+    }
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("a-B.9"));
+        assert!(valid_id(&"x".repeat(64)));
+        assert!(!valid_id(&"x".repeat(65)));
+        assert!(!valid_id(""));
+        assert!(!valid_id("a/b"));
     }
 
     #[test]

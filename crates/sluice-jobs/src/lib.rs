@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sluice_fhir::OperationOutcome;
 use sluice_planner::ExportPlan;
+use sluice_storage::StorageTarget;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
 
@@ -59,7 +60,9 @@ impl JobStatus {
         matches!(self, JobStatus::Accepted | JobStatus::InProgress)
     }
 
-    /// Whether the state machine allows `self -> to`.
+    /// Whether the state machine allows `self -> to`. Every change of a job's status goes
+    /// through it: [`JobRecord::transition`] in memory, [`check_transition`] in every
+    /// [`JobRepo::save_if`].
     pub fn can_become(self, to: JobStatus) -> bool {
         use JobStatus::*;
         matches!(
@@ -139,10 +142,11 @@ pub struct JobRecord {
     pub progress: BTreeMap<String, TypeProgress>,
     /// How many times the job was (re)started, counting restarts after a crash.
     pub attempts: u32,
-    /// Where the files go: the storage description chosen at kick-off (provider, bucket,
-    /// names of configuration resources; never secrets). `Null`: the server's default.
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub storage: serde_json::Value,
+    /// Where the files go: the storage target chosen at kick-off (provider, bucket, names
+    /// of configuration resources; never secrets). Default (left out of the JSON, or
+    /// `null`): the server's default storage.
+    #[serde(default, skip_serializing_if = "StorageTarget::is_default")]
+    pub storage: StorageTarget,
     /// `allowPartialManifests`: the manifest pages closed so far, in order. Page `n`, counted
     /// from one, lists `output[pages[n-2].output..pages[n-1].output]` and the same slice of
     /// `deleted`. A closed page never changes; `output` and `deleted` then keep the order in
@@ -161,7 +165,25 @@ pub struct PageEnd {
     pub deleted: usize,
 }
 
+/// Checks that a record saved over one in any of the `expected` statuses may have status
+/// `to`: every store calls it first in [`JobRepo::save_if`], so no store ever persists a
+/// transition the state machine forbids.
+pub fn check_transition(expected: &[JobStatus], to: JobStatus) -> Result<(), JobError> {
+    match expected.iter().find(|from| !from.can_become(to)) {
+        Some(&from) => Err(JobError::IllegalTransition { from, to }),
+        None => Ok(()),
+    }
+}
+
 impl JobRecord {
+    /// Moves the job to status `to`, if the state machine allows it
+    /// ([`JobStatus::can_become`]); otherwise leaves it as it is and says why.
+    pub fn transition(&mut self, to: JobStatus) -> Result<(), JobError> {
+        check_transition(&[self.status], to)?;
+        self.status = to;
+        Ok(())
+    }
+
     /// A new `Accepted` job for `plan`.
     pub fn new(id: String, plan: ExportPlan, request_url: String, now: OffsetDateTime) -> Self {
         let folder = format!(
@@ -190,7 +212,7 @@ impl JobRecord {
             outcome: None,
             progress: BTreeMap::new(),
             attempts: 0,
-            storage: serde_json::Value::Null,
+            storage: StorageTarget::Default,
             pages: Vec::new(),
         }
     }
@@ -239,6 +261,14 @@ pub enum JobError {
     /// The database failed.
     #[error("job store error: {0}")]
     Store(String),
+    /// A status change the state machine forbids (a bug in the caller).
+    #[error("illegal export status change from {} to {}", from.as_str(), to.as_str())]
+    IllegalTransition {
+        /// The status the job had (or was expected to have).
+        from: JobStatus,
+        /// The status asked for.
+        to: JobStatus,
+    },
 }
 
 /// Persistence of job records; implemented by each resource store, in its own database.
@@ -250,6 +280,8 @@ pub trait JobRepo: Send + Sync {
     async fn get(&self, id: &str) -> Result<Option<JobRecord>, JobError>;
     /// Replaces the record if its stored status is one of `expected` (compare-and-set).
     /// Returns false (and writes nothing) otherwise. The active slot follows the new status.
+    /// Fails with [`JobError::IllegalTransition`] (writing nothing) when some expected status
+    /// cannot become the record's ([`check_transition`]).
     async fn save_if(&self, job: &JobRecord, expected: &[JobStatus]) -> Result<bool, JobError>;
     /// Jobs still `Accepted` or `InProgress`.
     async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError>;
@@ -295,6 +327,29 @@ mod tests {
     }
 
     #[test]
+    fn records_change_status_only_as_the_machine_allows() {
+        let mut job = JobRecord::new(
+            "j".into(),
+            ExportPlan::new(sluice_planner::Level::System),
+            "u".into(),
+            OffsetDateTime::UNIX_EPOCH,
+        );
+        let illegal = job.transition(Completed).unwrap_err();
+        assert!(matches!(illegal, JobError::IllegalTransition { from: Accepted, to: Completed }), "{illegal}");
+        assert_eq!(illegal.to_string(), "illegal export status change from accepted to completed");
+        assert_eq!(job.status, Accepted, "a refused transition changes nothing");
+        job.transition(InProgress).unwrap();
+        job.transition(Completed).unwrap();
+        assert!(job.transition(InProgress).is_err(), "a completed export never runs again");
+        job.transition(Cancelled).unwrap();
+        for to in [Accepted, InProgress, Completed, Failed, Cancelled] {
+            assert!(job.transition(to).is_err(), "cancelled is final ({to:?})");
+        }
+        assert!(check_transition(&[Accepted, InProgress], Failed).is_ok());
+        assert!(check_transition(&[Accepted, Completed], InProgress).is_err(), "every expected status must allow it");
+    }
+
+    #[test]
     fn pages_slice_the_files_in_order_and_never_change() {
         let file = |n: u32| OutputFile {
             resource_type: "Patient".into(),
@@ -330,5 +385,21 @@ mod tests {
         assert!(empty.close_page(true), "a completed export has a first page, even empty");
         assert_eq!(empty.page(1).unwrap(), (&[][..], &[][..]));
         assert!(!empty.close_page(true));
+    }
+
+    #[test]
+    fn the_storage_target_is_saved_as_before() {
+        let plan = ExportPlan::new(sluice_planner::Level::System);
+        let mut job = JobRecord::new("j".into(), plan, "u".into(), OffsetDateTime::UNIX_EPOCH);
+        let text = serde_json::to_string(&job).unwrap();
+        assert!(!text.contains("\"storage\""), "the default storage is left out: {text}");
+        for saved in [text.clone(), text.replacen('{', r#"{"storage":null,"#, 1)] {
+            assert_eq!(serde_json::from_str::<JobRecord>(&saved).unwrap(), job);
+        }
+        let aws = r#"{"provider":"aws","bucket":"b","account":"a","endpoint":null}"#;
+        job.storage = serde_json::from_str(aws).unwrap();
+        let text = serde_json::to_string(&job).unwrap();
+        assert!(text.contains(&format!(r#""storage":{aws}"#)), "{text}");
+        assert_eq!(serde_json::from_str::<JobRecord>(&text).unwrap(), job);
     }
 }

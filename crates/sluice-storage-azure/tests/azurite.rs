@@ -1,14 +1,18 @@
 //! Against a real Azurite (`bash .ci/emulators/azure.sh start` prints the environment):
-//! account-key authentication, staged blocks, and service SAS download links, which
-//! Azurite verifies.
+//! the conformance suite every storage passes (account-key authentication, staged blocks),
+//! then what is Azure's own: service SAS download links, which Azurite verifies, and
+//! errors.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
+use sluice_storage::conformance::{Fetch, HttpFetch, Subject};
 use sluice_storage::{CloudOptions, CloudStorage, ObjectBackend, ObjectMeta, Storage, StorageError};
 use sluice_storage_azure::{AzureBackend, AzureConfig, MAX_URL_TTL};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 use time::OffsetDateTime;
 
@@ -17,18 +21,7 @@ const AZURITE_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UV
 
 /// The blob endpoint, or `None` (skip) when it is not configured outside CI.
 fn endpoint() -> Option<String> {
-    match std::env::var("SLUICE_TEST_AZURE_ENDPOINT") {
-        Ok(v) if !v.is_empty() => Some(v.trim_end_matches('/').to_string()),
-        _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!(
-                "SLUICE_TEST_AZURE_ENDPOINT is not set: run `bash .ci/emulators/azure.sh start` and export its output"
-            )
-        }
-        _ => {
-            eprintln!("skipping: SLUICE_TEST_AZURE_ENDPOINT is not set (see .ci/emulators/azure.sh)");
-            None
-        }
-    }
+    sluice_storage::conformance::emulator("SLUICE_TEST_AZURE_ENDPOINT", "bash .ci/emulators/azure.sh start")
 }
 
 /// The account is the endpoint's last path segment (`.../devstoreaccount1`).
@@ -38,8 +31,10 @@ fn account(endpoint: &str) -> String {
 
 /// A container name no other test uses.
 fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
     let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
-    format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000_000)
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{n}-{}", std::process::id(), nanos % 1_000_000_000_000)
 }
 
 fn sas_time(t: OffsetDateTime) -> String {
@@ -86,15 +81,6 @@ fn agent() -> ureq::Agent {
     ureq::Agent::config_builder().http_status_as_error(false).build().into()
 }
 
-/// GET `url`: status, content type, content encoding, body.
-fn fetch(url: &str) -> (u16, Option<String>, Option<String>, Vec<u8>) {
-    let mut response = agent().get(url).call().expect("GET request");
-    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let (content_type, content_encoding) = (header("content-type"), header("content-encoding"));
-    let body = response.body_mut().with_config().limit(64 << 20).read_to_vec().expect("read body");
-    (response.status().as_u16(), content_type, content_encoding, body)
-}
-
 fn config(endpoint: &str, container: &str) -> AzureConfig {
     AzureConfig {
         account: account(endpoint),
@@ -105,21 +91,13 @@ fn config(endpoint: &str, container: &str) -> AzureConfig {
 }
 
 /// A fresh container and a `CloudStorage` over it with 1 MiB parts (raised to the backend's
-/// minimum).
+/// minimum, 4 MiB).
 async fn storage(endpoint: &str, prefix: &str) -> CloudStorage<AzureBackend> {
     let container = unique(prefix);
     create_container(endpoint, &container);
     let backend = AzureBackend::connect(config(endpoint, &container)).await.expect("connect");
     assert_eq!(backend.describe(), format!("azure://{}/{container}", account(endpoint)));
     CloudStorage::new(backend, CloudOptions { part_bytes: 1 << 20, ..Default::default() })
-}
-
-async fn write(storage: &CloudStorage<AzureBackend>, key: &str, meta: ObjectMeta, chunks: &[&[u8]]) -> u64 {
-    let mut writer = storage.create(key, meta).await.expect("create");
-    for chunk in chunks {
-        writer.write(Bytes::copy_from_slice(chunk)).await.expect("write");
-    }
-    writer.finish().await.expect("finish")
 }
 
 /// The URL with its signature changed (same length, still valid base64).
@@ -130,127 +108,42 @@ fn tamper(url: &str) -> String {
     format!("{}{}{}", &url[..start], replacement, &url[start + 1..])
 }
 
-#[tokio::test]
-async fn small_objects_and_signed_urls() {
-    let Some(endpoint) = endpoint() else { return };
-    let storage = storage(&endpoint, "small").await;
-    let body = b"{\"resourceType\":\"Patient\",\"id\":\"1\"}\n";
-    let size = write(&storage, "job-1/Patient.ndjson", ObjectMeta::ndjson(false), &[body]).await;
-    assert_eq!(size, body.len() as u64);
+/// A fresh container as a conformance subject; `None` (skip) without Azurite.
+async fn subject() -> Option<Subject> {
+    let storage = storage(&endpoint()?, "conformance").await;
+    Some(Subject::new(Arc::new(storage), Arc::new(HttpFetch), 4 << 20).with_max_url_ttl(MAX_URL_TTL))
+}
 
-    let before = OffsetDateTime::now_utc();
+sluice_storage::storage_conformance_tests!(subject().await);
+
+#[tokio::test]
+async fn sas_links_are_verified_read_only_and_for_one_blob() {
+    let Some(endpoint) = endpoint() else { return };
+    let storage = storage(&endpoint, "sas").await;
+    let mut writer = storage.create("job-1/Patient.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
+    writer.write(Bytes::from_static(b"{}\n")).await.unwrap();
+    writer.finish().await.unwrap();
+
     let signed = storage.signed_url("job-1/Patient.ndjson", Duration::from_secs(3600)).await.expect("signed url");
     assert!(signed.url.contains("/job-1/Patient.ndjson?"), "{}", signed.url);
-    assert!(
-        signed.expires > before + Duration::from_secs(3500) && signed.expires <= before + Duration::from_secs(3601)
-    );
-    let (status, content_type, content_encoding, fetched) = fetch(&signed.url);
-    assert_eq!(status, 200);
-    assert_eq!(fetched, body);
-    assert_eq!(content_type.as_deref(), Some("application/fhir+ndjson"));
-    assert_eq!(content_encoding, None);
-
+    assert_eq!(HttpFetch.fetch(&signed.url).await.status, 200);
     // Azurite checks the signature: a tampered one is refused.
-    let (status, ..) = fetch(&tamper(&signed.url));
-    assert_eq!(status, 403);
+    assert_eq!(HttpFetch.fetch(&tamper(&signed.url)).await.status, 403);
     // The link is read-only and for this blob only.
     let other = signed.url.replace("Patient.ndjson", "Observation.ndjson");
-    assert_eq!(fetch(&other).0, 403);
+    assert_eq!(HttpFetch.fetch(&other).await.status, 403);
     assert_eq!(agent().delete(&signed.url).call().expect("DELETE").status().as_u16(), 403);
-
-    // A gzip file keeps its Content-Encoding; the bytes are served as stored.
-    let gz: &[u8] = &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    write(&storage, "job-1/Observation.ndjson.gz", ObjectMeta::ndjson(true), &[gz]).await;
-    let signed = storage.signed_url("job-1/Observation.ndjson.gz", Duration::from_secs(60)).await.unwrap();
-    let (status, content_type, content_encoding, fetched) = fetch(&signed.url);
-    assert_eq!(status, 200);
-    assert_eq!(fetched, gz);
-    assert_eq!(content_type.as_deref(), Some("application/fhir+ndjson"));
-    assert_eq!(content_encoding.as_deref(), Some("gzip"));
-
-    // An empty file is an object too.
-    assert_eq!(write(&storage, "job-1/Empty.ndjson", ObjectMeta::ndjson(false), &[]).await, 0);
-    let signed = storage.signed_url("job-1/Empty.ndjson", Duration::from_secs(60)).await.unwrap();
-    assert_eq!(fetch(&signed.url).0, 200);
-
-    // Links are capped at seven days, and say so.
-    let signed = storage.signed_url("job-1/Patient.ndjson", Duration::from_secs(30 * 24 * 3600)).await.unwrap();
-    assert!(signed.expires <= OffsetDateTime::now_utc() + MAX_URL_TTL);
-    assert!(signed.expires > OffsetDateTime::now_utc() + MAX_URL_TTL - Duration::from_secs(60));
-    assert_eq!(fetch(&signed.url).0, 200);
 }
 
 #[tokio::test]
-async fn multi_block_object_is_reassembled_exactly() {
-    let Some(endpoint) = endpoint() else { return };
-    let storage = storage(&endpoint, "blocks").await;
-    // 9.5 MiB in odd-sized chunks: three 4 MiB-or-smaller blocks.
-    let data: Vec<u8> = (0..(19usize << 19)).map(|i| (i * 31 % 251) as u8).collect();
-    let mut chunks = Vec::new();
-    let (mut at, mut step) = (0, 1usize);
-    while at < data.len() {
-        let end = (at + step).min(data.len());
-        chunks.push(&data[at..end]);
-        at = end;
-        step = step * 7 % 1_048_573 + 333;
-    }
-    let size = write(&storage, "job-2/Observation.ndjson.gz", ObjectMeta::ndjson(true), &chunks).await;
-    assert_eq!(size, data.len() as u64);
-
-    let keys = storage.backend().list("job-2/").await.unwrap();
-    assert_eq!(keys, vec!["job-2/Observation.ndjson.gz".to_string()]);
-    let signed = storage.signed_url("job-2/Observation.ndjson.gz", Duration::from_secs(600)).await.unwrap();
-    let (status, content_type, content_encoding, fetched) = fetch(&signed.url);
-    assert_eq!(status, 200);
-    assert_eq!(fetched.len(), data.len());
-    assert!(fetched == data, "reassembled bytes differ");
-    assert_eq!(content_type.as_deref(), Some("application/fhir+ndjson"));
-    assert_eq!(content_encoding.as_deref(), Some("gzip"));
-}
-
-#[tokio::test]
-async fn abort_leaves_no_blob() {
-    let Some(endpoint) = endpoint() else { return };
-    let storage = storage(&endpoint, "abort").await;
-    // Large enough that blocks were staged before the abort.
-    let mut writer = storage.create("job-3/Patient.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
-    writer.write(Bytes::from(vec![b'x'; 9 << 20])).await.unwrap();
-    writer.abort().await;
-    // And one that never left memory.
-    let mut writer = storage.create("job-3/Small.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
-    writer.write(Bytes::from_static(b"{}\n")).await.unwrap();
-    writer.abort().await;
-
-    assert!(storage.backend().list("job-3/").await.unwrap().is_empty());
-    let signed = storage.signed_url("job-3/Patient.ndjson", Duration::from_secs(60)).await.unwrap();
-    assert_eq!(fetch(&signed.url).0, 404);
-
-    // Writing the same key afterwards commits only the new blocks.
-    let size = write(&storage, "job-3/Patient.ndjson", ObjectMeta::ndjson(false), &[b"{}\n"]).await;
-    assert_eq!(size, 3);
-    let signed = storage.signed_url("job-3/Patient.ndjson", Duration::from_secs(60)).await.unwrap();
-    assert_eq!(fetch(&signed.url).3, b"{}\n");
-}
-
-#[tokio::test]
-async fn delete_prefix_removes_only_the_prefix() {
+async fn nested_blobs_go_with_their_prefix_and_absent_ones_delete_quietly() {
     let Some(endpoint) = endpoint() else { return };
     let storage = storage(&endpoint, "delete").await;
-    for key in [
-        "job-a/Patient.ndjson",
-        "job-a/Observation.ndjson",
-        "job-a/sub/Encounter.ndjson",
-        "job-ab/Patient.ndjson",
-        "other/x.ndjson",
-    ] {
-        write(&storage, key, ObjectMeta::ndjson(false), &[b"{}\n"]).await;
+    for key in ["job-a/Patient.ndjson", "job-a/sub/Encounter.ndjson", "job-ab/Patient.ndjson"] {
+        storage.create(key, ObjectMeta::ndjson(false)).await.unwrap().finish().await.unwrap();
     }
-    assert_eq!(storage.delete_prefix("job-a/").await.unwrap(), 3);
-    let mut left = storage.backend().list("").await.unwrap();
-    left.sort();
-    assert_eq!(left, vec!["job-ab/Patient.ndjson".to_string(), "other/x.ndjson".to_string()]);
-    assert_eq!(storage.delete_prefix("job-a/").await.unwrap(), 0);
-    // Deleting an absent blob is fine.
+    assert_eq!(storage.delete_prefix("job-a/").await.unwrap(), 2);
+    assert_eq!(storage.backend().list("").await.unwrap(), ["job-ab/Patient.ndjson"]);
     storage.backend().delete("job-a/Patient.ndjson").await.unwrap();
 }
 

@@ -9,18 +9,23 @@
 //! | `gcp` | `..._GCP_BUCKET`, optional `..._GCP_SERVICE_ACCOUNT` | `GcpServiceAccount` (`service-account-email`, `private-key`) |
 //!
 //! [`ConfiguredStorage`] implements [`StorageSource`]: each kick-off reads the resources
-//! afresh (a changed resource applies to the next export), and the job records a
-//! description of its storage (provider, bucket, resource ids; never secrets), so later
-//! status requests sign URLs for the storage the files are in. Clients are cached by
-//! description and secret fingerprint.
+//! afresh (a changed resource applies to the next export), and the job records the
+//! [`StorageTarget`] of its storage (provider, bucket, resource ids; never secrets), so
+//! later status requests sign URLs for the storage the files are in. Clients are cached by
+//! target and secret fingerprint.
+//!
+//! Each provider is a Cargo feature (`aws`, `azure`, `gcp`; all on by default), so an
+//! embedder compiles only the SDKs it needs. Choosing a provider whose feature is off is a
+//! [`StorageError::NotConfigured`] that says so; its configuration resources are still
+//! checked on write.
 
 pub mod resources;
 
 use async_trait::async_trait;
-use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
-use sluice_storage::{CloudOptions, Storage, StorageError, StorageSource};
-use sluice_store::ConfigRepo;
+use serde_json::{Map, Value};
+use sluice_storage::{
+    AwsTarget, AzureTarget, CloudOptions, ConfigRepo, GcpTarget, Storage, StorageError, StorageSource, StorageTarget,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -71,12 +76,26 @@ pub struct ConfiguredStorage {
     repo: Arc<dyn ConfigRepo>,
     local: Arc<dyn Storage>,
     options: CloudOptions,
-    /// Open clients by description + secret fingerprint.
-    cache: Mutex<HashMap<String, Arc<dyn Storage>>>,
+    /// Open clients by target and secret fingerprint.
+    cache: Mutex<HashMap<(StorageTarget, String), Arc<dyn Storage>>>,
 }
 
 fn missing(msg: impl Into<String>) -> StorageError {
     StorageError::NotConfigured(msg.into())
+}
+
+/// Each provider, and whether this build has its Cargo feature.
+const PROVIDERS: [(&str, bool); 3] =
+    [("aws", cfg!(feature = "aws")), ("azure", cfg!(feature = "azure")), ("gcp", cfg!(feature = "gcp"))];
+
+/// Whether this build supports `provider` (false only for a known provider left out).
+fn compiled(provider: &str) -> bool {
+    PROVIDERS.iter().all(|&(name, on)| on || name != provider)
+}
+
+/// The error for a provider this build was compiled without.
+fn not_compiled(provider: &str) -> StorageError {
+    missing(format!("this build of Sluice has no {provider} support (Cargo feature `{provider}`)"))
 }
 
 impl ConfiguredStorage {
@@ -91,12 +110,13 @@ impl ConfiguredStorage {
         &self.env
     }
 
-    /// The description of the storage new exports go to, or what is missing.
-    async fn describe_current(&self) -> Result<Value, StorageError> {
+    /// The target new exports go to, or what is missing.
+    async fn describe_current(&self) -> Result<StorageTarget, StorageError> {
         let env = &self.env;
         let endpoint = env.endpoint.clone();
         match env.provider.as_deref() {
-            None => Ok(Value::Null),
+            None => Ok(StorageTarget::Default),
+            Some(provider) if !compiled(provider) => Err(not_compiled(provider)),
             Some("aws") => {
                 let bucket = env.aws_bucket.as_ref().ok_or_else(|| {
                     missing("BOX_FHIR_BULK_STORAGE_PROVIDER is aws but BOX_FHIR_BULK_STORAGE_AWS_BUCKET is not set")
@@ -105,7 +125,7 @@ impl ConfiguredStorage {
                     missing("BOX_FHIR_BULK_STORAGE_PROVIDER is aws but BOX_FHIR_BULK_STORAGE_AWS_ACCOUNT is not set (it names an AwsAccount)")
                 })?;
                 self.resource("AwsAccount", account, "BOX_FHIR_BULK_STORAGE_AWS_ACCOUNT").await?;
-                Ok(json!({"provider": "aws", "bucket": bucket, "account": account, "endpoint": endpoint}))
+                Ok(StorageTarget::Aws(AwsTarget { bucket: bucket.clone(), account: account.clone(), endpoint }))
             }
             Some("azure") => {
                 let id = env.azure_container.as_ref().ok_or_else(|| {
@@ -122,11 +142,13 @@ impl ConfiguredStorage {
                     }
                     None => None,
                 };
-                let storage = resources::field(&c, "storage").unwrap_or_default();
-                let container = resources::field(&c, "container").unwrap_or_default();
-                Ok(
-                    json!({"provider": "azure", "storage": storage, "container": container, "account": account, "endpoint": endpoint}),
-                )
+                let text = |name| resources::field(&c, name).unwrap_or_default().to_string();
+                Ok(StorageTarget::Azure(AzureTarget {
+                    storage: text("storage"),
+                    container: text("container"),
+                    account,
+                    endpoint,
+                }))
             }
             Some("gcp") => {
                 let bucket = env.gcp_bucket.as_ref().ok_or_else(|| {
@@ -135,9 +157,8 @@ impl ConfiguredStorage {
                 if let Some(sa) = &env.gcp_service_account {
                     self.resource("GcpServiceAccount", sa, "BOX_FHIR_BULK_STORAGE_GCP_SERVICE_ACCOUNT").await?;
                 }
-                Ok(
-                    json!({"provider": "gcp", "bucket": bucket, "service-account": env.gcp_service_account, "endpoint": endpoint}),
-                )
+                let service_account = env.gcp_service_account.clone();
+                Ok(StorageTarget::Gcp(GcpTarget { bucket: bucket.clone(), service_account, endpoint }))
             }
             Some(other) => Err(missing(format!(
                 "BOX_FHIR_BULK_STORAGE_PROVIDER is '{other}'; use aws, azure or gcp (or leave it unset for local disk)"
@@ -161,89 +182,25 @@ impl ConfiguredStorage {
         }
     }
 
-    /// Opens (or reuses) the client for a description.
-    async fn open_target(&self, target: &Value) -> Result<Arc<dyn Storage>, StorageError> {
-        let s = |k: &str| target.get(k).and_then(Value::as_str).map(str::to_string);
-        let endpoint = s("endpoint");
-        let (fingerprint, build): (String, Build) = match s("provider").as_deref() {
-            None | Some("local") => return Ok(self.local.clone()),
-            Some("aws") => {
-                let account = s("account").unwrap_or_default();
-                let acc = self.resource("AwsAccount", &account, "the export's storage").await?;
-                let keys = match (resources::field(&acc, "access-key-id"), resources::field(&acc, "secret-access-key"))
-                {
-                    (Some(id), Some(secret)) => Some(sluice_storage_s3::S3Keys {
-                        access_key_id: id.to_string(),
-                        secret_access_key: secret.to_string(),
-                    }),
-                    _ => None,
-                };
-                let config = sluice_storage_s3::S3Config {
-                    bucket: s("bucket").unwrap_or_default(),
-                    region: resources::field(&acc, "region").map(str::to_string),
-                    endpoint: endpoint.or_else(|| resources::field(&acc, "host").map(str::to_string)),
-                    credentials: keys,
-                };
-                (fingerprint_of(&acc), Build::S3(config))
-            }
-            Some("azure") => {
-                let key = match s("account") {
-                    Some(acc) => {
-                        let a = self.resource("AzureAccount", &acc, "the export's storage").await?;
-                        resources::field(&a, "key").map(str::to_string)
-                    }
-                    None => None,
-                };
-                let fp = key.as_deref().map(|k| hex::encode(Sha256::digest(k.as_bytes()))).unwrap_or_default();
-                let config = sluice_storage_azure::AzureConfig {
-                    account: s("storage").unwrap_or_default(),
-                    container: s("container").unwrap_or_default(),
-                    endpoint,
-                    key,
-                };
-                (fp, Build::Azure(config))
-            }
-            Some("gcp") => {
-                let sa = match s("service-account") {
-                    Some(id) => {
-                        let a = self.resource("GcpServiceAccount", &id, "the export's storage").await?;
-                        Some(sluice_storage_gcs::GcsServiceAccount {
-                            client_email: resources::field(&a, "service-account-email").unwrap_or_default().to_string(),
-                            private_key: resources::field(&a, "private-key").unwrap_or_default().to_string(),
-                            private_key_id: resources::field(&a, "private-key-id").map(str::to_string),
-                        })
-                    }
-                    None => None,
-                };
-                let fp = sa
-                    .as_ref()
-                    .map(|sa| hex::encode(Sha256::digest(format!("{}\n{}", sa.client_email, sa.private_key))))
-                    .unwrap_or_default();
-                let config = sluice_storage_gcs::GcsConfig {
-                    bucket: s("bucket").unwrap_or_default(),
-                    endpoint,
-                    service_account: sa,
-                };
-                (fp, Build::Gcs(config))
-            }
-            Some(other) => return Err(missing(format!("unknown storage provider '{other}'"))),
+    /// Opens (or reuses) the client for a target.
+    async fn open_target(&self, target: &StorageTarget) -> Result<Arc<dyn Storage>, StorageError> {
+        let prepared: Result<(String, Build), StorageError> = match target {
+            StorageTarget::Default => return Ok(self.local.clone()),
+            #[cfg(feature = "aws")]
+            StorageTarget::Aws(t) => self.aws(t).await,
+            #[cfg(feature = "azure")]
+            StorageTarget::Azure(t) => self.azure(t).await,
+            #[cfg(feature = "gcp")]
+            StorageTarget::Gcp(t) => self.gcp(t).await,
+            #[allow(unreachable_patterns)]
+            other => Err(not_compiled(other.provider().unwrap_or_default())),
         };
-        let cache_key = format!("{target}\n{fingerprint}");
+        let (fingerprint, build) = prepared?;
+        let cache_key = (target.clone(), fingerprint);
         if let Some(hit) = self.cache.lock().expect("storage cache").get(&cache_key) {
             return Ok(hit.clone());
         }
-        let opts = self.options.clone();
-        let storage: Arc<dyn Storage> = match build {
-            Build::S3(c) => {
-                Arc::new(sluice_storage::CloudStorage::new(sluice_storage_s3::S3Backend::connect(c).await?, opts))
-            }
-            Build::Azure(c) => {
-                Arc::new(sluice_storage::CloudStorage::new(sluice_storage_azure::AzureBackend::connect(c).await?, opts))
-            }
-            Build::Gcs(c) => {
-                Arc::new(sluice_storage::CloudStorage::new(sluice_storage_gcs::GcsBackend::connect(c).await?, opts))
-            }
-        };
+        let storage = build.connect(self.options.clone()).await?;
         tracing::info!(storage = %storage.describe(), "export storage opened");
         let mut cache = self.cache.lock().expect("storage cache");
         // Old entries hold clients for rotated keys; a handful at most in practice.
@@ -253,30 +210,114 @@ impl ConfiguredStorage {
         cache.insert(cache_key, storage.clone());
         Ok(storage)
     }
+
+    /// The S3 settings for `t`, and a fingerprint of its `AwsAccount`.
+    #[cfg(feature = "aws")]
+    async fn aws(&self, t: &AwsTarget) -> Result<(String, Build), StorageError> {
+        let acc = self.resource("AwsAccount", &t.account, "the export's storage").await?;
+        let keys = match (resources::field(&acc, "access-key-id"), resources::field(&acc, "secret-access-key")) {
+            (Some(id), Some(secret)) => {
+                Some(sluice_storage_s3::S3Keys { access_key_id: id.to_string(), secret_access_key: secret.to_string() })
+            }
+            _ => None,
+        };
+        let config = sluice_storage_s3::S3Config {
+            bucket: t.bucket.clone(),
+            region: resources::field(&acc, "region").map(str::to_string),
+            endpoint: t.endpoint.clone().or_else(|| resources::field(&acc, "host").map(str::to_string)),
+            credentials: keys,
+        };
+        Ok((fingerprint(&Value::Object(acc).to_string()), Build::S3(config)))
+    }
+
+    /// The Azure settings for `t`, and a fingerprint of its account key.
+    #[cfg(feature = "azure")]
+    async fn azure(&self, t: &AzureTarget) -> Result<(String, Build), StorageError> {
+        let key = match &t.account {
+            Some(acc) => {
+                let a = self.resource("AzureAccount", acc, "the export's storage").await?;
+                resources::field(&a, "key").map(str::to_string)
+            }
+            None => None,
+        };
+        let fp = key.as_deref().map(fingerprint).unwrap_or_default();
+        let config = sluice_storage_azure::AzureConfig {
+            account: t.storage.clone(),
+            container: t.container.clone(),
+            endpoint: t.endpoint.clone(),
+            key,
+        };
+        Ok((fp, Build::Azure(config)))
+    }
+
+    /// The GCS settings for `t`, and a fingerprint of its service account key.
+    #[cfg(feature = "gcp")]
+    async fn gcp(&self, t: &GcpTarget) -> Result<(String, Build), StorageError> {
+        let sa = match &t.service_account {
+            Some(id) => {
+                let a = self.resource("GcpServiceAccount", id, "the export's storage").await?;
+                Some(sluice_storage_gcs::GcsServiceAccount {
+                    client_email: resources::field(&a, "service-account-email").unwrap_or_default().to_string(),
+                    private_key: resources::field(&a, "private-key").unwrap_or_default().to_string(),
+                    private_key_id: resources::field(&a, "private-key-id").map(str::to_string),
+                })
+            }
+            None => None,
+        };
+        let fp =
+            sa.as_ref().map(|sa| fingerprint(&format!("{}\n{}", sa.client_email, sa.private_key))).unwrap_or_default();
+        let config = sluice_storage_gcs::GcsConfig {
+            bucket: t.bucket.clone(),
+            endpoint: t.endpoint.clone(),
+            service_account: sa,
+        };
+        Ok((fp, Build::Gcs(config)))
+    }
 }
 
 /// What to connect to, before connecting.
 enum Build {
+    #[cfg(feature = "aws")]
     S3(sluice_storage_s3::S3Config),
+    #[cfg(feature = "azure")]
     Azure(sluice_storage_azure::AzureConfig),
+    #[cfg(feature = "gcp")]
     Gcs(sluice_storage_gcs::GcsConfig),
 }
 
-/// A digest of a resource's content (secrets included), so a changed resource opens a new
-/// client. Never shown anywhere.
-fn fingerprint_of(obj: &Map<String, Value>) -> String {
-    hex::encode(Sha256::digest(Value::Object(obj.clone()).to_string()))
+impl Build {
+    /// Connects, and wraps the backend in [`sluice_storage::CloudStorage`].
+    #[cfg_attr(not(any(feature = "aws", feature = "azure", feature = "gcp")), allow(unused, unreachable_code))]
+    async fn connect(self, opts: CloudOptions) -> Result<Arc<dyn Storage>, StorageError> {
+        use sluice_storage::CloudStorage;
+        Ok(match self {
+            #[cfg(feature = "aws")]
+            Build::S3(c) => Arc::new(CloudStorage::new(sluice_storage_s3::S3Backend::connect(c).await?, opts)),
+            #[cfg(feature = "azure")]
+            Build::Azure(c) => Arc::new(CloudStorage::new(sluice_storage_azure::AzureBackend::connect(c).await?, opts)),
+            #[cfg(feature = "gcp")]
+            Build::Gcs(c) => Arc::new(CloudStorage::new(sluice_storage_gcs::GcsBackend::connect(c).await?, opts)),
+        })
+    }
+}
+
+/// A digest of secret material (a resource's content, a key), so a changed secret opens a
+/// new client. Never shown anywhere.
+#[cfg(any(feature = "aws", feature = "azure", feature = "gcp"))]
+fn fingerprint(secret: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 #[async_trait]
 impl StorageSource for ConfiguredStorage {
-    async fn current(&self) -> Result<(Arc<dyn Storage>, Value), StorageError> {
+    async fn current(&self) -> Result<(Arc<dyn Storage>, StorageTarget), StorageError> {
         let target = self.describe_current().await?;
         let storage = self.open_target(&target).await?;
         Ok((storage, target))
     }
 
-    async fn open(&self, target: &Value) -> Result<Arc<dyn Storage>, StorageError> {
+    async fn open(&self, target: &StorageTarget) -> Result<Arc<dyn Storage>, StorageError> {
         self.open_target(target).await
     }
 }
@@ -284,6 +325,42 @@ impl StorageSource for ConfiguredStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_storage::{ConfigError, MemoryStorage};
+
+    /// Configuration resources in a map.
+    #[derive(Default)]
+    struct Resources(Mutex<HashMap<(String, String), String>>);
+
+    #[async_trait]
+    impl ConfigRepo for Resources {
+        async fn config_put(&self, ty: &str, id: &str, json: &str) -> Result<bool, ConfigError> {
+            Ok(self.0.lock().unwrap().insert((ty.into(), id.into()), json.into()).is_none())
+        }
+        async fn config_get(&self, ty: &str, id: &str) -> Result<Option<String>, ConfigError> {
+            Ok(self.0.lock().unwrap().get(&(ty.into(), id.into())).cloned())
+        }
+        async fn config_delete(&self, ty: &str, id: &str) -> Result<bool, ConfigError> {
+            Ok(self.0.lock().unwrap().remove(&(ty.into(), id.into())).is_some())
+        }
+    }
+
+    /// Storage per the given variables, over these resources.
+    async fn configured(vars: &[(&str, &str)], resources: &[(&str, &str, &str)]) -> ConfiguredStorage {
+        let repo = Resources::default();
+        for (ty, id, json) in resources {
+            repo.config_put(ty, id, json).await.unwrap();
+        }
+        let vars: HashMap<&str, &str> = vars.iter().copied().collect();
+        let env = StorageEnv::from_lookup(|k| vars.get(k).map(|v| v.to_string()));
+        ConfiguredStorage::new(env, Arc::new(repo), Arc::new(MemoryStorage::new()), CloudOptions::default())
+    }
+
+    #[cfg(feature = "aws")]
+    const AWS: [(&str, &str); 3] = [
+        ("BOX_FHIR_BULK_STORAGE_PROVIDER", "aws"),
+        ("BOX_FHIR_BULK_STORAGE_AWS_ACCOUNT", "acc"),
+        ("BOX_FHIR_BULK_STORAGE_AWS_BUCKET", "exports"),
+    ];
 
     #[test]
     fn env_reads_aidbox_names_and_ignores_empty_values() {
@@ -299,5 +376,78 @@ mod tests {
         assert_eq!(env.aws_account.as_deref(), Some("acc"));
         assert_eq!(env.aws_bucket.as_deref(), Some("b"));
         assert_eq!(env.gcp_bucket, None);
+    }
+
+    #[tokio::test]
+    async fn without_a_provider_exports_go_to_the_local_storage() {
+        let storage = configured(&[], &[]).await;
+        let (local, target) = storage.current().await.unwrap();
+        assert_eq!(target, StorageTarget::Default);
+        assert_eq!(local.describe(), "memory");
+        assert_eq!(storage.open(&StorageTarget::Default).await.unwrap().describe(), "memory");
+    }
+
+    #[cfg(all(feature = "aws", feature = "azure", feature = "gcp"))]
+    #[tokio::test]
+    async fn targets_name_the_resources_and_are_saved_as_before() {
+        let aws = configured(&AWS, &[("AwsAccount", "acc", r#"{"region":"us-east-1"}"#)]).await;
+        let azure = configured(
+            &[("BOX_FHIR_BULK_STORAGE_PROVIDER", "azure"), ("BOX_FHIR_BULK_STORAGE_AZURE_CONTAINER", "c1")],
+            &[
+                ("AzureContainer", "c1", r#"{"storage":"acct","container":"exports","account":{"id":"k1"}}"#),
+                ("AzureAccount", "k1", r#"{"key":"AAAA"}"#),
+            ],
+        )
+        .await;
+        let gcp = configured(
+            &[
+                ("BOX_FHIR_BULK_STORAGE_PROVIDER", "gcp"),
+                ("BOX_FHIR_BULK_STORAGE_GCP_BUCKET", "g"),
+                ("SLUICE_STORAGE_ENDPOINT", "http://127.0.0.1:80"),
+            ],
+            &[],
+        )
+        .await;
+        let expected = [
+            r#"{"provider":"aws","bucket":"exports","account":"acc","endpoint":null}"#,
+            r#"{"provider":"azure","storage":"acct","container":"exports","account":"k1","endpoint":null}"#,
+            r#"{"provider":"gcp","bucket":"g","service-account":null,"endpoint":"http://127.0.0.1:80"}"#,
+        ];
+        for (storage, json) in [aws, azure, gcp].iter().zip(expected) {
+            let target = storage.describe_current().await.unwrap();
+            assert_eq!(serde_json::to_string(&target).unwrap(), json);
+        }
+    }
+
+    #[cfg(feature = "aws")]
+    #[tokio::test]
+    async fn missing_settings_and_resources_are_named() {
+        let no_account = configured(&AWS, &[]).await;
+        let err = no_account.current().await.err().expect("no AwsAccount");
+        assert!(matches!(err, StorageError::NotConfigured(_)), "{err}");
+        assert!(err.to_string().contains("AwsAccount 'acc' (named by BOX_FHIR_BULK_STORAGE_AWS_ACCOUNT)"), "{err}");
+        let no_bucket = configured(&AWS[..2], &[("AwsAccount", "acc", "{}")]).await;
+        let err = no_bucket.current().await.err().expect("no bucket");
+        assert!(err.to_string().contains("BOX_FHIR_BULK_STORAGE_AWS_BUCKET is not set"), "{err}");
+        let ftp = configured(&[("BOX_FHIR_BULK_STORAGE_PROVIDER", "ftp")], &[]).await;
+        let err = ftp.current().await.err().expect("unknown provider");
+        assert!(err.to_string().contains("is 'ftp'; use aws, azure or gcp"), "{err}");
+    }
+
+    /// Only in builds without every provider (`--no-default-features --features aws`).
+    #[cfg(not(all(feature = "aws", feature = "azure", feature = "gcp")))]
+    #[tokio::test]
+    async fn providers_left_out_of_the_build_say_so() {
+        for (provider, _) in PROVIDERS.into_iter().filter(|(_, on)| !on) {
+            let storage = configured(&[("BOX_FHIR_BULK_STORAGE_PROVIDER", provider)], &[]).await;
+            let expected = format!("this build of Sluice has no {provider} support (Cargo feature `{provider}`)");
+            let err = storage.current().await.err().expect("not compiled in");
+            assert!(matches!(&err, StorageError::NotConfigured(m) if *m == expected), "{err}");
+            let saved =
+                format!(r#"{{"provider":"{provider}","bucket":"b","account":"a","storage":"s","container":"c"}}"#);
+            let target: StorageTarget = serde_json::from_str(&saved).unwrap();
+            let err = storage.open(&target).await.err().expect("not compiled in");
+            assert!(matches!(&err, StorageError::NotConfigured(m) if *m == expected), "{err}");
+        }
     }
 }

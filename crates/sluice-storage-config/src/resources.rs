@@ -46,7 +46,7 @@ pub fn config_type(name: &str) -> Option<&'static ConfigType> {
 /// set), or the problems found.
 pub fn validate(ty: &ConfigType, id: &str, body: &[u8]) -> Result<Value, Vec<Issue>> {
     let invalid = |msg: String| Issue::error(IssueCode::Invalid, msg);
-    if !sluice_store::valid_id(id) {
+    if !sluice_fhir::valid_id(id) {
         return Err(vec![invalid(format!("'{id}' is not a valid id (1-64 of A-Z, a-z, 0-9, '-', '.')"))]);
     }
     let value: Value = serde_json::from_slice(body).map_err(|e| vec![invalid(format!("the body is not JSON: {e}"))])?;
@@ -142,11 +142,11 @@ fn looks_like_base64(s: &str) -> bool {
 /// FHIR's `{"reference": "Type/id"}`.
 pub fn reference_id<'a>(v: &'a Value, ty: &str) -> Option<&'a str> {
     if let Some(r) = v.get("reference").and_then(Value::as_str) {
-        return r.strip_prefix(ty)?.strip_prefix('/').filter(|id| sluice_store::valid_id(id));
+        return r.strip_prefix(ty)?.strip_prefix('/').filter(|id| sluice_fhir::valid_id(id));
     }
     let id = v.get("id")?.as_str()?;
     let type_ok = v.get("resourceType").is_none_or(|t| t.as_str() == Some(ty));
-    (type_ok && sluice_store::valid_id(id)).then_some(id)
+    (type_ok && sluice_fhir::valid_id(id)).then_some(id)
 }
 
 /// The resource as it may be shown: secrets removed.

@@ -1,13 +1,15 @@
 //! The GCS backend against a real fake-gcs-server, through `CloudStorage` and the `Storage`
-//! trait. Start the server with `bash .ci/emulators/gcs.sh start` and export the
-//! `SLUICE_TEST_GCS_ENDPOINT` it prints. Without the variable the tests are skipped, except
-//! in CI (`CI=true`), where they fail.
+//! trait: the conformance suite every storage passes, then what is GCS's own. Start the
+//! server with `bash .ci/emulators/gcs.sh start` and export the `SLUICE_TEST_GCS_ENDPOINT`
+//! it prints. Without the variable the tests are skipped, except in CI (`CI=true`), where
+//! they fail.
 //!
 //! fake-gcs-server takes an object's Content-Type from the media part of a multipart upload
 //! or from the last chunk request of a resumable one, not from the object metadata the
 //! client sends as the JSON API specifies (fake-gcs-server issue #1098), and the SDK sends
-//! the type only in that metadata. So the tests read the Content-Type from the requests
-//! themselves, through a recording proxy, and check the rest on the stored objects.
+//! the type only in that metadata. So the conformance suite does not check the type served,
+//! and the tests here read it from the requests themselves, through a recording proxy, and
+//! check the rest on the stored objects.
 //!
 //! The tests run on a multi-threaded runtime: the test body makes blocking HTTP calls
 //! (ureq) while the proxy's tasks run on the worker threads.
@@ -15,8 +17,9 @@
 use bytes::Bytes;
 use flate2::Compression;
 use flate2::write::GzEncoder;
+use sluice_storage::conformance::{Fetch, HttpFetch, Subject, noise, odd_chunks};
 use sluice_storage::{CloudOptions, CloudStorage, ObjectMeta, Storage, StorageError};
-use sluice_storage_gcs::{GcsBackend, GcsConfig};
+use sluice_storage_gcs::{GcsBackend, GcsConfig, MAX_SIGNED_URL_TTL};
 use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,16 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 const PART: usize = 256 * 1024;
 
 fn endpoint() -> Option<String> {
-    match std::env::var("SLUICE_TEST_GCS_ENDPOINT") {
-        Ok(e) if !e.trim().is_empty() => Some(e.trim().trim_end_matches('/').to_string()),
-        _ if std::env::var("CI").as_deref() == Ok("true") => panic!(
-            "SLUICE_TEST_GCS_ENDPOINT is not set: run `bash .ci/emulators/gcs.sh start` and export the variable it prints"
-        ),
-        _ => {
-            eprintln!("skipping: SLUICE_TEST_GCS_ENDPOINT is not set (see `bash .ci/emulators/gcs.sh start`)");
-            None
-        }
-    }
+    sluice_storage::conformance::emulator("SLUICE_TEST_GCS_ENDPOINT", "bash .ci/emulators/gcs.sh start")
 }
 
 /// Percent-encodes one path segment or query value.
@@ -133,15 +127,6 @@ async fn storage(endpoint: &str, bucket: &str) -> CloudStorage<GcsBackend> {
     CloudStorage::new(backend, options)
 }
 
-/// Writes `chunks` to `key` and returns the size `finish` reports.
-async fn write(storage: &CloudStorage<GcsBackend>, key: &str, meta: ObjectMeta, chunks: &[&[u8]]) -> u64 {
-    let mut writer = storage.create(key, meta).await.unwrap();
-    for chunk in chunks {
-        writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
-    }
-    writer.finish().await.unwrap()
-}
-
 /// The object's JSON metadata, or `None` if it does not exist.
 fn metadata(endpoint: &str, bucket: &str, key: &str) -> Option<serde_json::Value> {
     match ureq::get(&format!("{endpoint}/storage/v1/b/{bucket}/o/{}", enc(key))).call() {
@@ -163,167 +148,84 @@ fn object_names(endpoint: &str, bucket: &str) -> Vec<String> {
     names
 }
 
-/// GETs a signed URL (asking for gzip as-is) and returns the Content-Encoding and body.
-fn fetch(url: &str) -> (Option<String>, Vec<u8>) {
-    let mut response =
-        ureq::get(url).header("accept-encoding", "gzip").call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let encoding = response.headers().get("content-encoding").map(|v| v.to_str().unwrap().to_string());
-    let body = response.body_mut().with_config().limit(256 << 20).read_to_vec().unwrap();
-    (encoding, body)
-}
-
-/// Deterministic bytes that do not compress (xorshift).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn gzip(data: &[u8]) -> Vec<u8> {
     let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
     encoder.write_all(data).unwrap();
     encoder.finish().unwrap()
 }
 
-/// Splits `data` into chunks of odd, varying sizes.
-fn odd_chunks(data: &[u8]) -> Vec<&[u8]> {
-    let sizes = [1, 4097, 65_537, 300_001, 77, 1_048_583, 13];
-    let mut chunks = Vec::new();
-    let mut rest = data;
-    for size in sizes.iter().cycle() {
-        if rest.is_empty() {
-            break;
-        }
-        let (head, tail) = rest.split_at((*size).min(rest.len()));
-        chunks.push(head);
-        rest = tail;
-    }
-    chunks
+/// A fresh bucket as a conformance subject; `None` (skip) without the emulator. The large
+/// object spans several of the SDK's 8 MiB upload requests, and is not a multiple of a part.
+async fn subject() -> Option<Subject> {
+    let ep = endpoint()?;
+    let bucket = fresh_bucket(&ep, "conformance");
+    let storage = storage(&ep, &bucket).await;
+    assert_eq!(storage.describe(), format!("gs://{bucket}"));
+    let subject = Subject::new(Arc::new(storage), Arc::new(HttpFetch), PART)
+        .with_large_object(9 * 1024 * 1024 + 12_345)
+        .with_max_url_ttl(MAX_SIGNED_URL_TTL)
+        .without_served_content_type();
+    Some(subject)
 }
 
+sluice_storage::storage_conformance_tests!(subject().await);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_object_and_signed_url() {
+async fn uploads_send_the_content_type_and_encoding() {
     let Some(ep) = endpoint() else { return };
-    let bucket = fresh_bucket(&ep, "small");
+    let bucket = fresh_bucket(&ep, "metadata");
+    // Only the session start of a resumable upload goes through the recorder: the chunks
+    // go to the session URL the emulator hands out, which points at the emulator itself.
     let recorder = Recorder::start(&ep).await;
     let storage = storage(&recorder.endpoint, &bucket).await;
-    assert_eq!(storage.describe(), format!("gs://{bucket}"));
+    // Writes the object and returns its metadata as stored.
+    let write = async |key: &str, meta: ObjectMeta, data: &[u8]| {
+        let mut writer = storage.create(key, meta).await.unwrap();
+        for chunk in odd_chunks(data, PART) {
+            writer.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        assert_eq!(writer.finish().await.unwrap(), data.len() as u64);
+        metadata(&ep, &bucket, key).expect("the object exists")
+    };
 
-    let key = "2024-03-01T120000Z_job/Patient 1.ndjson";
-    let body = b"{\"resourceType\":\"Patient\",\"id\":\"1\"}\n{\"resourceType\":\"Patient\",\"id\":\"2\"}\n";
-    let size = write(&storage, key, ObjectMeta::ndjson(false), &[&body[..10], &body[10..]]).await;
-    assert_eq!(size, body.len() as u64);
-
+    let body = b"{\"resourceType\":\"Patient\",\"id\":\"1\"}\n";
+    let meta = write("job/Patient.ndjson", ObjectMeta::ndjson(false), body).await;
     recorder.assert_sent_metadata("application/fhir+ndjson", None);
     assert!(!recorder.sent().contains("contentEncoding"));
-    let meta = metadata(&ep, &bucket, key).expect("object exists");
     assert!(meta.get("contentEncoding").is_none_or(|v| v.as_str() == Some("")), "{meta}");
     assert_eq!(meta["size"], body.len().to_string());
 
+    let gz = gzip(&b"{\"resourceType\":\"Observation\",\"id\":\"o1\"}\n".repeat(50));
+    let meta = write("job/Observation.ndjson.gz", ObjectMeta::ndjson(true), &gz).await;
+    recorder.assert_sent_metadata("application/fhir+ndjson", Some("gzip"));
+    assert_eq!(meta["contentEncoding"], "gzip");
+
+    let large = gzip(&noise(9 * 1024 * 1024, 7));
+    let meta = write("job/Encounter.ndjson.gz", ObjectMeta::ndjson(true), &large).await;
+    assert!(recorder.sent().contains("uploadType=resumable"));
+    assert_eq!(meta["contentEncoding"], "gzip");
+    assert_eq!(meta["size"], large.len().to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_urls_are_v4_and_path_style() {
+    let Some(ep) = endpoint() else { return };
+    let bucket = fresh_bucket(&ep, "signed");
+    let storage = storage(&ep, &bucket).await;
+    let key = "2024-03-01T120000Z_job/Patient 1.ndjson";
+    let mut writer = storage.create(key, ObjectMeta::ndjson(false)).await.unwrap();
+    writer.write(Bytes::from_static(b"{}\n")).await.unwrap();
+    writer.finish().await.unwrap();
+
     let signed = storage.signed_url(key, Duration::from_secs(600)).await.unwrap();
     let path = format!("/{bucket}/2024-03-01T120000Z_job/Patient%201.ndjson?X-Goog-Algorithm=GOOG4-RSA-SHA256&");
-    assert!(signed.url.starts_with(&format!("{}{path}", recorder.endpoint)), "{}", signed.url);
+    assert!(signed.url.starts_with(&format!("{ep}{path}")), "{}", signed.url);
     assert!(signed.url.contains("X-Goog-Signature="), "{}", signed.url);
-    let now = time::OffsetDateTime::now_utc();
-    assert!(signed.expires > now + Duration::from_secs(590) && signed.expires <= now + Duration::from_secs(600));
-    let (encoding, fetched) = fetch(&signed.url);
-    assert_eq!(encoding, None);
-    assert_eq!(fetched, body);
+    assert_eq!(HttpFetch.fetch(&signed.url).await.body, b"{}\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gzip_object_keeps_its_encoding() {
-    let Some(ep) = endpoint() else { return };
-    let bucket = fresh_bucket(&ep, "gzip");
-    let recorder = Recorder::start(&ep).await;
-    let storage = storage(&recorder.endpoint, &bucket).await;
-
-    let plain = b"{\"resourceType\":\"Observation\",\"id\":\"o1\"}\n".repeat(50);
-    let gz = gzip(&plain);
-    let key = "job/Observation.ndjson.gz";
-    assert_eq!(write(&storage, key, ObjectMeta::ndjson(true), &[&gz]).await, gz.len() as u64);
-
-    recorder.assert_sent_metadata("application/fhir+ndjson", Some("gzip"));
-    let meta = metadata(&ep, &bucket, key).unwrap();
-    assert_eq!(meta["contentEncoding"], "gzip");
-
-    let signed = storage.signed_url(key, Duration::from_secs(60)).await.unwrap();
-    let (encoding, fetched) = fetch(&signed.url);
-    assert_eq!(encoding.as_deref(), Some("gzip"));
-    assert_eq!(fetched, gz);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn multipart_object_is_reassembled_exactly() {
-    let Some(ep) = endpoint() else { return };
-    let bucket = fresh_bucket(&ep, "multipart");
-    // Only the session start goes through the recorder: the chunks go to the session URL
-    // the emulator hands out, which points at the emulator itself.
-    let recorder = Recorder::start(&ep).await;
-    let storage = storage(&recorder.endpoint, &bucket).await;
-
-    // Larger than the SDK's 8 MiB chunk, so the resumable upload takes several requests,
-    // and not a multiple of the 256 KiB part size. Gzip so both metadata fields are set.
-    let data = gzip(&noise(9 * 1024 * 1024 + 12_345, 7));
-    assert!(data.len() > 9 * 1024 * 1024 && !data.len().is_multiple_of(PART));
-    let key = "job/Encounter.ndjson.gz";
-    let size = write(&storage, key, ObjectMeta::ndjson(true), &odd_chunks(&data)).await;
-    assert_eq!(size, data.len() as u64);
-
-    recorder.assert_sent_metadata("application/fhir+ndjson", Some("gzip"));
-    assert!(recorder.sent().contains("uploadType=resumable"));
-    let meta = metadata(&ep, &bucket, key).unwrap();
-    assert_eq!(meta["contentEncoding"], "gzip");
-    assert_eq!(meta["size"], data.len().to_string());
-
-    let signed = storage.signed_url(key, Duration::from_secs(3600)).await.unwrap();
-    let (encoding, fetched) = fetch(&signed.url);
-    assert_eq!(encoding.as_deref(), Some("gzip"));
-    assert_eq!(fetched.len(), data.len());
-    assert!(fetched == data, "downloaded bytes differ from the uploaded ones");
-
-    // Exactly one part plus one byte: the smallest multi-part object.
-    let data = noise(PART + 1, 9);
-    assert_eq!(write(&storage, "job/edge.ndjson", ObjectMeta::ndjson(false), &[&data]).await, data.len() as u64);
-    let (_, fetched) = fetch(&storage.signed_url("job/edge.ndjson", Duration::from_secs(60)).await.unwrap().url);
-    assert!(fetched == data);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abort_and_drop_leave_no_object() {
-    let Some(ep) = endpoint() else { return };
-    let bucket = fresh_bucket(&ep, "abort");
-    let storage = storage(&ep, &bucket).await;
-    let data = noise(3 * PART + 5, 3);
-
-    // Aborted after parts were uploaded.
-    let mut writer = storage.create("job/aborted.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
-    writer.write(Bytes::from(data.clone())).await.unwrap();
-    writer.abort().await;
-
-    // Dropped without finish or abort (e.g. a cancelled task).
-    let mut writer = storage.create("job/dropped.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
-    writer.write(Bytes::from(data.clone())).await.unwrap();
-    drop(writer);
-
-    // Aborted before the first part was full: nothing was ever sent.
-    let mut writer = storage.create("job/small.ndjson", ObjectMeta::ndjson(false)).await.unwrap();
-    writer.write(Bytes::from_static(b"{}\n")).await.unwrap();
-    writer.abort().await;
-
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(object_names(&ep, &bucket), Vec::<String>::new());
-    assert!(metadata(&ep, &bucket, "job/aborted.ndjson").is_none());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_prefix_removes_only_the_prefix() {
+async fn delete_prefix_follows_page_tokens() {
     let Some(ep) = endpoint() else { return };
     let bucket = fresh_bucket(&ep, "delete");
     let backend =
@@ -337,15 +239,10 @@ async fn delete_prefix_removes_only_the_prefix() {
     let doomed = ["job1/a.ndjson", "job1/b.ndjson", "job1/sub/c.ndjson", "job1/d.ndjson", "job1/e.ndjson"];
     let kept = ["job10/x.ndjson", "job2/y.ndjson", "job1.ndjson"];
     for key in doomed.iter().chain(&kept) {
-        write(&storage, key, ObjectMeta::ndjson(false), &[b"{}\n"]).await;
+        storage.create(key, ObjectMeta::ndjson(false)).await.unwrap().finish().await.unwrap();
     }
     assert_eq!(storage.delete_prefix("job1/").await.unwrap(), doomed.len() as u64);
-    let mut want: Vec<String> = kept.iter().map(|k| k.to_string()).collect();
-    want.sort();
-    assert_eq!(object_names(&ep, &bucket), want);
-
-    // Nothing left under the prefix: a second call deletes nothing.
-    assert_eq!(storage.delete_prefix("job1/").await.unwrap(), 0);
+    assert_eq!(object_names(&ep, &bucket), ["job1.ndjson", "job10/x.ndjson", "job2/y.ndjson"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,14 +7,15 @@
 mod common;
 
 use bytes::Bytes;
-use common::{admin_client, create_bucket, endpoint, fetch};
+use common::{admin_client, create_bucket, endpoint};
+use sluice_storage::conformance::{Fetch, HttpFetch};
 use sluice_storage::{CloudOptions, ObjectMeta, Storage};
 use sluice_storage_s3::{S3Backend, S3Config, storage};
 use std::time::Duration;
 
 #[test]
 fn default_chain_assumes_a_role_with_web_identity() {
-    let Some(endpoint) = endpoint("default_chain_assumes_a_role_with_web_identity") else { return };
+    let Some(endpoint) = endpoint() else { return };
     let dir = std::env::temp_dir().join(format!("sluice-s3-web-identity-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let token_file = dir.join("token");
@@ -75,7 +76,7 @@ fn default_chain_assumes_a_role_with_web_identity() {
         // Temporary credentials from AssumeRoleWithWebIdentity: a session token is signed in,
         // one minted by moto's STS (its tokens start with this prefix).
         assert!(url.url.contains("X-Amz-Security-Token=FQoGZXIvYXdzEBYaD"), "{}", url.url);
-        let got = fetch(&url.url).await;
+        let got = HttpFetch.fetch(&url.url).await;
         assert_eq!(got.status, 200);
         assert_eq!(got.body, b"{\"resourceType\":\"Patient\"}\n");
     });

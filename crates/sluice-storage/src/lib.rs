@@ -6,12 +6,23 @@
 //! [`ObjectWriter::finish`] succeeds, so a failed or cancelled export never leaves a
 //! half-written file that looks complete. Download links are handed out as signed URLs
 //! with an expiry, created afresh each time they are asked for.
+//!
+//! A [`StorageSource`] says where new exports go; each job keeps the [`StorageTarget`] it
+//! was given, so its files can be found again. [`ConfigRepo`] is where the configuration
+//! resources naming cloud accounts are kept. [`conformance`] (feature `conformance`) is the
+//! test suite every [`Storage`] passes.
 
 pub mod cloud;
+mod config;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod memory;
+mod target;
 
 pub use cloud::{CloudOptions, CloudStorage, ObjectBackend, PartUpload};
+pub use config::{ConfigError, ConfigRepo};
 pub use memory::MemoryStorage;
+pub use target::{AwsTarget, AzureTarget, GcpTarget, StorageTarget};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -116,12 +127,13 @@ pub trait Storage: Send + Sync {
 /// is [`FixedStorage`].
 #[async_trait]
 pub trait StorageSource: Send + Sync {
-    /// The storage for a new export, with a description of it (no secrets) that is saved
+    /// The storage for a new export, with the target naming it (no secrets) that is saved
     /// with the job, or why storage is not usable now.
-    async fn current(&self) -> Result<(Arc<dyn Storage>, serde_json::Value), StorageError>;
-    /// The storage a description from [`StorageSource::current`] names; `Null` (jobs saved
-    /// before descriptions existed) means the default storage.
-    async fn open(&self, target: &serde_json::Value) -> Result<Arc<dyn Storage>, StorageError>;
+    async fn current(&self) -> Result<(Arc<dyn Storage>, StorageTarget), StorageError>;
+    /// The storage a target from [`StorageSource::current`] names;
+    /// [`StorageTarget::Default`] (also jobs saved before targets existed) means the default
+    /// storage.
+    async fn open(&self, target: &StorageTarget) -> Result<Arc<dyn Storage>, StorageError>;
 }
 
 /// One storage for every export.
@@ -130,11 +142,11 @@ pub struct FixedStorage(pub Arc<dyn Storage>);
 
 #[async_trait]
 impl StorageSource for FixedStorage {
-    async fn current(&self) -> Result<(Arc<dyn Storage>, serde_json::Value), StorageError> {
-        Ok((self.0.clone(), serde_json::Value::Null))
+    async fn current(&self) -> Result<(Arc<dyn Storage>, StorageTarget), StorageError> {
+        Ok((self.0.clone(), StorageTarget::Default))
     }
 
-    async fn open(&self, _target: &serde_json::Value) -> Result<Arc<dyn Storage>, StorageError> {
+    async fn open(&self, _target: &StorageTarget) -> Result<Arc<dyn Storage>, StorageError> {
         Ok(self.0.clone())
     }
 }

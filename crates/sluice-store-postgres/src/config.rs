@@ -2,11 +2,11 @@
 
 use crate::{PgStore, pg_err};
 use async_trait::async_trait;
-use sluice_store::{ConfigRepo, StoreError};
+use sluice_store::{ConfigError, ConfigRepo};
 
 #[async_trait]
 impl ConfigRepo for PgStore {
-    async fn config_put(&self, resource_type: &str, id: &str, json: &str) -> Result<bool, StoreError> {
+    async fn config_put(&self, resource_type: &str, id: &str, json: &str) -> Result<bool, ConfigError> {
         let client = self.client().await?;
         // `xmax = 0` holds for a freshly inserted row, not for one the upsert updated.
         let row = client
@@ -21,7 +21,7 @@ impl ConfigRepo for PgStore {
         Ok(row.get(0))
     }
 
-    async fn config_get(&self, resource_type: &str, id: &str) -> Result<Option<String>, StoreError> {
+    async fn config_get(&self, resource_type: &str, id: &str) -> Result<Option<String>, ConfigError> {
         let client = self.client().await?;
         let row = client
             .query_opt("SELECT json FROM sluice_config WHERE type = $1 AND id = $2", &[&resource_type, &id])
@@ -30,7 +30,7 @@ impl ConfigRepo for PgStore {
         Ok(row.map(|r| r.get(0)))
     }
 
-    async fn config_delete(&self, resource_type: &str, id: &str) -> Result<bool, StoreError> {
+    async fn config_delete(&self, resource_type: &str, id: &str) -> Result<bool, ConfigError> {
         let client = self.client().await?;
         let n = client
             .execute("DELETE FROM sluice_config WHERE type = $1 AND id = $2", &[&resource_type, &id])

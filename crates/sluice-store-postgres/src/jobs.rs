@@ -55,6 +55,7 @@ impl JobRepo for PgStore {
     }
 
     async fn save_if(&self, job: &JobRecord, expected: &[JobStatus]) -> Result<bool, JobError> {
+        sluice_jobs::check_transition(expected, job.status)?;
         let record = serde_json::to_string(job).map_err(err)?;
         let expected: Vec<&str> = expected.iter().map(|s| s.as_str()).collect();
         let client = self.job_client().await?;

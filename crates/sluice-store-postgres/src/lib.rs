@@ -1,4 +1,4 @@
-//! [`ResourceStore`] on PostgreSQL (deadpool-postgres + tokio-postgres).
+//! The PostgreSQL store ([`ResourceWrites`], [`ExportReads`], plus the job records and configuration resources), on deadpool-postgres + tokio-postgres.
 //!
 //! - `sluice_resource` holds the current version of every resource (tombstones included) with
 //!   its JSON as `text`, exactly the bytes an export writes; older versions move to
@@ -10,7 +10,7 @@
 //!   transaction.
 //! - A snapshot is a REPEATABLE READ transaction that exported its snapshot
 //!   (`pg_export_snapshot`); it stays open, on a connection held by the store, until
-//!   [`ResourceStore::release`]. Every export part imports it (`SET TRANSACTION SNAPSHOT`) and
+//!   [`ExportReads::release`]. Every export part imports it (`SET TRANSACTION SNAPSHOT`) and
 //!   streams `COPY (SELECT json ...) TO STDOUT (FORMAT binary)`: stored text is streamed,
 //!   never converted from jsonb, never in COPY's text format.
 //! - `lastUpdated` and `transactionTime` agree across servers: writers hold a shared
@@ -29,8 +29,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use futures_util::{StreamExt, pin_mut};
 use sluice_fhir::instant;
 use sluice_store::{
-    Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError,
-    WriteOp, Written, valid_id,
+    Batch, ExportReads, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceWrites, ScanFilter, Snapshot,
+    StoreError, WriteOp, Written, valid_id,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -449,7 +449,7 @@ struct Staged {
 }
 
 #[async_trait]
-impl ResourceStore for PgStore {
+impl ResourceWrites for PgStore {
     fn describe(&self) -> String {
         self.describe.clone()
     }
@@ -471,22 +471,6 @@ impl ResourceStore for PgStore {
         let w = write_one(&tx, ts, resource_type, id, None).await?;
         tx.commit().await.map_err(pg_err)?;
         Ok(w)
-    }
-
-    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT version, deleted, json FROM sluice_resource WHERE type = $1 AND id = $2",
-                &[&resource_type, &id],
-            )
-            .await
-            .map_err(pg_err)?;
-        Ok(match row {
-            None => ReadResult::NotFound,
-            Some(r) if r.get::<_, bool>(1) => ReadResult::Deleted(r.get::<_, i64>(0) as u64),
-            Some(r) => ReadResult::Found(r.get::<_, Option<String>>(2).unwrap_or_default()),
-        })
     }
 
     async fn transaction(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Written>>, StoreError> {
@@ -545,6 +529,25 @@ impl ResourceStore for PgStore {
         }
         tx.commit().await.map_err(pg_err)?;
         Ok(summary)
+    }
+}
+
+#[async_trait]
+impl ExportReads for PgStore {
+    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT version, deleted, json FROM sluice_resource WHERE type = $1 AND id = $2",
+                &[&resource_type, &id],
+            )
+            .await
+            .map_err(pg_err)?;
+        Ok(match row {
+            None => ReadResult::NotFound,
+            Some(r) if r.get::<_, bool>(1) => ReadResult::Deleted(r.get::<_, i64>(0) as u64),
+            Some(r) => ReadResult::Found(r.get::<_, Option<String>>(2).unwrap_or_default()),
+        })
     }
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
@@ -804,15 +807,6 @@ impl ResourceStore for PgStore {
         let mut points = result?.unwrap_or_default();
         points.dedup();
         Ok(points)
-    }
-
-    async fn types_with_data(&self) -> Result<Vec<String>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT DISTINCT type FROM sluice_resource WHERE NOT deleted ORDER BY type", &[])
-            .await
-            .map_err(pg_err)?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 }
 

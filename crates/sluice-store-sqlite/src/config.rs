@@ -3,11 +3,11 @@
 use crate::{SqliteStore, db_err};
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
-use sluice_store::{ConfigRepo, StoreError};
+use sluice_store::{ConfigError, ConfigRepo};
 
 #[async_trait]
 impl ConfigRepo for SqliteStore {
-    async fn config_put(&self, resource_type: &str, id: &str, json: &str) -> Result<bool, StoreError> {
+    async fn config_put(&self, resource_type: &str, id: &str, json: &str) -> Result<bool, ConfigError> {
         let (t, i, j) = (resource_type.to_string(), id.to_string(), json.to_string());
         self.with_writer(move |w| {
             let updated = w.conn.execute("UPDATE config SET json = ?3 WHERE type = ?1 AND id = ?2", params![t, i, j]);
@@ -20,9 +20,10 @@ impl ConfigRepo for SqliteStore {
             Ok(true)
         })
         .await
+        .map_err(ConfigError::from)
     }
 
-    async fn config_get(&self, resource_type: &str, id: &str) -> Result<Option<String>, StoreError> {
+    async fn config_get(&self, resource_type: &str, id: &str) -> Result<Option<String>, ConfigError> {
         let (t, i) = (resource_type.to_string(), id.to_string());
         self.with_writer(move |w| {
             w.conn
@@ -31,14 +32,16 @@ impl ConfigRepo for SqliteStore {
                 .map_err(db_err)
         })
         .await
+        .map_err(ConfigError::from)
     }
 
-    async fn config_delete(&self, resource_type: &str, id: &str) -> Result<bool, StoreError> {
+    async fn config_delete(&self, resource_type: &str, id: &str) -> Result<bool, ConfigError> {
         let (t, i) = (resource_type.to_string(), id.to_string());
         self.with_writer(move |w| {
             let n = w.conn.execute("DELETE FROM config WHERE type = ?1 AND id = ?2", params![t, i]).map_err(db_err)?;
             Ok(n > 0)
         })
         .await
+        .map_err(ConfigError::from)
     }
 }

@@ -72,6 +72,7 @@ impl JobRepo for SqliteStore {
     }
 
     async fn save_if(&self, job: &JobRecord, expected: &[JobStatus]) -> Result<bool, JobError> {
+        sluice_jobs::check_transition(expected, job.status)?;
         let record = serde_json::to_string(job).map_err(err)?;
         let (id, status) = (job.id.clone(), job.status);
         let expected: Vec<&'static str> = expected.iter().map(|s| s.as_str()).collect();

@@ -1,4 +1,4 @@
-//! The embedded [`ResourceStore`]: one SQLite file (bundled SQLite, WAL mode).
+//! The embedded store ([`ResourceWrites`], [`ExportReads`], plus the job records and configuration resources): one SQLite file (bundled SQLite, WAL mode).
 //!
 //! Every write appends a row to `resource_version` with a sequence number (`seq`) taken
 //! from a counter owned by the single writer; the row it replaces gets `superseded = seq`.
@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 use sluice_fhir::instant;
 use sluice_store::{
-    Batch, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceStore, ScanFilter, Snapshot, StoreError,
-    WriteOp, Written,
+    Batch, ExportReads, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceWrites, ScanFilter, Snapshot,
+    StoreError, WriteOp, Written,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -304,7 +304,7 @@ fn line_sql(filter: &ScanFilter) -> String {
 }
 
 #[async_trait]
-impl ResourceStore for SqliteStore {
+impl ResourceWrites for SqliteStore {
     fn describe(&self) -> String {
         format!("embedded SQLite ({})", self.path.display())
     }
@@ -328,26 +328,6 @@ impl ResourceStore for SqliteStore {
             let out = write_version(&tx, &mut next_seq, ts_ms, &rt, &id, None)?;
             tx.commit().map_err(db_err)?;
             Ok(out)
-        })
-        .await
-    }
-
-    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError> {
-        let (rt, id) = (resource_type.to_string(), id.to_string());
-        self.with_reader(move |c| {
-            let row: Option<(i64, bool, Option<String>)> = c
-                .query_row(
-                    "SELECT version, deleted, json FROM resource_version WHERE type=?1 AND id=?2 AND superseded IS NULL",
-                    params![rt, id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()
-                .map_err(db_err)?;
-            Ok(match row {
-                None => ReadResult::NotFound,
-                Some((v, true, _)) => ReadResult::Deleted(v as u64),
-                Some((_, false, json)) => ReadResult::Found(json.unwrap_or_default()),
-            })
         })
         .await
     }
@@ -397,6 +377,29 @@ impl ResourceStore for SqliteStore {
             }
             tx.commit().map_err(db_err)?;
             Ok(summary)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ExportReads for SqliteStore {
+    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError> {
+        let (rt, id) = (resource_type.to_string(), id.to_string());
+        self.with_reader(move |c| {
+            let row: Option<(i64, bool, Option<String>)> = c
+                .query_row(
+                    "SELECT version, deleted, json FROM resource_version WHERE type=?1 AND id=?2 AND superseded IS NULL",
+                    params![rt, id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(db_err)?;
+            Ok(match row {
+                None => ReadResult::NotFound,
+                Some((v, true, _)) => ReadResult::Deleted(v as u64),
+                Some((_, false, json)) => ReadResult::Found(json.unwrap_or_default()),
+            })
         })
         .await
     }
@@ -595,19 +598,6 @@ impl ResourceStore for SqliteStore {
                 i += 1;
             }
             Ok(points)
-        })
-        .await
-    }
-
-    async fn types_with_data(&self) -> Result<Vec<String>, StoreError> {
-        self.with_reader(|c| {
-            let mut stmt = c
-                .prepare(
-                    "SELECT DISTINCT type FROM resource_version WHERE superseded IS NULL AND deleted = 0 ORDER BY type",
-                )
-                .map_err(db_err)?;
-            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(db_err)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
         })
         .await
     }

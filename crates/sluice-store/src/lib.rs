@@ -1,6 +1,11 @@
 //! The resource store: versioned FHIR resources with consistent snapshots for export.
 //!
-//! [`ResourceStore`] is shaped for both the embedded SQLite store and PostgreSQL:
+//! A store implements two traits, one per concern, so each consumer asks for only what it
+//! uses: [`ResourceWrites`] (the REST API, the loader) and [`ExportReads`] (the export
+//! engine: current reads, snapshots, counts, scans). The job records (`sluice_jobs::JobRepo`)
+//! and the configuration resources (`sluice_storage::ConfigRepo`) live in the same
+//! database, behind traits of their own crates. Both traits are shaped for the embedded
+//! SQLite store and PostgreSQL:
 //! - every write creates a new version; deletes leave tombstones;
 //! - the server assigns `meta.versionId` and `meta.lastUpdated` on write, and keeps the
 //!   resource's JSON as compact text, which exports stream verbatim;
@@ -17,7 +22,6 @@ pub mod bundle;
 
 use async_trait::async_trait;
 use sluice_fhir::{Issue, IssueCode};
-use sluice_jobs::JobRepo;
 use sluice_json::Json;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
@@ -234,10 +238,7 @@ pub fn prepare_parsed(mut resource: Json<'_>, id: Option<&str>) -> Result<NewRes
     Ok(NewResource { resource_type: rt, id: rid, patients, body: Template::of(&resource) })
 }
 
-/// Whether `id` is a valid FHIR id: 1 to 64 characters of `A-Za-z0-9-.`.
-pub fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-}
+pub use sluice_fhir::valid_id;
 
 /// What a write produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -314,7 +315,7 @@ pub struct ScanFilter {
     pub id_range: Option<IdRange>,
     /// Only resources with these ids (what `_typeFilter`'s `_id` criteria allow); `None` =
     /// every id. An empty list selects nothing; ids that are not valid FHIR ids match
-    /// nothing. Applies to deletions too (`deleted`), and in [`ResourceStore::count`] to
+    /// nothing. Applies to deletions too (`deleted`), and in [`ExportReads::count`] to
     /// every type, so it belongs in the filter of one type's scan.
     pub ids: Option<Vec<String>>,
 }
@@ -359,7 +360,7 @@ impl ScanFilter {
 }
 
 /// A range of resource ids, in the store's own order of ids (the order in which
-/// [`ResourceStore::split_points`] returns them): `from` inclusive, `to` exclusive; `None`
+/// [`ExportReads::split_points`] returns them): `from` inclusive, `to` exclusive; `None`
 /// leaves that end open. The ranges `[None, b1)`, `[b1, b2)`, ..., `[bk, None)` built from
 /// increasing split points partition every id, whatever the order is.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -371,7 +372,7 @@ pub struct IdRange {
 }
 
 impl IdRange {
-    /// The ranges that `points` (increasing, as [`ResourceStore::split_points`] returns
+    /// The ranges that `points` (increasing, as [`ExportReads::split_points`] returns
     /// them) cut the id space into: `points.len() + 1` ranges, the first and last open.
     pub fn between(points: &[String]) -> Vec<IdRange> {
         let bound = |i: usize| if i == 0 || i > points.len() { None } else { Some(points[i - 1].clone()) };
@@ -383,7 +384,7 @@ impl IdRange {
 pub const DELETED_LINE: (&str, &str) =
     (r#"{"resourceType":"Bundle","type":"transaction","entry":[{"request":{"method":"DELETE","url":""#, r#""}}]}"#);
 
-/// How many patient ids [`ResourceStore::compartment_patients`] sends at a time.
+/// How many patient ids [`ExportReads::compartment_patients`] sends at a time.
 pub const PATIENT_BATCH: usize = 1024;
 
 /// A compartment restriction.
@@ -425,7 +426,7 @@ impl Batch {
     }
 }
 
-/// A message into a running bulk load ([`ResourceStore::load`]).
+/// A message into a running bulk load ([`ExportReads::load`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoadMsg {
     /// Resources to write.
@@ -447,22 +448,19 @@ pub struct LoadSummary {
     pub unchanged: u64,
 }
 
-/// Configuration resources (`AwsAccount`, `AzureContainer`, ...): JSON documents kept
-/// apart from FHIR data, so that no export can ever read them.
-#[async_trait]
-pub trait ConfigRepo: Send + Sync {
-    /// Creates or replaces `resource_type/id`; returns whether it was created.
-    async fn config_put(&self, resource_type: &str, id: &str, json: &str) -> Result<bool, StoreError>;
-    /// The stored JSON of `resource_type/id`.
-    async fn config_get(&self, resource_type: &str, id: &str) -> Result<Option<String>, StoreError>;
-    /// Deletes `resource_type/id`; returns whether it existed.
-    async fn config_delete(&self, resource_type: &str, id: &str) -> Result<bool, StoreError>;
+pub use sluice_storage::{ConfigError, ConfigRepo};
+
+impl From<StoreError> for ConfigError {
+    fn from(e: StoreError) -> Self {
+        ConfigError::new(e)
+    }
 }
 
-/// Versioned FHIR resources with snapshots; the jobs and the configuration resources live
-/// in the same database.
+/// Writing FHIR resources: what the REST API and the loader use. Every write gets a new
+/// version with `meta.versionId` and `meta.lastUpdated` set by the store (D17: the rest of
+/// the text is kept exactly).
 #[async_trait]
-pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
+pub trait ResourceWrites: Send + Sync {
     /// A short description (kind and location, no secrets).
     fn describe(&self) -> String;
 
@@ -470,16 +468,22 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
     async fn put(&self, resource: NewResource) -> Result<Written, StoreError>;
     /// Deletes a resource (a tombstone version); `None` when it did not exist.
     async fn delete(&self, resource_type: &str, id: &str) -> Result<Option<Written>, StoreError>;
-    /// The current version of a resource.
-    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError>;
     /// Applies operations in one database transaction (all or nothing).
     async fn transaction(&self, ops: Vec<WriteOp>) -> Result<Vec<Option<Written>>, StoreError>;
     /// Runs a bulk load in one database transaction: writes every [`LoadMsg::Batch`],
     /// commits on [`LoadMsg::Commit`]; on [`LoadMsg::Abort`], or if the sender goes away
     /// first, rolls back so nothing of the load remains.
     async fn load(&self, input: mpsc::Receiver<LoadMsg>) -> Result<LoadSummary, StoreError>;
+}
 
-    /// Takes a snapshot for an export. Call [`ResourceStore::release`] when the export ends.
+/// Reading FHIR resources: the current version, and everything an export reads from one
+/// consistent snapshot.
+#[async_trait]
+pub trait ExportReads: Send + Sync {
+    /// The current version of a resource.
+    async fn read(&self, resource_type: &str, id: &str) -> Result<ReadResult, StoreError>;
+
+    /// Takes a snapshot for an export. Call [`ExportReads::release`] when the export ends.
     async fn snapshot(&self) -> Result<Snapshot, StoreError>;
     /// Frees what a snapshot holds (PostgreSQL: the transaction that exported it).
     async fn release(&self, _snapshot: &Snapshot) {}
@@ -513,7 +517,7 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
         batch_bytes: usize,
         tx: mpsc::Sender<Batch>,
     ) -> Result<(), StoreError>;
-    /// Streams several scans one after the other ([`ResourceStore::scan`] of each `(type,
+    /// Streams several scans one after the other ([`ExportReads::scan`] of each `(type,
     /// filter)`, in order) into `tx`, each batch tagged with the index of its source; a batch
     /// never mixes sources. A patient block (`organizeOutputBy=Patient`) reads one patient's
     /// compartment type by type this way. Stores override it to read every source over one
@@ -527,7 +531,10 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
     ) -> Result<(), StoreError> {
         for (i, (resource_type, filter)) in sources.iter().enumerate() {
             let (inner_tx, mut inner_rx) = mpsc::channel(1);
-            let forward = async {
+            // `move`: the inner receiver goes when forwarding stops (the reader went), so a
+            // scan blocked on a full channel ends instead of waiting forever.
+            let tx = &tx;
+            let forward = async move {
                 while let Some(batch) = inner_rx.recv().await {
                     if tx.send((i, batch)).await.is_err() {
                         return false;
@@ -559,8 +566,6 @@ pub trait ResourceStore: JobRepo + ConfigRepo + Send + Sync {
         filter: &ScanFilter,
         tx: mpsc::Sender<Vec<String>>,
     ) -> Result<(), StoreError>;
-    /// Resource types that have at least one current resource.
-    async fn types_with_data(&self) -> Result<Vec<String>, StoreError>;
     /// Up to `parts - 1` distinct ids, increasing in the store's order of ids (the order
     /// [`IdRange`] bounds compare in), that cut the resources of `resource_type` into about
     /// equal ranges ([`IdRange::between`]), so that several parts can read one large type at

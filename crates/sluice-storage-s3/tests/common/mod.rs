@@ -7,17 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The moto endpoint from `SLUICE_TEST_S3_ENDPOINT`. Without it: panics under CI, else
 /// prints a skip notice and returns `None`.
-pub fn endpoint(test: &str) -> Option<String> {
-    match std::env::var("SLUICE_TEST_S3_ENDPOINT") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("SLUICE_TEST_S3_ENDPOINT is not set: start moto with `eval \"$(bash .ci/emulators/s3.sh start)\"`")
-        }
-        _ => {
-            eprintln!("skipping {test}: SLUICE_TEST_S3_ENDPOINT is not set (see .ci/emulators/s3.sh)");
-            None
-        }
-    }
+pub fn endpoint() -> Option<String> {
+    sluice_storage::conformance::emulator("SLUICE_TEST_S3_ENDPOINT", "bash .ci/emulators/s3.sh start")
 }
 
 /// A bucket name no other test uses.
@@ -45,29 +36,4 @@ pub async fn create_bucket(client: &aws_sdk_s3::Client, tag: &str) -> String {
     let bucket = unique_bucket(tag);
     client.create_bucket().bucket(&bucket).send().await.expect("create bucket");
     bucket
-}
-
-/// What a plain HTTP client gets from `url`.
-pub struct Fetched {
-    pub status: u16,
-    pub content_type: Option<String>,
-    pub content_encoding: Option<String>,
-    pub body: Vec<u8>,
-}
-
-/// GETs `url` with ureq (no decompression, no size limit worth mentioning).
-pub async fn fetch(url: &str) -> Fetched {
-    let url = url.to_string();
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut response = agent.get(&url).call().expect("GET signed URL");
-        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let content_type = header("content-type");
-        let content_encoding = header("content-encoding");
-        let status = response.status().as_u16();
-        let body = response.body_mut().with_config().limit(256 << 20).read_to_vec().expect("read body");
-        Fetched { status, content_type, content_encoding, body }
-    })
-    .await
-    .unwrap()
 }

@@ -3,34 +3,59 @@
 //!
 //! Parsing runs on its own thread while the store writes on another; a malformed line or
 //! resource stops the load with its file and line number, and nothing of the load remains.
+//! What the load is doing is reported to a [`Progress`] (the `sluice` binary draws a
+//! progress bar with it).
 
-use crate::cli::CliError;
 use flate2::read::MultiGzDecoder;
-use indicatif::{ProgressBar, ProgressStyle};
 use sluice_json::Json;
 use sluice_store::bundle::{IdPolicy, bundle_ops_with};
-use sluice_store::{LoadMsg, NewResource, ResourceStore, WriteOp, prepare_parsed};
-use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write as _};
+use sluice_store::{LoadMsg, LoadSummary, NewResource, ResourceWrites, WriteOp, prepare_parsed};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::mpsc;
+
+/// Why a load failed. Nothing of a failed load remains in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A path could not be read, or holds no loadable file.
+    #[error("{0}")]
+    Input(String),
+    /// A file, line or Bundle entry is not a valid resource (named with file and line).
+    #[error("load failed, nothing was written: {0}")]
+    Invalid(String),
+}
+
+/// Hears what a load is doing; every method has a default that does nothing. Called from
+/// the reading thread.
+pub trait Progress: Send + Sync {
+    /// The load starts: it will read `bytes` bytes of files (counting every copy).
+    fn start(&self, _bytes: u64) {}
+    /// Reading of `file` starts.
+    fn file(&self, _file: &Path) {}
+    /// `bytes` more bytes were read.
+    fn read(&self, _bytes: u64) {}
+}
+
+/// A [`Progress`] that ignores everything.
+pub struct Quiet;
+
+impl Progress for Quiet {}
 
 /// Source bytes per batch sent to the store. Parsed JSON takes several times its text size,
 /// so batches are bounded by bytes (and at most two wait in the channel), not by count.
 const BATCH_BYTES: usize = 1 << 20;
 
 /// The files to load under `paths`, sorted; folders are searched recursively.
-pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, CliError> {
+pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
     let mut out = Vec::new();
     for p in paths {
-        let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let meta = std::fs::metadata(p).map_err(|e| LoadError::Input(format!("{}: {e}", p.display())))?;
         if meta.is_dir() {
             let mut stack = vec![p.clone()];
             while let Some(dir) = stack.pop() {
                 let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-                    .map_err(|e| format!("{}: {e}", dir.display()))?
+                    .map_err(|e| LoadError::Input(format!("{}: {e}", dir.display())))?
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .collect();
                 entries.sort();
@@ -45,7 +70,7 @@ pub fn discover(paths: &[PathBuf]) -> Result<Vec<PathBuf>, CliError> {
         } else if is_loadable(p) {
             out.push(p.clone());
         } else {
-            return Err(format!("{}: not a .ndjson, .ndjson.gz or .json file", p.display()).into());
+            return Err(LoadError::Input(format!("{}: not a .ndjson, .ndjson.gz or .json file", p.display())));
         }
     }
     out.sort();
@@ -58,42 +83,41 @@ fn is_loadable(p: &Path) -> bool {
     name.ends_with(".ndjson") || name.ends_with(".ndjson.gz") || name.ends_with(".json")
 }
 
-/// Counts bytes read, for the progress bar.
-struct Counting<R> {
+/// Counts bytes read, for [`Progress::read`].
+struct Counting<'a, R> {
     inner: R,
-    bar: ProgressBar,
+    progress: &'a dyn Progress,
 }
 
-impl<R: Read> Read for Counting<R> {
+impl<R: Read> Read for Counting<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.bar.inc(n as u64);
+        self.progress.read(n as u64);
         Ok(n)
     }
 }
 
-/// Loads `paths` into `store` and prints a summary per type.
+/// Loads the files under `paths` into `store` in one transaction and returns what was
+/// written per type.
 ///
 /// With `copies` > 1, each resource is loaded `copies` times: copy `k` (from 1) gets the id
 /// `c<k>-<id>`, and every relative reference `Type/id` in it is rewritten the same way, so
 /// each copy is a consistent data set of its own (for building large benchmark databases).
-pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf], copies: u32) -> Result<(), CliError> {
+pub async fn load_paths(
+    store: &dyn ResourceWrites,
+    paths: &[PathBuf],
+    copies: u32,
+    progress: Arc<dyn Progress>,
+) -> Result<LoadSummary, LoadError> {
     let files = discover(paths)?;
     if files.is_empty() {
-        return Err("no .ndjson, .ndjson.gz or .json files found".into());
+        return Err(LoadError::Input("no .ndjson, .ndjson.gz or .json files found".into()));
     }
     let total: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
-    let bar = ProgressBar::new(total * u64::from(copies.max(1)));
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} loading [{bar:30}] {bytes}/{total_bytes} {msg} ({eta})")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    let started = Instant::now();
+    progress.start(total * u64::from(copies.max(1)));
     let (tx, rx) = mpsc::channel(2);
-    let reader_bar = bar.clone();
     let reader = std::thread::spawn(move || {
-        let result = read_files(&files, &tx, &reader_bar, copies.max(1));
+        let result = read_files(&files, &tx, progress.as_ref(), copies.max(1));
         let msg = match &result {
             Ok(()) => LoadMsg::Commit,
             Err(e) => LoadMsg::Abort(e.clone()),
@@ -102,34 +126,9 @@ pub async fn load_paths(store: Arc<dyn ResourceStore>, paths: &[PathBuf], copies
         result
     });
     let summary = store.load(rx).await;
-    let read_result = reader.join().map_err(|_| "the file reader crashed")?;
-    bar.finish_and_clear();
-    if let Err(e) = read_result {
-        return Err(format!("load failed, nothing was written: {e}").into());
-    }
-    let summary = summary.map_err(|e| format!("load failed, nothing was written: {e}"))?;
-    let secs = started.elapsed().as_secs_f64();
-    let n: u64 = summary.per_type.values().sum();
-    // The summary goes to stdout; a closed pipe (`sluice load ... | head -1`) is not an error.
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "loaded {n} resources in {secs:.1}s ({:.0}/s) into {}",
-        n as f64 / secs.max(1e-9),
-        store.describe()
-    );
-    for (t, c) in &summary.per_type {
-        let _ = writeln!(out, "  {t:<28} {c:>9}");
-    }
-    if summary.updated > 0 {
-        let _ =
-            writeln!(out, "  ({} of them replaced an existing resource with the same type and id)", summary.updated);
-    }
-    if summary.unchanged > 0 {
-        let _ = writeln!(out, "  ({} of them were already stored unchanged: no new version)", summary.unchanged);
-    }
-    let _ = std::io::stdout().write_all(out.as_bytes());
-    Ok(())
+    let read_result = reader.join().map_err(|_| LoadError::Invalid("the file reader crashed".into()))?;
+    read_result.map_err(LoadError::Invalid)?;
+    summary.map_err(|e| LoadError::Invalid(e.to_string()))
 }
 
 type Sender = mpsc::Sender<LoadMsg>;
@@ -170,20 +169,20 @@ impl Pending {
 
 /// Reads the files once per copy, so each copy keeps the files' order (a patient's resources
 /// stay close together, as in the source).
-fn read_files(files: &[PathBuf], tx: &Sender, bar: &ProgressBar, copies: u32) -> Result<(), String> {
+fn read_files(files: &[PathBuf], tx: &Sender, progress: &dyn Progress, copies: u32) -> Result<(), String> {
     let mut batch = Pending { resources: Vec::new(), bytes: 0, copy: 0 };
     for copy in 0..copies {
         batch.copy = copy;
-        read_all(files, tx, bar, &mut batch)?;
+        read_all(files, tx, progress, &mut batch)?;
     }
     batch.flush(tx, true)
 }
 
-fn read_all(files: &[PathBuf], tx: &Sender, bar: &ProgressBar, batch: &mut Pending) -> Result<(), String> {
+fn read_all(files: &[PathBuf], tx: &Sender, progress: &dyn Progress, batch: &mut Pending) -> Result<(), String> {
     for file in files {
-        bar.set_message(file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        progress.file(file);
         let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        let counted = Counting { inner: f, bar: bar.clone() };
+        let counted = Counting { inner: f, progress };
         let name = file.to_string_lossy();
         if name.ends_with(".json") {
             read_json_file(file, counted, batch)?;

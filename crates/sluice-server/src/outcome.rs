@@ -124,3 +124,10 @@ pub async fn ensure_outcome(req: axum::extract::Request, next: axum::middleware:
     }
     out
 }
+
+impl From<crate::access::Denied> for ApiError {
+    fn from(d: crate::access::Denied) -> Self {
+        let code = if d.status == StatusCode::UNAUTHORIZED { IssueCode::Login } else { IssueCode::Forbidden };
+        ApiError::new(d.status, Issue::error(code, d.message))
+    }
+}

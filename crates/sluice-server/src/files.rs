@@ -1,7 +1,7 @@
 //! `GET /files/<key>?expires=..&sig=..`: downloads of local export files at signed URLs.
 
-use super::AppState;
-use super::outcome::ApiError;
+use crate::AppState;
+use crate::outcome::ApiError;
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};

@@ -1,9 +1,10 @@
 //! `$export` kick-off at the three levels, `$export-status` polling and cancellation.
 
-use super::AppState;
-use super::outcome::{ApiError, info};
+use crate::outcome::{ApiError, info};
+use crate::{Access, AppState};
 use axum::body::Bytes;
-use axum::extract::{OriginalUri, Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::Uri;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_engine::{CancelError, KickoffError};
@@ -23,7 +24,7 @@ const BUSY_SECONDS: u64 = 5;
 pub async fn system(
     State(app): State<AppState>,
     method: Method,
-    uri: OriginalUri,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -34,7 +35,7 @@ pub async fn system(
 pub async fn patient(
     State(app): State<AppState>,
     method: Method,
-    uri: OriginalUri,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -46,7 +47,7 @@ pub async fn group(
     State(app): State<AppState>,
     Path(id): Path<String>,
     method: Method,
-    uri: OriginalUri,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -64,10 +65,11 @@ async fn kickoff(
     app: AppState,
     level: Level,
     method: Method,
-    OriginalUri(uri): OriginalUri,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    app.allow(Access::Kickoff { level: &level }, &headers).await?;
     // Storage first, as Aidbox does: a misconfigured server says so whatever the request.
     let (_, storage) = app.inner.engine.storage_for_new_export().await.map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
@@ -150,7 +152,9 @@ pub async fn status(
     State(app): State<AppState>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    app.allow(Access::Status { export_id: &id }, &headers).await?;
     let separate = separate_status_requested(query.as_deref());
     let page = manifest_page_requested(query.as_deref())?;
     let mut res = export_status(&app, &id, page, separate).await?;
@@ -208,13 +212,13 @@ fn no_page(job: &JobRecord, page: usize) -> ApiError {
 /// is closed.
 async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) -> Result<Response, ApiError> {
     let polls = &app.inner.polls;
-    let mut job = app.inner.engine.store().get(id).await.map_err(ApiError::internal)?;
+    let mut job = app.inner.store.get(id).await.map_err(ApiError::internal)?;
     if let Some(j) = &job
         && settles(j, page)
     {
         // A young export running here: give it a moment to finish (D29), then look again.
         if tokio::time::timeout(SETTLE, app.inner.engine.wait(id)).await.is_ok() {
-            job = app.inner.engine.store().get(id).await.map_err(ApiError::internal)?;
+            job = app.inner.store.get(id).await.map_err(ApiError::internal)?;
         }
     }
     let Some(job) = job.filter(|j| j.status != JobStatus::Cancelled) else {
@@ -515,7 +519,12 @@ const HTTP_DATE: &[time::format_description::BorrowedFormatItem<'static>] = time
 
 /// `DELETE /fhir/$export-status/<id>`: cancels a running export (or deletes a finished one
 /// and its files). 202; the one-export slot is free at once.
-pub async fn cancel(State(app): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    app.allow(Access::Cancel { export_id: &id }, &headers).await?;
     // Never throttled (D13 concerns status polls only).
     app.inner.polls.forget(&id);
     match app.inner.engine.cancel(&id).await {

@@ -2,10 +2,11 @@
 //! for `AwsAccount`, `AzureAccount`, `AzureContainer` and `GcpServiceAccount`. Secrets are
 //! stored but never returned (nor logged: the access log omits bodies).
 
-use super::AppState;
-use super::outcome::{ApiError, fhir_json};
+use crate::outcome::{ApiError, fhir_json};
+use crate::{Access, AppState};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sluice_storage_config::resources::{self, ConfigType};
@@ -25,30 +26,41 @@ fn config_type(t: &str) -> Result<&'static ConfigType, ApiError> {
 pub async fn put(
     State(app): State<AppState>,
     Path((t, id)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let ty = config_type(&t)?;
+    app.allow(Access::Configure { resource_type: ty.name }, &headers).await?;
     let value = resources::validate(ty, &id, &body).map_err(|issues| ApiError::new(StatusCode::BAD_REQUEST, issues))?;
-    let created =
-        app.inner.engine.store().config_put(ty.name, &id, &value.to_string()).await.map_err(ApiError::internal)?;
+    let created = app.inner.store.config_put(ty.name, &id, &value.to_string()).await.map_err(ApiError::internal)?;
     tracing::info!(resource = %format!("{}/{id}", ty.name), created, "configuration resource saved");
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(fhir_json(status, &resources::redact(ty, value)))
 }
 
 /// `GET /<Type>/<id>`: the resource minus its secrets.
-pub async fn get(State(app): State<AppState>, Path((t, id)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn get(
+    State(app): State<AppState>,
+    Path((t, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let ty = config_type(&t)?;
-    let json = app.inner.engine.store().config_get(ty.name, &id).await.map_err(ApiError::internal)?;
+    app.allow(Access::Configure { resource_type: ty.name }, &headers).await?;
+    let json = app.inner.store.config_get(ty.name, &id).await.map_err(ApiError::internal)?;
     let json = json.ok_or_else(|| ApiError::not_found(format!("{}/{id} does not exist", ty.name)))?;
     let value: serde_json::Value = serde_json::from_str(&json).map_err(ApiError::internal)?;
     Ok(fhir_json(StatusCode::OK, &resources::redact(ty, value)))
 }
 
 /// `DELETE /<Type>/<id>`: 204, or 404 when absent.
-pub async fn delete(State(app): State<AppState>, Path((t, id)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn delete(
+    State(app): State<AppState>,
+    Path((t, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let ty = config_type(&t)?;
-    if !app.inner.engine.store().config_delete(ty.name, &id).await.map_err(ApiError::internal)? {
+    app.allow(Access::Configure { resource_type: ty.name }, &headers).await?;
+    if !app.inner.store.config_delete(ty.name, &id).await.map_err(ApiError::internal)? {
         return Err(ApiError::not_found(format!("{}/{id} does not exist", ty.name)));
     }
     tracing::info!(resource = %format!("{}/{id}", ty.name), "configuration resource deleted");

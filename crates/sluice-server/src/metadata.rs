@@ -1,7 +1,7 @@
 //! `GET /fhir/metadata`: the CapabilityStatement (Bulk Data IG).
 
-use super::AppState;
-use super::outcome::{ApiError, fhir_json};
+use crate::AppState;
+use crate::outcome::{ApiError, fhir_json};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;

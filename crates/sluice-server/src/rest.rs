@@ -1,11 +1,11 @@
 //! Enough FHIR REST to put data in and look at it: read, create, update, delete, and
 //! `batch` / `transaction` Bundles.
 
-use super::AppState;
-use super::outcome::{ApiError, fhir_json, info};
+use crate::outcome::{ApiError, fhir_json, info};
+use crate::{Access, AppState};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
@@ -56,9 +56,14 @@ fn written_response(app: &AppState, w: &Written, status: StatusCode) -> Result<R
 }
 
 /// `GET /fhir/<type>/<id>`.
-pub async fn read(State(app): State<AppState>, Path((t, id)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn read(
+    State(app): State<AppState>,
+    Path((t, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    app.allow(Access::Read { resource_type: &t }, &headers).await?;
     check_type(&t)?;
-    match app.inner.engine.store().read(&t, &id).await.map_err(store_err)? {
+    match app.inner.store.read(&t, &id).await.map_err(store_err)? {
         ReadResult::Found(json) => {
             let mut res = Response::new(axum::body::Body::from(json));
             res.headers_mut()
@@ -77,8 +82,10 @@ pub async fn read(State(app): State<AppState>, Path((t, id)): Path<(String, Stri
 pub async fn update(
     State(app): State<AppState>,
     Path((t, id)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    app.allow(Access::Write { resource_type: &t }, &headers).await?;
     check_type(&t)?;
     if !valid_id(&id) {
         return Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")));
@@ -101,12 +108,18 @@ pub async fn update(
         }
     }
     let r = prepare_parsed(resource, Some(&id)).map_err(invalid)?;
-    let w = app.inner.engine.store().put(r).await.map_err(store_err)?;
+    let w = app.inner.store.put(r).await.map_err(store_err)?;
     written_response(&app, &w, if w.created { StatusCode::CREATED } else { StatusCode::OK })
 }
 
 /// `POST /fhir/<type>`: create with a server-assigned id.
-pub async fn create(State(app): State<AppState>, Path(t): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn create(
+    State(app): State<AppState>,
+    Path(t): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    app.allow(Access::Write { resource_type: &t }, &headers).await?;
     check_type(&t)?;
     let mut resource = parse_json(&body)?;
     if resource.get("resourceType").and_then(Json::as_str).as_deref() != Some(t.as_str()) {
@@ -115,14 +128,19 @@ pub async fn create(State(app): State<AppState>, Path(t): Path<String>, body: By
     let id = uuid::Uuid::new_v4().to_string();
     resource.set("id", Json::string(&id), Some("resourceType"));
     let r = prepare_parsed(resource, Some(&id)).map_err(invalid)?;
-    let w = app.inner.engine.store().put(r).await.map_err(store_err)?;
+    let w = app.inner.store.put(r).await.map_err(store_err)?;
     written_response(&app, &w, StatusCode::CREATED)
 }
 
 /// `DELETE /fhir/<type>/<id>`: leaves a tombstone; deleting twice is fine.
-pub async fn delete(State(app): State<AppState>, Path((t, id)): Path<(String, String)>) -> Result<Response, ApiError> {
+pub async fn delete(
+    State(app): State<AppState>,
+    Path((t, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    app.allow(Access::Write { resource_type: &t }, &headers).await?;
     check_type(&t)?;
-    let w = app.inner.engine.store().delete(&t, &id).await.map_err(store_err)?;
+    let w = app.inner.store.delete(&t, &id).await.map_err(store_err)?;
     Ok(info(
         StatusCode::OK,
         &match w {
@@ -146,9 +164,10 @@ fn entry_response(w: &Option<Written>, is_delete: bool) -> Value {
 
 /// `POST /fhir` with a `batch` or `transaction` Bundle. A transaction is all or nothing:
 /// any invalid entry rejects the whole Bundle with every problem listed.
-pub async fn bundle(State(app): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn bundle(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    app.allow(Access::Write { resource_type: "Bundle" }, &headers).await?;
     let (kind, ops) = bundle_ops(parse_json(&body)?, IdPolicy::Rest).map_err(invalid)?;
-    let store = app.inner.engine.store();
+    let store = &app.inner.store;
     match kind {
         BundleKind::Other => Err(ApiError::bad_request("POST /fhir takes a Bundle of type 'batch' or 'transaction'")),
         BundleKind::Transaction => {

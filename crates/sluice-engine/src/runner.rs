@@ -1,0 +1,458 @@
+//! The part runner: runs the planned parts of a run in parallel ([`Engine::run_parts`]),
+//! saving progress as they go. Each [`Part`] streams batches from the store, has them
+//! encoded on blocking threads ([`crate::encode`]) and streams the bytes into storage
+//! objects, one per file; patient blocks (`organizeOutputBy=Patient`) are written patient by
+//! patient.
+
+use crate::encode::{Encoded, Encoder, Treatment, block_header};
+use crate::plan::{BlockPatients, Blocks, DELETED, PlannedPart, Sources, narrow};
+use crate::{Engine, RunError, elements};
+use bytes::Bytes;
+use sluice_fhir::{Issue, IssueCode};
+use sluice_jobs::{JobRecord, JobStatus, OutputFile};
+use sluice_ndjson::Compression;
+use sluice_planner::ExportPlan;
+use sluice_storage::{ObjectMeta, ObjectWriter, Storage};
+use sluice_store::{Patients, ScanFilter, Snapshot};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// A file a part has stored, not yet taken into the job.
+struct FinishedFile {
+    /// Whether it lists deletions: it goes to the job's `deleted`, else to its `output`.
+    deleted: bool,
+    /// The file.
+    file: OutputFile,
+}
+
+/// The files the parts have finished and the runner has not taken into the job yet, in
+/// the order they finished. Clones share the list.
+#[derive(Clone, Default)]
+struct Finished {
+    /// The files, oldest first.
+    files: Arc<Mutex<Vec<FinishedFile>>>,
+}
+
+impl Finished {
+    /// Adds a file a part has stored.
+    fn push(&self, file: FinishedFile) {
+        self.files.lock().unwrap_or_else(PoisonError::into_inner).push(file);
+    }
+
+    /// Takes the files added since the last call.
+    fn take(&self) -> Vec<FinishedFile> {
+        std::mem::take(&mut *self.files.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// An object being written.
+struct OpenObject {
+    /// The encoder's index of the file it holds.
+    file: u32,
+    /// The file's number in its type, which names it ([`Part::key`]).
+    number: u32,
+    /// Where its bytes go.
+    writer: Box<dyn ObjectWriter>,
+}
+
+/// What a running part holds: the encoder (on a blocking thread while a batch is encoded),
+/// the object being written, and its store readers (aborted when the part fails).
+struct PartState {
+    /// The encoder; `None` while it encodes a batch on a blocking thread.
+    writer: Option<Encoder>,
+    /// The object being written, if a file is open.
+    open: Option<OpenObject>,
+    /// The part's store readers.
+    scans: Vec<tokio::task::AbortHandle>,
+}
+
+/// The failure of a store reader task that panicked or was aborted.
+fn reader_crashed(e: tokio::task::JoinError) -> RunError {
+    RunError::Failed(Issue::fatal(IssueCode::Exception, format!("store reader crashed: {e}")))
+}
+
+impl Engine {
+    /// Runs the planned parts, at most
+    /// [`EngineConfig::parallelism`](crate::EngineConfig::parallelism) at a time (see
+    /// [`Engine::supervise`]). On success the job holds every file they wrote and the final
+    /// progress.
+    pub(crate) async fn run_parts(
+        &self,
+        job: &mut JobRecord,
+        token: &CancellationToken,
+        snapshot: &Snapshot,
+        storage: &Arc<dyn Storage>,
+        planned: Vec<PlannedPart>,
+    ) -> Result<(), RunError> {
+        let finished = Finished::default();
+        let done: Arc<BTreeMap<String, AtomicU64>> =
+            Arc::new(job.progress.keys().map(|k| (k.clone(), AtomicU64::new(0))).collect());
+        // File numbers per file name (type): the range parts of a type, and a `Bundle`
+        // type beside the deletions, name their files from one counter.
+        let mut file_numbers: HashMap<String, Arc<AtomicU32>> = HashMap::new();
+        let limit = Arc::new(Semaphore::new(self.config.parallelism.max(1)));
+        let mut parts = tokio::task::JoinSet::new();
+        for PlannedPart { resource_type: t, sources, blocks, deleted: del, .. } in planned {
+            let part = Part {
+                file_numbers: file_numbers.entry(t.clone()).or_default().clone(),
+                engine: self.clone(),
+                storage: storage.clone(),
+                job_folder: job.folder.clone(),
+                plan: job.plan.clone(),
+                snapshot: snapshot.clone(),
+                progress_key: if del { DELETED.to_string() } else { t.clone() },
+                resource_type: t,
+                deleted: del,
+                sources,
+                blocks,
+                done: done.clone(),
+                finished: finished.clone(),
+                token: token.clone(),
+            };
+            let limit = limit.clone();
+            parts.spawn(async move {
+                let _permit = limit.acquire_owned().await.map_err(|_| RunError::Cancelled)?;
+                part.run().await
+            });
+        }
+        self.supervise(job, token, parts, &done, &finished).await?;
+        Self::copy_progress(job, &done);
+        Self::take_finished(job, &finished);
+        Ok(())
+    }
+
+    /// Waits for the parts. Every
+    /// [`EngineConfig::progress_interval`](crate::EngineConfig::progress_interval) copies
+    /// their progress into the job (with partial manifests also their finished files,
+    /// closing a page) and saves it; a save that finds the job no longer in progress
+    /// (cancelled) stops the run. The first failure cancels the other parts and is the result.
+    async fn supervise(
+        &self,
+        job: &mut JobRecord,
+        token: &CancellationToken,
+        mut parts: JoinSet<Result<(), RunError>>,
+        done: &BTreeMap<String, AtomicU64>,
+        finished: &Finished,
+    ) -> Result<(), RunError> {
+        let mut ticker = tokio::time::interval(self.config.progress_interval);
+        ticker.tick().await;
+        let mut failure: Option<RunError> = None;
+        while !parts.is_empty() {
+            tokio::select! {
+                joined = parts.join_next() => {
+                    match joined.expect("set is not empty") {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => { failure.get_or_insert(e); token.cancel(); }
+                        Err(join) => {
+                            failure.get_or_insert(RunError::Failed(Issue::fatal(IssueCode::Exception, format!("an export worker crashed: {join}"))));
+                            token.cancel();
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    Self::copy_progress(job, done);
+                    if job.plan.allow_partial_manifests {
+                        Self::take_finished(job, finished);
+                        job.close_page(false);
+                    }
+                    if !self.store.save_if(job, &[JobStatus::InProgress]).await? {
+                        token.cancel();
+                        failure.get_or_insert(RunError::Cancelled);
+                    }
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if token.is_cancelled() {
+            return Err(RunError::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Moves the files the parts finished since the last call into the job, in the order
+    /// they finished.
+    fn take_finished(job: &mut JobRecord, finished: &Finished) {
+        for FinishedFile { deleted, file } in finished.take() {
+            if deleted { job.deleted.push(file) } else { job.output.push(file) }
+        }
+    }
+
+    /// Copies the parts' counts of resources read into the job's progress.
+    fn copy_progress(job: &mut JobRecord, done: &BTreeMap<String, AtomicU64>) {
+        for (t, n) in done {
+            if let Some(p) = job.progress.get_mut(t) {
+                p.done = n.load(Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// One resource type of one export, or one id range of a large type, or a share of the
+/// patient blocks.
+struct Part {
+    /// The engine (its store and configuration).
+    engine: Engine,
+    /// Where the files go.
+    storage: Arc<dyn Storage>,
+    /// The job's folder in `storage`.
+    job_folder: String,
+    /// The export.
+    plan: ExportPlan,
+    /// What the store reads from.
+    snapshot: Snapshot,
+    /// The type the part's files are named after ([`PlannedPart::resource_type`]).
+    resource_type: String,
+    /// The part's entry in the job's progress.
+    progress_key: String,
+    /// Whether this part lists deletions (IG `deleted` Bundles) instead of resources.
+    deleted: bool,
+    /// What it reads, in order: (resource type, filter). One entry, except for deletions
+    /// (one per type) and for compartment types of a group export with late joiners (D7:
+    /// their resources from before `_since`, then every member's changes since). The
+    /// parts of a large type each read one id range of the same sources.
+    sources: Sources,
+    /// `organizeOutputBy=Patient`: the patient blocks it writes instead of `sources`.
+    blocks: Option<Arc<Blocks>>,
+    /// The next file number of the type, shared by its parts: each file a part starts takes
+    /// one, so names are unique and dense (D15: `<Type>`, `<Type>-2`, ...) whichever part
+    /// writes which file.
+    file_numbers: Arc<AtomicU32>,
+    /// Resources read so far, per progress entry (shared by every part of the run).
+    done: Arc<BTreeMap<String, AtomicU64>>,
+    /// Where each finished file goes, as soon as it is stored.
+    finished: Finished,
+    /// Cancelled when the run stops (a cancellation, or another part failed).
+    token: CancellationToken,
+}
+
+impl Part {
+    /// The object name of the type's file number `file` (from 0).
+    fn key(&self, file: u32) -> String {
+        let ext = self.plan.output_format.extension();
+        match file {
+            0 => format!("{}/{}.{ext}", self.job_folder, self.resource_type),
+            n => format!("{}/{}-{}.{ext}", self.job_folder, self.resource_type, n + 1),
+        }
+    }
+
+    /// Writes the part's files: reads its sources (or writes its patient blocks), encodes
+    /// and stores them. On failure, stops its readers and drops the object being written.
+    async fn run(self) -> Result<(), RunError> {
+        let cfg = &self.engine.config;
+        let compression = if self.plan.output_format.is_gzip() {
+            Compression::Gzip { level: cfg.gzip_level }
+        } else {
+            Compression::None
+        };
+        let mut st = PartState { writer: Some(Encoder::new(compression, cfg.split)), open: None, scans: Vec::new() };
+        let result: Result<(), RunError> = async {
+            match &self.blocks {
+                Some(blocks) => self.write_blocks(&mut st, blocks).await?,
+                None => {
+                    self.scan_into(&mut st, self.sources.clone(), None).await?;
+                }
+            }
+            let w = st.writer.take().expect("writer present at end");
+            let events = tokio::task::spawn_blocking(move || w.finish())
+                .await
+                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?
+                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding failed: {e}"))))?;
+            self.handle(events, &mut st.open).await
+        }
+        .await;
+
+        if let Err(e) = result {
+            // Stop reading before the snapshot is released, then drop what was written.
+            st.scans.iter().for_each(tokio::task::AbortHandle::abort);
+            if let Some(open) = st.open.take() {
+                open.writer.abort().await;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `organizeOutputBy=Patient`: each patient's block, in order. A block starts with its
+    /// header only once it has a resource (with `_since`, a patient without changes has no
+    /// block), and no block is split across files.
+    async fn write_blocks(&self, st: &mut PartState, blocks: &Blocks) -> Result<(), RunError> {
+        let write = async |st: &mut PartState, id: &str| -> Result<(), RunError> {
+            let window = if blocks.late.contains(id) { &blocks.late_window } else { &blocks.window };
+            let filter = ScanFilter { patients: Some(Patients::Only(vec![id.to_string()])), ..window.clone() };
+            let sources = blocks.types.iter().map(|rt| (rt.clone(), narrow(&self.plan, rt, &filter))).collect();
+            self.scan_into(st, sources, Some(&mut Some(block_header(id)))).await
+        };
+        match &blocks.patients {
+            BlockPatients::Listed(ids) => {
+                for id in ids {
+                    write(st, id).await?;
+                }
+            }
+            BlockPatients::Range(range) => {
+                // The patients in the range with something to export (with `_since`, only
+                // those with changes), a batch of ids at a time: the reader waits (bounded
+                // channel) while the batch's blocks are written.
+                let (tx, mut rx) = mpsc::channel(1);
+                let scan = {
+                    let store = self.engine.store.clone();
+                    let filter = ScanFilter { id_range: Some(range.clone()), ..blocks.window.clone() };
+                    let (snap, types) = (self.snapshot.clone(), blocks.types.clone());
+                    tokio::spawn(async move { store.compartment_patients(&snap, &types, &filter, tx).await })
+                };
+                st.scans.push(scan.abort_handle());
+                loop {
+                    let ids = tokio::select! {
+                        ids = rx.recv() => ids,
+                        _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                    };
+                    let Some(ids) = ids else { break };
+                    for id in &ids {
+                        write(st, id).await?;
+                    }
+                }
+                scan.await.map_err(reader_crashed)??;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the plan does to the resources of `rt` once read: `_elements` subsetting,
+    /// `_typeFilter` queries (evaluated on each resource's JSON), and at system level with
+    /// `_type` and `includeAssociatedData` the Provenance target check. Nothing for
+    /// deletions: a tombstone has no content to match, and listing a deletion the client may
+    /// not hold is harmless.
+    fn treatment(&self, rt: &str) -> Treatment {
+        if self.deleted {
+            return Treatment::default();
+        }
+        Treatment {
+            subset: elements::Subsetter::for_type(self.plan.elements.as_deref(), rt),
+            queries: self.plan.type_filter(rt).map(|q| Arc::new(q.to_vec())),
+            targets: match self.plan.provenance_targets() {
+                Some(types) if rt == "Provenance" => Some(Arc::new(types.to_vec())),
+                _ => None,
+            },
+        }
+    }
+
+    /// Reads `sources` (each a type through a filter, one after the other) and encodes what
+    /// the plan keeps of them into the part's files. In a patient block (`header` given), the
+    /// lines stay together, after the block's header, which is written before the block's
+    /// first line (and then taken).
+    async fn scan_into(
+        &self,
+        st: &mut PartState,
+        sources: Sources,
+        mut header: Option<&mut Option<Vec<u8>>>,
+    ) -> Result<(), RunError> {
+        let cfg = &self.engine.config;
+        let joined = header.is_some();
+        let treatments: Vec<Treatment> = sources.iter().map(|(rt, _)| self.treatment(rt)).collect();
+        let counters: Vec<&AtomicU64> = sources
+            .iter()
+            .map(|(rt, _)| if joined { &self.done[rt] } else { &self.done[&self.progress_key] })
+            .collect();
+        let types: Vec<String> = sources.iter().map(|(rt, _)| rt.clone()).collect();
+        let (tx, mut rx) = mpsc::channel(2);
+        let scan = {
+            let store = self.engine.store.clone();
+            let (snap, bytes) = (self.snapshot.clone(), cfg.batch_bytes);
+            tokio::spawn(async move { store.scan_many(&snap, &sources, bytes, tx).await })
+        };
+        st.scans.push(scan.abort_handle());
+        loop {
+            let next = tokio::select! {
+                b = rx.recv() => b,
+                _ = self.token.cancelled() => return Err(RunError::Cancelled),
+            };
+            let Some((source, batch)) = next else { break };
+            let n = batch.count;
+            let mut w = st.writer.take().expect("writer present between batches");
+            let treatment = treatments[source].clone();
+            let pending = header.as_mut().and_then(|h| h.take());
+            let (w, events, pending) = tokio::task::spawn_blocking(move || {
+                let (res, pending) = w.encode_batch(&treatment, &batch, pending, joined);
+                (w, res, pending)
+            })
+            .await
+            .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?;
+            st.writer = Some(w);
+            if let (Some(h), Some(p)) = (header.as_mut(), pending) {
+                **h = Some(p);
+            }
+            let events = events.map_err(|e| {
+                RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding {} failed: {e}", types[source])))
+            })?;
+            self.handle(events, &mut st.open).await?;
+            counters[source].fetch_add(n, Ordering::Relaxed);
+            self.throttle().await?;
+        }
+        scan.await.map_err(reader_crashed)??;
+        Ok(())
+    }
+
+    /// [`EngineConfig::throttle`](crate::EngineConfig::throttle): the pause after a batch,
+    /// if any (a cancellation ends it).
+    async fn throttle(&self) -> Result<(), RunError> {
+        if let Some(pause) = self.engine.config.throttle {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.token.cancelled() => return Err(RunError::Cancelled),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores what the encoder produced: bytes go to the object of their file (created when
+    /// a new file starts); a finished file is checked (stored size against encoded size) and
+    /// handed to the runner ([`Finished`]).
+    async fn handle(&self, events: Vec<Encoded>, open: &mut Option<OpenObject>) -> Result<(), RunError> {
+        for ev in events {
+            match ev {
+                Encoded::Data { file, bytes } => {
+                    if open.as_ref().is_none_or(|o| o.file != file) {
+                        // The encoder never starts an empty file: every number taken is
+                        // a file in the manifest.
+                        let number = self.file_numbers.fetch_add(1, Ordering::Relaxed);
+                        let meta = ObjectMeta::ndjson(self.plan.output_format.is_gzip());
+                        let writer = self.storage.create(&self.key(number), meta).await?;
+                        *open = Some(OpenObject { file, number, writer });
+                    }
+                    let o = open.as_mut().expect("opened above");
+                    o.writer.write(Bytes::from(bytes)).await?;
+                }
+                Encoded::Finished { summary, sha256 } => {
+                    let OpenObject { file: index, number, writer } = open.take().ok_or_else(|| {
+                        RunError::Failed(Issue::fatal(
+                            IssueCode::Exception,
+                            "encoder finished a file that was never opened",
+                        ))
+                    })?;
+                    debug_assert_eq!(index, summary.file);
+                    let bytes = writer.finish().await?;
+                    if bytes != summary.bytes {
+                        return Err(RunError::Failed(Issue::fatal(
+                            IssueCode::Exception,
+                            format!("{}: stored {bytes} bytes, encoded {}", self.key(number), summary.bytes),
+                        )));
+                    }
+                    let file = OutputFile {
+                        resource_type: self.resource_type.clone(),
+                        key: self.key(number),
+                        count: summary.resources,
+                        bytes,
+                        sha256: Some(sha256),
+                    };
+                    self.finished.push(FinishedFile { deleted: self.deleted, file });
+                }
+            }
+        }
+        Ok(())
+    }
+}

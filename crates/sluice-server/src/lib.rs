@@ -1,0 +1,179 @@
+//! Sluice's HTTP API as a library: the FHIR Bulk Data `$export` endpoints (kick-off at the
+//! three levels, `$export-status` polling, manifests and cancellation), signed downloads of
+//! local export files (`/files`), the CapabilityStatement, a little FHIR REST (read, create,
+//! update, delete, batch and transaction Bundles) and the configuration resources
+//! (`/AwsAccount/<id>`, ...). Every 4xx/5xx is a FHIR `OperationOutcome`.
+//!
+//! [`Api`] builds an axum [`Router`] (a tower `Service`) that a host application can serve
+//! as it is (the `sluice` binary does) or mount under a prefix of its own, next to its own
+//! routes and layers:
+//!
+//! ```no_run
+//! # async fn host(engine: sluice_engine::Engine, store: std::sync::Arc<dyn sluice_server::Store>) {
+//! let sluice = sluice_server::Api::new(engine, store, "https://example.org/bulk").router();
+//! let app: axum::Router = axum::Router::new().nest("/bulk", sluice);
+//! # }
+//! ```
+//!
+//! The base URL is the public URL of the router's root (the prefix included): absolute URLs
+//! (`Content-Location`, manifest links, the kick-off `request`) start with it.
+//!
+//! Who may do what is the host's decision: [`Api::authorize`] takes an [`Authorize`], asked
+//! before every operation ([`Access`]) with the request's headers. The default,
+//! [`AllowAll`], allows everything. A host can also wrap the router in tower layers of its
+//! own.
+
+mod access;
+mod config;
+mod export;
+mod files;
+mod metadata;
+mod outcome;
+mod rest;
+
+pub use access::{Access, AllowAll, Authorize, Denied};
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use sluice_engine::{Engine, ExportStore};
+use sluice_storage::ConfigRepo;
+use sluice_storage_local::LocalStorage;
+use sluice_store::ResourceWrites;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything the API asks of a store: writes ([`ResourceWrites`]), what the engine reads
+/// ([`ExportStore`]: snapshots and job records) and the configuration resources
+/// ([`ConfigRepo`]). Every type implementing the three is one.
+pub trait Store: ResourceWrites + ExportStore + ConfigRepo {}
+
+impl<T: ResourceWrites + ExportStore + ConfigRepo + ?Sized> Store for T {}
+
+/// The largest request body accepted by default (a transaction Bundle); larger ones get 413.
+pub const DEFAULT_MAX_BODY: usize = 64 << 20;
+
+/// A builder for Sluice's HTTP API.
+pub struct Api {
+    engine: Engine,
+    store: Arc<dyn Store>,
+    base_url: String,
+    local: Option<LocalStorage>,
+    ttl: Duration,
+    authorize: Arc<dyn Authorize>,
+    max_body: usize,
+}
+
+impl Api {
+    /// The API over `engine` and `store` (the same store the engine reads), whose router's
+    /// root is public at `base_url` (e.g. `https://example.org/bulk`; a trailing `/` is
+    /// dropped).
+    pub fn new(engine: Engine, store: Arc<dyn Store>, base_url: impl Into<String>) -> Self {
+        let base_url = base_url.into().trim_end_matches('/').to_string();
+        Api {
+            engine,
+            store,
+            base_url,
+            local: None,
+            ttl: Duration::from_secs(3600),
+            authorize: Arc::new(AllowAll),
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
+
+    /// Serves the signed download URLs of `local` under `/files` (when exports go to local
+    /// disk; cloud storage signs its own URLs). Its base URL must be this API's.
+    pub fn local_files(mut self, local: LocalStorage) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// How long the download URLs in a manifest work (default: one hour).
+    pub fn signed_url_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Who may do what: asked before every operation (default: [`AllowAll`]).
+    pub fn authorize(mut self, authorize: impl Authorize + 'static) -> Self {
+        self.authorize = Arc::new(authorize);
+        self
+    }
+
+    /// The largest request body accepted (default [`DEFAULT_MAX_BODY`]); larger ones get 413.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.max_body = bytes;
+        self
+    }
+
+    /// The router: every route, with the layers that make every error an OperationOutcome
+    /// (handler panics included) and log each request (never its query, which can hold
+    /// URL signatures).
+    pub fn router(self) -> Router {
+        let max_body = self.max_body;
+        let state = AppState {
+            inner: Arc::new(Inner {
+                engine: self.engine,
+                store: self.store,
+                local: self.local,
+                base_url: self.base_url,
+                ttl: self.ttl,
+                authorize: self.authorize,
+                polls: export::Polls::default(),
+            }),
+        };
+        Router::new()
+            .route("/fhir/metadata", get(metadata::capability_statement))
+            .route("/fhir/$export", get(export::system).post(export::system))
+            .route("/fhir/Patient/$export", get(export::patient).post(export::patient))
+            .route("/fhir/Group/{id}/$export", get(export::group).post(export::group))
+            .route("/fhir/$export-status/{id}", get(export::status).delete(export::cancel))
+            .route("/fhir", post(rest::bundle))
+            .route("/fhir/{type}", post(rest::create))
+            .route("/fhir/{type}/{id}", get(rest::read).put(rest::update).delete(rest::delete))
+            .route("/files/{*key}", get(files::download))
+            .route("/{type}/{id}", get(config::get).put(config::put).delete(config::delete))
+            .fallback(outcome::not_found)
+            .method_not_allowed_fallback(outcome::method_not_allowed)
+            .layer(axum::extract::DefaultBodyLimit::max(max_body))
+            .layer(axum::middleware::from_fn(outcome::ensure_outcome))
+            .layer(axum::middleware::from_fn(access_log))
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(outcome::panic_response))
+            .with_state(state)
+    }
+}
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    store: Arc<dyn Store>,
+    local: Option<LocalStorage>,
+    base_url: String,
+    ttl: Duration,
+    authorize: Arc<dyn Authorize>,
+    /// Status polls of running exports (D13: 429 when too fast; ETA).
+    polls: export::Polls,
+}
+
+impl AppState {
+    /// Asks the host's [`Authorize`] whether the request may do `access`.
+    async fn allow(&self, access: Access<'_>, headers: &axum::http::HeaderMap) -> Result<(), outcome::ApiError> {
+        self.inner.authorize.authorize(&access, headers).await.map_err(outcome::ApiError::from)
+    }
+}
+
+/// Logs method, path (never the query: it can hold signatures), status and time.
+async fn access_log(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = std::time::Instant::now();
+    let res = next.run(req).await;
+    tracing::info!(%method, %path, status = res.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    res
+}

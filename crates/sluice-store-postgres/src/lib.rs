@@ -1058,8 +1058,6 @@ impl CopyRows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-    use time::{Duration, OffsetDateTime};
 
     #[test]
     fn the_key_filter_never_forgets_a_key_and_rarely_imagines_one() {
@@ -1071,63 +1069,5 @@ mod tests {
         let false_hits = (0..100_000).filter(|i| f.may_contain("Observation", &format!("x{i}"))).count();
         assert!(false_hits < 100, "{false_hits} false positives in 100k");
         assert!(!f.may_contain("Condition", "o1") || !f.may_contain("Condition", "o2"), "the type is part of the key");
-    }
-
-    async fn admin(url: &str, sql: &str) {
-        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
-        let h = tokio::spawn(conn);
-        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
-        drop(client);
-        let _ = h.await;
-    }
-
-    fn group(members: &[&str]) -> NewResource {
-        let member: Vec<_> = members.iter().map(|p| json!({"entity": {"reference": format!("Patient/{p}")}})).collect();
-        sluice_store::prepare(
-            &json!({"resourceType": "Group", "id": "g", "type": "person", "member": member}).to_string(),
-            None,
-        )
-        .unwrap()
-    }
-
-    /// `read_as_of` gives the version current at an instant, from the current row or the
-    /// history: none before the first, each version from its `lastUpdated` on, nothing while
-    /// deleted, and only what the snapshot holds. Runs with `SLUICE_TEST_DATABASE_URL`.
-    #[tokio::test]
-    async fn read_as_of_gives_the_version_current_at_an_instant() {
-        let Ok(url) = std::env::var("SLUICE_TEST_DATABASE_URL") else {
-            eprintln!("SLUICE_TEST_DATABASE_URL is not set: skipped");
-            return;
-        };
-        let name = format!("sluice_t_asof_{}", std::process::id());
-        admin(&url, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-        admin(&url, &format!("CREATE DATABASE {name}")).await;
-        let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
-        let s = PgStore::connect(&format!("{base}/{name}"), PgOptions::default()).await.unwrap();
-        let v1 = s.put(group(&["a"])).await.unwrap();
-        let v2 = s.put(group(&["a", "b"])).await.unwrap();
-        let gone = s.delete("Group", "g").await.unwrap().unwrap();
-        let mid = s.snapshot().await.unwrap();
-        let v4 = s.put(group(&["c"])).await.unwrap();
-        let snap = s.snapshot().await.unwrap();
-        let ms = Duration::milliseconds(1);
-        let at = |t: OffsetDateTime| {
-            let (s, snap) = (s.clone(), snap.clone());
-            async move { s.read_as_of(&snap, "Group", "g", t).await.unwrap() }
-        };
-        assert_eq!(at(v1.last_updated - ms).await, None, "before its first version");
-        assert_eq!(at(v1.last_updated).await, v1.json, "from history");
-        assert_eq!(at(v2.last_updated - ms).await, v1.json);
-        assert_eq!(at(v2.last_updated).await, v2.json);
-        assert_eq!(at(gone.last_updated).await, None, "deleted then");
-        assert_eq!(at(v4.last_updated).await, v4.json, "the current row");
-        let later = snap.time + Duration::days(1);
-        assert_eq!(at(later).await, v4.json);
-        assert_eq!(s.read_as_of(&mid, "Group", "g", later).await.unwrap(), None, "v4 is not in the earlier snapshot");
-        assert_eq!(s.read_as_of(&snap, "Group", "nope", later).await.unwrap(), None);
-        s.release(&mid).await;
-        s.release(&snap).await;
-        drop(s);
-        admin(&url, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
     }
 }

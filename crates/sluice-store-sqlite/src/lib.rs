@@ -608,16 +608,6 @@ mod tests {
     use super::*;
     use serde_json::json;
     use sluice_store::IdRange;
-    use time::Duration;
-
-    fn group(members: &[&str]) -> NewResource {
-        let member: Vec<_> = members.iter().map(|p| json!({"entity": {"reference": format!("Patient/{p}")}})).collect();
-        sluice_store::prepare(
-            &json!({"resourceType": "Group", "id": "g", "type": "person", "member": member}).to_string(),
-            None,
-        )
-        .unwrap()
-    }
 
     async fn scan_ids(s: &SqliteStore, snap: &Snapshot, f: &ScanFilter) -> Vec<String> {
         let (tx, mut rx) = mpsc::channel(2);
@@ -689,36 +679,5 @@ mod tests {
         }
         let snap = few.snapshot().await.unwrap();
         assert_eq!(few.split_points(&snap, "Observation", 8).await.unwrap(), vec!["b".to_string()]);
-    }
-
-    /// `read_as_of` gives the version current at an instant: none before the first, each
-    /// version from its `lastUpdated` on, nothing while deleted, and only what the snapshot
-    /// holds.
-    #[tokio::test]
-    async fn read_as_of_gives_the_version_current_at_an_instant() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(dir.path().join("s.db")).unwrap();
-        let v1 = s.put(group(&["a"])).await.unwrap();
-        let v2 = s.put(group(&["a", "b"])).await.unwrap();
-        let gone = s.delete("Group", "g").await.unwrap().unwrap();
-        let mid = s.snapshot().await.unwrap();
-        let v4 = s.put(group(&["c"])).await.unwrap();
-        let snap = s.snapshot().await.unwrap();
-        let ms = Duration::milliseconds(1);
-        let at = |t: OffsetDateTime| {
-            let s = s.clone();
-            let snap = snap.clone();
-            async move { s.read_as_of(&snap, "Group", "g", t).await.unwrap() }
-        };
-        assert_eq!(at(v1.last_updated - ms).await, None, "before its first version");
-        assert_eq!(at(v1.last_updated).await, v1.json);
-        assert_eq!(at(v2.last_updated - ms).await, v1.json);
-        assert_eq!(at(v2.last_updated).await, v2.json);
-        assert_eq!(at(gone.last_updated).await, None, "deleted then");
-        assert_eq!(at(v4.last_updated).await, v4.json);
-        assert_eq!(at(snap.time + Duration::days(1)).await, v4.json);
-        let later = snap.time + Duration::days(1);
-        assert_eq!(s.read_as_of(&mid, "Group", "g", later).await.unwrap(), None, "v4 is not in the earlier snapshot");
-        assert_eq!(s.read_as_of(&snap, "Group", "nope", later).await.unwrap(), None);
     }
 }

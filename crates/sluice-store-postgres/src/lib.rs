@@ -29,8 +29,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use futures_util::{StreamExt, pin_mut};
 use sluice_fhir::instant;
 use sluice_store::{
-    Batch, ExportReads, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceWrites, ScanFilter, Snapshot,
-    StoreError, WriteOp, Written, valid_id,
+    Batch, CurrentRow, ExportReads, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceWrites,
+    ScanFilter, Snapshot, StoreError, WriteOp, Written, decide_write, valid_id,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -184,17 +184,11 @@ async fn write_one(
             patient: r.get(4),
         });
     let is_delete = resource.is_none();
-    if is_delete && cur.as_ref().is_none_or(|c| c.deleted) {
-        return Ok(None);
-    }
-    if let (Some(c), Some(r)) = (&cur, &resource)
-        && let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
-        && let Some(w) = r.unchanged_from(old, c.version as u64, instant::from_millis(c.last_updated))
-    {
-        return Ok(Some(w));
-    }
-    let version = cur.as_ref().map_or(1, |c| c.version + 1);
-    let created = cur.as_ref().is_none_or(|c| c.deleted);
+    let row = cur.as_ref().map(|c| CurrentRow::of(c.version, c.last_updated, c.deleted, c.json.as_deref()));
+    let (version, created) = match decide_write(row, resource.as_ref()).new_version() {
+        Ok(new) => new,
+        Err(answer) => return Ok(answer),
+    };
     let last_updated = instant::from_millis(ts_ms);
     if cur.is_some() {
         tx.execute(
@@ -231,15 +225,7 @@ async fn write_one(
         .await
         .map_err(pg_err)?;
     }
-    Ok(Some(Written {
-        resource_type: rt.into(),
-        id: id.into(),
-        version_id: version as u64,
-        last_updated,
-        created,
-        unchanged: false,
-        json,
-    }))
+    Ok(Some(Written::new_version(rt, id, version, last_updated, created, json)))
 }
 
 /// A SQL string literal. Only used for values already checked (type names, FHIR ids), and

@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 use sluice_fhir::instant;
 use sluice_store::{
-    Batch, ExportReads, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceWrites, ScanFilter, Snapshot,
-    StoreError, WriteOp, Written,
+    Batch, CurrentRow, ExportReads, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceWrites,
+    ScanFilter, Snapshot, StoreError, WriteOp, Written, decide_write,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -187,19 +187,13 @@ fn write_version(
 ) -> Result<Option<Written>, StoreError> {
     let cur = current(tx, rt, id).map_err(db_err)?;
     let is_delete = resource.is_none();
-    if is_delete && cur.as_ref().is_none_or(|c| c.deleted) {
-        return Ok(None);
-    }
-    if let (Some(c), Some(r)) = (&cur, &resource)
-        && let Some(old) = c.json.as_deref().filter(|_| !c.deleted)
-        && let Some(w) = r.unchanged_from(old, c.version as u64, instant::from_millis(c.last_updated))
-    {
-        return Ok(Some(w));
-    }
+    let row = cur.as_ref().map(|c| CurrentRow::of(c.version, c.last_updated, c.deleted, c.json.as_deref()));
+    let (version, created) = match decide_write(row, resource.as_ref()).new_version() {
+        Ok(new) => new,
+        Err(answer) => return Ok(answer),
+    };
     let seq = *next_seq;
     *next_seq += 1;
-    let version = cur.as_ref().map_or(1, |c| c.version + 1);
-    let created = cur.as_ref().is_none_or(|c| c.deleted);
     if let Some(c) = &cur {
         tx.prepare_cached("UPDATE resource_version SET superseded=?1 WHERE seq=?2")
             .and_then(|mut s| s.execute(params![seq, c.seq]))
@@ -222,15 +216,7 @@ fn write_version(
             ins.execute(params![p, seq]).map_err(db_err)?;
         }
     }
-    Ok(Some(Written {
-        resource_type: rt.to_string(),
-        id: id.to_string(),
-        version_id: version as u64,
-        last_updated,
-        created,
-        unchanged: false,
-        json: json.map(|j| j.0),
-    }))
+    Ok(Some(Written::new_version(rt, id, version, last_updated, created, json.map(|j| j.0))))
 }
 
 fn parse_snapshot(s: &Snapshot) -> Result<i64, StoreError> {

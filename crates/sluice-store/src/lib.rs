@@ -259,6 +259,96 @@ pub struct Written {
     pub json: Option<String>,
 }
 
+/// The current row of a resource, as a store reads it inside a write transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CurrentRow<'a> {
+    /// Its `meta.versionId`.
+    pub version: i64,
+    /// Its `meta.lastUpdated`, in milliseconds since the epoch.
+    pub last_updated_ms: i64,
+    /// Whether it is a tombstone.
+    pub deleted: bool,
+    /// Its stored JSON (`None` for a tombstone).
+    pub json: Option<&'a str>,
+}
+
+impl<'a> CurrentRow<'a> {
+    /// A row from its columns.
+    pub fn of(version: i64, last_updated_ms: i64, deleted: bool, json: Option<&'a str>) -> Self {
+        CurrentRow { version, last_updated_ms, deleted, json }
+    }
+}
+
+/// What a write does, decided the same way by every store ([`decide_write`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteDecision {
+    /// A delete of something absent or already deleted: nothing to write.
+    Nothing,
+    /// A put whose content equals the current version (`meta` aside): nothing is written
+    /// and this is the answer, so reloading the same data creates no versions.
+    Unchanged(Written),
+    /// A new version.
+    NewVersion {
+        /// Its `meta.versionId`.
+        version: i64,
+        /// Whether the resource did not exist (or was deleted) before.
+        created: bool,
+    },
+}
+
+/// What writing `resource` (a delete when `None`) over the `current` row does.
+pub fn decide_write(current: Option<CurrentRow<'_>>, resource: Option<&NewResource>) -> WriteDecision {
+    let live = current.filter(|c| !c.deleted);
+    match (live, resource) {
+        (None, None) => return WriteDecision::Nothing,
+        (Some(c), Some(r)) => {
+            let unchanged = c.json.and_then(|old| {
+                r.unchanged_from(old, c.version as u64, sluice_fhir::instant::from_millis(c.last_updated_ms))
+            });
+            if let Some(w) = unchanged {
+                return WriteDecision::Unchanged(w);
+            }
+        }
+        _ => {}
+    }
+    WriteDecision::NewVersion { version: current.map_or(1, |c| c.version + 1), created: live.is_none() }
+}
+
+impl WriteDecision {
+    /// The new version's `(version, created)`, or, when nothing is written, the answer to
+    /// give (`None` for [`WriteDecision::Nothing`]).
+    pub fn new_version(self) -> Result<(i64, bool), Option<Written>> {
+        match self {
+            WriteDecision::Nothing => Err(None),
+            WriteDecision::Unchanged(w) => Err(Some(w)),
+            WriteDecision::NewVersion { version, created } => Ok((version, created)),
+        }
+    }
+}
+
+impl Written {
+    /// What a new version of `resource_type/id` is, once written (`json`: `None` for a
+    /// tombstone).
+    pub fn new_version(
+        resource_type: &str,
+        id: &str,
+        version: i64,
+        last_updated: OffsetDateTime,
+        created: bool,
+        json: Option<String>,
+    ) -> Self {
+        Written {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version_id: version as u64,
+            last_updated,
+            created,
+            unchanged: false,
+            json,
+        }
+    }
+}
+
 /// One operation of a batch or transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WriteOp {

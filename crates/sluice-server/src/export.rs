@@ -51,7 +51,7 @@ pub async fn group(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if !sluice_store::valid_id(&id) {
+    if !sluice_fhir::valid_id(&id) {
         return Err(ApiError::not_found(format!("Group/{id} does not exist ('{id}' is not a valid id)")));
     }
     kickoff(app, Level::Group(id), method, uri, headers, body).await

@@ -8,10 +8,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
+use sluice_fhir::valid_id;
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
 use sluice_json::Json;
 use sluice_store::bundle::{BundleKind, IdPolicy, bundle_ops};
-use sluice_store::{ReadResult, WriteOp, Written, prepare_parsed, valid_id};
+use sluice_store::{ReadResult, WriteOp, Written, prepare_parsed};
 
 fn check_type(t: &str) -> Result<(), ApiError> {
     if sluice_fhir::is_r4_resource_type(t) {

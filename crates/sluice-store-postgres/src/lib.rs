@@ -27,10 +27,10 @@ use async_trait::async_trait;
 use bytes::{BufMut, Bytes, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures_util::{StreamExt, pin_mut};
-use sluice_fhir::instant;
+use sluice_fhir::{instant, valid_id};
 use sluice_store::{
     Batch, CurrentRow, ExportReads, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceWrites,
-    ScanFilter, Snapshot, StoreError, WriteOp, Written, decide_write, valid_id,
+    ScanFilter, Snapshot, StoreError, WriteOp, Written, decide_write,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,7 @@
 use crate::{SqliteStore, db_err};
 use async_trait::async_trait;
 use rusqlite::{OptionalExtension, params};
-use sluice_store::{ConfigError, ConfigRepo};
+use sluice_storage::{ConfigError, ConfigRepo};
 
 #[async_trait]
 impl ConfigRepo for SqliteStore {
@@ -20,7 +20,7 @@ impl ConfigRepo for SqliteStore {
             Ok(true)
         })
         .await
-        .map_err(ConfigError::from)
+        .map_err(ConfigError::new)
     }
 
     async fn config_get(&self, resource_type: &str, id: &str) -> Result<Option<String>, ConfigError> {
@@ -32,7 +32,7 @@ impl ConfigRepo for SqliteStore {
                 .map_err(db_err)
         })
         .await
-        .map_err(ConfigError::from)
+        .map_err(ConfigError::new)
     }
 
     async fn config_delete(&self, resource_type: &str, id: &str) -> Result<bool, ConfigError> {
@@ -42,6 +42,6 @@ impl ConfigRepo for SqliteStore {
             Ok(n > 0)
         })
         .await
-        .map_err(ConfigError::from)
+        .map_err(ConfigError::new)
     }
 }

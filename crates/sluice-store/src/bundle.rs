@@ -3,7 +3,8 @@
 //! Entries whose `fullUrl` is a `urn:uuid:` are given their resource id, and every
 //! `reference` to such a `fullUrl` anywhere in the Bundle is rewritten to `Type/id`.
 
-use crate::{WriteOp, prepare_parsed, valid_id};
+use crate::{WriteOp, prepare_parsed};
+use sluice_fhir::valid_id;
 use sluice_fhir::{Issue, IssueCode};
 use sluice_json::Json;
 use std::collections::HashMap;

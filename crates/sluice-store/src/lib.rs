@@ -21,7 +21,7 @@
 pub mod bundle;
 
 use async_trait::async_trait;
-use sluice_fhir::{Issue, IssueCode};
+use sluice_fhir::{Issue, IssueCode, valid_id};
 use sluice_json::Json;
 use std::collections::BTreeMap;
 use time::OffsetDateTime;
@@ -237,8 +237,6 @@ pub fn prepare_parsed(mut resource: Json<'_>, id: Option<&str>) -> Result<NewRes
     let patients = sluice_fhir::patient_ids(&resource).into_iter().collect();
     Ok(NewResource { resource_type: rt, id: rid, patients, body: Template::of(&resource) })
 }
-
-pub use sluice_fhir::valid_id;
 
 /// What a write produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -538,14 +536,6 @@ pub struct LoadSummary {
     pub unchanged: u64,
 }
 
-pub use sluice_storage::{ConfigError, ConfigRepo};
-
-impl From<StoreError> for ConfigError {
-    fn from(e: StoreError) -> Self {
-        ConfigError::new(e)
-    }
-}
-
 /// Writing FHIR resources: what the REST API and the loader use. Every write gets a new
 /// version with `meta.versionId` and `meta.lastUpdated` set by the store (D17: the rest of
 /// the text is kept exactly).
@@ -700,15 +690,6 @@ mod tests {
             p.render(1, t()),
             r#"{"resourceType":"Patient","id":"new","active":true,"meta":{"versionId":"1","lastUpdated":"2024-01-02T03:04:05.678Z"}}"#
         );
-    }
-
-    #[test]
-    fn ids() {
-        assert!(valid_id("a-B.9"));
-        assert!(valid_id(&"x".repeat(64)));
-        assert!(!valid_id(&"x".repeat(65)));
-        assert!(!valid_id(""));
-        assert!(!valid_id("a/b"));
     }
 
     #[test]

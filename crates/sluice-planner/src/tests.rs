@@ -101,24 +101,11 @@ fn instant(s: &str) -> OffsetDateTime {
 fn no_parameters_gives_the_default_plan_at_every_level() {
     for level in [Level::System, Level::Patient, group()] {
         let p = get_ok(level.clone(), &[]);
-        assert_eq!(
-            p,
-            ExportPlan {
-                level,
-                output_format: OutputFormat::Ndjson,
-                types: TypeSelection::All,
-                since: None,
-                until: None,
-                patients: None,
-                elements: None,
-                type_filters: BTreeMap::new(),
-                latest_provenance: false,
-                allow_partial_manifests: false,
-                organize_by_patient: false,
-                lenient: false,
-                ignored: vec![],
-            }
-        );
+        assert_eq!(p, ExportPlan::new(level));
+        assert_eq!((p.output_format, &p.types), (OutputFormat::Ndjson, &TypeSelection::All), "every type as ndjson");
+        assert!(p.since.is_none() && p.until.is_none() && p.patients.is_none() && p.elements.is_none());
+        assert!(p.type_filters.is_empty() && p.ignored.is_empty(), "no filters, nothing ignored");
+        assert!(!(p.latest_provenance || p.allow_partial_manifests || p.organize_by_patient || p.lenient));
     }
 }
 

@@ -21,6 +21,13 @@ fn config_type(t: &str) -> Result<&'static ConfigType, ApiError> {
     })
 }
 
+/// The configuration type `t` names, once the host's [`crate::Authorize`] allows it.
+async fn admitted(app: &AppState, t: &str, headers: &HeaderMap) -> Result<&'static ConfigType, ApiError> {
+    let ty = config_type(t)?;
+    app.allow(Access::Configure { resource_type: ty.name }, headers).await?;
+    Ok(ty)
+}
+
 /// `PUT /<Type>/<id>`: creates (201) or replaces (200); answers with the resource minus its
 /// secrets.
 pub async fn put(
@@ -29,8 +36,7 @@ pub async fn put(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let ty = config_type(&t)?;
-    app.allow(Access::Configure { resource_type: ty.name }, &headers).await?;
+    let ty = admitted(&app, &t, &headers).await?;
     let value = resources::validate(ty, &id, &body).map_err(|issues| ApiError::new(StatusCode::BAD_REQUEST, issues))?;
     let created = app.inner.store.config_put(ty.name, &id, &value.to_string()).await.map_err(ApiError::internal)?;
     tracing::info!(resource = %format!("{}/{id}", ty.name), created, "configuration resource saved");
@@ -44,8 +50,7 @@ pub async fn get(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let ty = config_type(&t)?;
-    app.allow(Access::Configure { resource_type: ty.name }, &headers).await?;
+    let ty = admitted(&app, &t, &headers).await?;
     let json = app.inner.store.config_get(ty.name, &id).await.map_err(ApiError::internal)?;
     let json = json.ok_or_else(|| ApiError::not_found(format!("{}/{id} does not exist", ty.name)))?;
     let value: serde_json::Value = serde_json::from_str(&json).map_err(ApiError::internal)?;
@@ -58,8 +63,7 @@ pub async fn delete(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let ty = config_type(&t)?;
-    app.allow(Access::Configure { resource_type: ty.name }, &headers).await?;
+    let ty = admitted(&app, &t, &headers).await?;
     if !app.inner.store.config_delete(ty.name, &id).await.map_err(ApiError::internal)? {
         return Err(ApiError::not_found(format!("{}/{id} does not exist", ty.name)));
     }

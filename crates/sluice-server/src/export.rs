@@ -3,7 +3,7 @@
 use crate::outcome::{ApiError, info};
 use crate::{Access, AppState};
 use axum::body::Bytes;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{FromRequest, Path, RawQuery, Request, State};
 use axum::http::Uri;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -20,55 +20,52 @@ const MAX_POLL_SECONDS: u64 = 10;
 /// Seconds a client should wait before retrying a kick-off refused because one is running.
 const BUSY_SECONDS: u64 = 5;
 
-/// `GET|POST /fhir/$export`.
-pub async fn system(
-    State(app): State<AppState>,
+/// What a kick-off handler reads of its request, whatever the level.
+pub struct KickoffParts {
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Response, ApiError> {
-    kickoff(app, Level::System, method, uri, headers, body).await
+}
+
+impl<S: Send + Sync> FromRequest<S> for KickoffParts {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
+        let body = Bytes::from_request(req, state).await.map_err(IntoResponse::into_response)?;
+        Ok(KickoffParts { method, uri, headers, body })
+    }
+}
+
+/// `GET|POST /fhir/$export`.
+pub async fn system(State(app): State<AppState>, parts: KickoffParts) -> Result<Response, ApiError> {
+    kickoff(app, Level::System, parts).await
 }
 
 /// `GET|POST /fhir/Patient/$export`.
-pub async fn patient(
-    State(app): State<AppState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    kickoff(app, Level::Patient, method, uri, headers, body).await
+pub async fn patient(State(app): State<AppState>, parts: KickoffParts) -> Result<Response, ApiError> {
+    kickoff(app, Level::Patient, parts).await
 }
 
 /// `GET|POST /fhir/Group/<id>/$export`.
 pub async fn group(
     State(app): State<AppState>,
     Path(id): Path<String>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    parts: KickoffParts,
 ) -> Result<Response, ApiError> {
     if !sluice_fhir::valid_id(&id) {
         return Err(ApiError::not_found(format!("Group/{id} does not exist ('{id}' is not a valid id)")));
     }
-    kickoff(app, Level::Group(id), method, uri, headers, body).await
+    kickoff(app, Level::Group(id), parts).await
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn kickoff(
-    app: AppState,
-    level: Level,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn kickoff(app: AppState, level: Level, parts: KickoffParts) -> Result<Response, ApiError> {
+    let KickoffParts { method, uri, headers, body } = parts;
     app.allow(Access::Kickoff { level: &level }, &headers).await?;
     // Storage first, as Aidbox does: a misconfigured server says so whatever the request.
     let (_, storage) = app.inner.engine.storage_for_new_export().await.map_err(|e| {

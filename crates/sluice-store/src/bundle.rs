@@ -196,6 +196,16 @@ mod tests {
         serde_json::from_str(&r.render(1, time::OffsetDateTime::UNIX_EPOCH)).unwrap()
     }
 
+    /// The resources of a Bundle's operations, which must all be valid puts.
+    fn puts(ops: Vec<Result<WriteOp, Issue>>) -> Vec<crate::NewResource> {
+        ops.into_iter()
+            .map(|o| match o.unwrap() {
+                WriteOp::Put(r) => r,
+                other => panic!("not a put: {other:?}"),
+            })
+            .collect()
+    }
+
     fn synthea_bundle() -> Json<'static> {
         tree(json!({"resourceType":"Bundle","type":"transaction","entry":[
             {"fullUrl":"urn:uuid:p1","resource":{"resourceType":"Patient","id":"p1"},"request":{"method":"POST","url":"Patient"}},
@@ -208,13 +218,7 @@ mod tests {
     fn keep_policy_keeps_ids_and_resolves_urns() {
         let (kind, ops) = bundle_ops(synthea_bundle(), IdPolicy::Keep).unwrap();
         assert_eq!(kind, BundleKind::Transaction);
-        let puts: Vec<_> = ops
-            .into_iter()
-            .map(|o| match o.unwrap() {
-                WriteOp::Put(r) => r,
-                _ => panic!(),
-            })
-            .collect();
+        let puts = puts(ops);
         assert_eq!(puts[0].id, "p1");
         assert_eq!(stored(&puts[1])["subject"]["reference"], "Patient/p1");
         assert_eq!(puts[1].patients, vec!["p1".to_string()]);
@@ -225,13 +229,7 @@ mod tests {
     #[test]
     fn rest_policy_assigns_ids_on_post() {
         let (_, ops) = bundle_ops(synthea_bundle(), IdPolicy::Rest).unwrap();
-        let puts: Vec<_> = ops
-            .into_iter()
-            .map(|o| match o.unwrap() {
-                WriteOp::Put(r) => r,
-                _ => panic!(),
-            })
-            .collect();
+        let puts = puts(ops);
         assert_ne!(puts[0].id, "p1");
         assert_eq!(stored(&puts[1])["subject"]["reference"], format!("Patient/{}", puts[0].id));
         assert_eq!(puts[1].patients, vec![puts[0].id.clone()]);

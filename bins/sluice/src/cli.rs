@@ -192,14 +192,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let base_url = args.base_url.clone().unwrap_or_else(|| format!("http://{addr}")).trim_end_matches('/').to_string();
 
     let key = match &args.signing_key {
-        Some(hex_key) => SigningKey::from_bytes(
-            (0..hex_key.len())
-                .step_by(2)
-                .map(|i| hex_key.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                .collect::<Option<Vec<u8>>>()
-                .filter(|k| !k.is_empty())
-                .ok_or("SLUICE_SIGNING_KEY must be a non-empty hex string")?,
-        ),
+        Some(hex_key) => SigningKey::from_hex(hex_key).ok_or("SLUICE_SIGNING_KEY must be a non-empty hex string")?,
         None => SigningKey::load_or_create(&args.store.data_dir.join("signing.key"))?,
     };
     let local = LocalStorage::new(args.store.data_dir.join("exports"), base_url.clone(), key);

@@ -33,6 +33,11 @@ impl SigningKey {
         SigningKey(bytes.into())
     }
 
+    /// A key given in hex (`SLUICE_SIGNING_KEY`); `None` unless it is non-empty hex.
+    pub fn from_hex(hex_key: &str) -> Option<Self> {
+        hex::decode(hex_key.trim()).ok().filter(|k| !k.is_empty()).map(SigningKey)
+    }
+
     /// Reads the hex key at `path`, or creates it (32 random bytes, mode 0600) if absent.
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
         match std::fs::read_to_string(path) {
@@ -333,6 +338,14 @@ mod tests {
         let exp = OffsetDateTime::now_utc().unix_timestamp() - 10;
         let sig = s.key.sign("e/x.ndjson", exp);
         assert_eq!(s.open_signed("e/x.ndjson", exp, &sig).await.unwrap_err(), DownloadError::Expired);
+    }
+
+    #[test]
+    fn configured_keys_are_hex() {
+        assert_eq!(SigningKey::from_hex("00ff10").map(|k| k.0), Some(vec![0, 255, 16]));
+        for bad in ["", "0", "zz", "0g"] {
+            assert!(SigningKey::from_hex(bad).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -291,8 +291,10 @@ pub trait JobRepo: Send + Sync {
     /// Claims the active jobs whose lease is older than `lease` (their runner died): renews
     /// their lease and returns them. Each stale job is claimed by exactly one caller.
     async fn claim_stale(&self, lease: std::time::Duration) -> Result<Vec<JobRecord>, JobError>;
-    /// The id of the active job, if any.
-    async fn active(&self) -> Result<Option<String>, JobError>;
+    /// The id of the active job, if any (at most one job is active).
+    async fn active(&self) -> Result<Option<String>, JobError> {
+        Ok(self.unfinished().await?.into_iter().next().map(|job| job.id))
+    }
 }
 
 #[cfg(test)]

@@ -101,10 +101,4 @@ impl JobRepo for PgStore {
             .map_err(pg)?;
         rows.iter().map(|r| decode(r.get(0))).collect()
     }
-
-    async fn active(&self) -> Result<Option<String>, JobError> {
-        let client = self.job_client().await?;
-        let row = client.query_opt("SELECT id FROM sluice_job WHERE active", &[]).await.map_err(pg)?;
-        Ok(row.map(|r| r.get(0)))
-    }
 }

@@ -847,8 +847,27 @@ async fn merge_run(
     if run.is_empty() {
         return Ok(());
     }
+    let existing = existing_rows(tx, &run, seen).await?;
+    let staged = stage(run, &existing, ts_ms, summary);
+    if staged.rows.is_empty() {
+        return Ok(());
+    }
+    if staged.replaced.is_empty() {
+        return copy_new(tx, ts_ms, &staged.rows).await;
+    }
+    replace_staged(tx, ts_ms, &staged).await
+}
+
+/// The current rows of the resources of `run` that may exist already (all of them, or those
+/// the `seen` filter of earlier runs of this load may hold), by `(type, id)`. Adds the run's
+/// keys to `seen`.
+async fn existing_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    run: &[NewResource],
+    seen: Option<&mut KeyFilter>,
+) -> Result<HashMap<(String, String), Current>, StoreError> {
     let (mut types, mut ids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
-    for r in &run {
+    for r in run {
         let maybe_there = match &seen {
             Some(filter) => filter.may_contain(&r.resource_type, &r.id),
             None => true,
@@ -861,10 +880,11 @@ async fn merge_run(
     if let Some(filter) = seen {
         run.iter().for_each(|r| filter.insert(&r.resource_type, &r.id));
     }
-    let existing: HashMap<(String, String), Current> = if ids.is_empty() {
-        HashMap::new()
-    } else {
-        tx.query(
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(tx
+        .query(
             "SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.json FROM sluice_resource r \
              JOIN unnest($1::text[], $2::text[]) AS k(type, id) ON r.type = k.type AND r.id = k.id",
             &[&types, &ids],
@@ -879,8 +899,17 @@ async fn merge_run(
                 Current { version: r.get(2), last_updated: r.get(3), deleted: r.get(4), json: r.get(5), patient: None },
             )
         })
-        .collect()
-    };
+        .collect())
+}
+
+/// The rows a run writes: each resource rendered with its new version, except those equal
+/// to their current version (counted as unchanged); replaced keys are listed apart.
+fn stage(
+    run: Vec<NewResource>,
+    existing: &HashMap<(String, String), Current>,
+    ts_ms: i64,
+    summary: &mut LoadSummary,
+) -> Staged {
     let last_updated = instant::from_millis(ts_ms);
     let mut staged = Staged { rows: Vec::with_capacity(run.len()), replaced: Vec::new() };
     for r in run {
@@ -905,12 +934,12 @@ async fn merge_run(
         let json = r.render(version as u64, last_updated);
         staged.rows.push((key.0, key.1, version, json, r.patients));
     }
-    if staged.rows.is_empty() {
-        return Ok(());
-    }
-    if staged.replaced.is_empty() {
-        return copy_new(tx, ts_ms, &staged.rows).await;
-    }
+    staged
+}
+
+/// Writes staged rows some of which replace existing resources: through the `sluice_load`
+/// staging table, moving the versions they replace to the history.
+async fn replace_staged(tx: &tokio_postgres::Transaction<'_>, ts_ms: i64, staged: &Staged) -> Result<(), StoreError> {
     tx.batch_execute("TRUNCATE sluice_load").await.map_err(pg_err)?;
     let sink = tx
         .copy_in("COPY sluice_load (type, id, version, json, patients) FROM STDIN (FORMAT binary)")
@@ -922,15 +951,13 @@ async fn merge_run(
         writer.as_mut().write(&[t, id, v, json, patients]).await.map_err(pg_err)?;
     }
     writer.finish().await.map_err(pg_err)?;
-    if !staged.replaced.is_empty() {
-        tx.batch_execute(
-            "INSERT INTO sluice_resource_history SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.json \
-             FROM sluice_resource r JOIN sluice_load l ON r.type = l.type AND r.id = l.id; \
-             DELETE FROM sluice_compartment c USING sluice_load l WHERE c.type = l.type AND c.id = l.id;",
-        )
-        .await
-        .map_err(pg_err)?;
-    }
+    tx.batch_execute(
+        "INSERT INTO sluice_resource_history SELECT r.type, r.id, r.version, r.last_updated, r.deleted, r.json \
+         FROM sluice_resource r JOIN sluice_load l ON r.type = l.type AND r.id = l.id; \
+         DELETE FROM sluice_compartment c USING sluice_load l WHERE c.type = l.type AND c.id = l.id;",
+    )
+    .await
+    .map_err(pg_err)?;
     tx.execute(
         "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json, patient, multi) \
          SELECT type, id, version, $1, false, json, patients[1], cardinality(patients) > 1 FROM sluice_load \
@@ -945,8 +972,7 @@ async fn merge_run(
          SELECT DISTINCT p, l.type, l.id FROM sluice_load l, unnest(l.patients) AS p WHERE cardinality(l.patients) > 1",
     )
     .await
-    .map_err(pg_err)?;
-    Ok(())
+    .map_err(pg_err)
 }
 
 /// Resources none of which exist yet (the common case of a first load): streamed with

@@ -134,11 +134,4 @@ impl JobRepo for SqliteStore {
         })
         .await
     }
-
-    async fn active(&self) -> Result<Option<String>, JobError> {
-        self.jobs_call(|c| {
-            c.query_row("SELECT id FROM jobs WHERE active = 1", [], |r| r.get(0)).optional().map_err(err)
-        })
-        .await
-    }
 }

@@ -53,6 +53,19 @@ pub fn validate(ty: &ConfigType, id: &str, body: &[u8]) -> Result<Value, Vec<Iss
     let Value::Object(mut obj) = value else {
         return Err(vec![invalid("the body must be a JSON object".into())]);
     };
+    let mut issues = field_issues(ty, id, &obj);
+    issues.extend(type_issues(ty, &obj));
+    if !issues.is_empty() {
+        return Err(issues);
+    }
+    obj.insert("resourceType".into(), Value::String(ty.name.into()));
+    obj.insert("id".into(), Value::String(id.into()));
+    Ok(Value::Object(obj))
+}
+
+/// The problems with `resourceType`, `id` and the type's string fields.
+fn field_issues(ty: &ConfigType, id: &str, obj: &serde_json::Map<String, Value>) -> Vec<Issue> {
+    let invalid = |msg: String| Issue::error(IssueCode::Invalid, msg);
     let mut issues = Vec::new();
     match obj.get("resourceType") {
         None => {}
@@ -85,6 +98,13 @@ pub fn validate(ty: &ConfigType, id: &str, body: &[u8]) -> Result<Value, Vec<Iss
             issues.push(invalid(format!("'{field}' must be a non-empty string")).at(path(ty, field)));
         }
     }
+    issues
+}
+
+/// The problems specific to one configuration type (key formats, pairs, references).
+fn type_issues(ty: &ConfigType, obj: &serde_json::Map<String, Value>) -> Vec<Issue> {
+    let invalid = |msg: String| Issue::error(IssueCode::Invalid, msg);
+    let mut issues = Vec::new();
     match ty.name {
         "AwsAccount" if obj.contains_key("access-key-id") != obj.contains_key("secret-access-key") => issues.push(
             Issue::error(
@@ -122,12 +142,7 @@ pub fn validate(ty: &ConfigType, id: &str, body: &[u8]) -> Result<Value, Vec<Iss
         }
         _ => {}
     }
-    if !issues.is_empty() {
-        return Err(issues);
-    }
-    obj.insert("resourceType".into(), Value::String(ty.name.into()));
-    obj.insert("id".into(), Value::String(id.into()));
-    Ok(Value::Object(obj))
+    issues
 }
 
 fn path(ty: &ConfigType, field: &str) -> String {

@@ -157,6 +157,35 @@ fn read_entry(index: usize, entry: &Json, cx: &mut Issues) -> Option<Param> {
         cx.reject(Issue::error(IssueCode::Required, format!("{at} has no name (a string is required).")).at(at));
         return None;
     };
+    let key = value_key(obj, name, &at, cx)?;
+    let raw = &obj[key];
+    let value = match (key, raw) {
+        ("valueBoolean", Json::Bool(b)) => Value::Text(b.to_string()),
+        ("valueReference", Json::Object(r)) => match r.get("reference").and_then(Json::as_str) {
+            Some(reference) => Value::Reference(reference.to_string()),
+            None => {
+                cx.reject(
+                    Issue::error(
+                        IssueCode::Required,
+                        format!(
+                            "Parameter {name} ({at}) has a valueReference without a \
+                             reference string; expected e.g. {{\"reference\": \"Patient/123\"}}."
+                        ),
+                    )
+                    .at(name),
+                );
+                return None;
+            }
+        },
+        ("valueBoolean" | "valueReference", _) => return wrong_json(name, &at, key, raw, cx),
+        (_, Json::String(s)) => Value::Text(s.clone()),
+        _ => return wrong_json(name, &at, key, raw, cx),
+    };
+    Some(Param::new(name, value))
+}
+
+/// The one accepted `value[x]` key of a parameter named `name`, or the issue why not.
+fn value_key<'o>(obj: &'o serde_json::Map<String, Json>, name: &str, at: &str, cx: &mut Issues) -> Option<&'o str> {
     let accepted = VALUE_TYPES.join(", ");
     let value_keys: Vec<&str> =
         obj.keys().map(String::as_str).filter(|k| k.starts_with("value") || *k == "resource" || *k == "part").collect();
@@ -200,30 +229,7 @@ fn read_entry(index: usize, entry: &Json, cx: &mut Issues) -> Option<Param> {
         );
         return None;
     }
-    let raw = &obj[key];
-    let value = match (key, raw) {
-        ("valueBoolean", Json::Bool(b)) => Value::Text(b.to_string()),
-        ("valueReference", Json::Object(r)) => match r.get("reference").and_then(Json::as_str) {
-            Some(reference) => Value::Reference(reference.to_string()),
-            None => {
-                cx.reject(
-                    Issue::error(
-                        IssueCode::Required,
-                        format!(
-                            "Parameter {name} ({at}) has a valueReference without a \
-                             reference string; expected e.g. {{\"reference\": \"Patient/123\"}}."
-                        ),
-                    )
-                    .at(name),
-                );
-                return None;
-            }
-        },
-        ("valueBoolean" | "valueReference", _) => return wrong_json(name, &at, key, raw, cx),
-        (_, Json::String(s)) => Value::Text(s.clone()),
-        _ => return wrong_json(name, &at, key, raw, cx),
-    };
-    Some(Param::new(name, value))
+    Some(key)
 }
 
 /// A `value[x]` whose JSON type does not match its FHIR type.

@@ -140,6 +140,47 @@ impl std::fmt::Debug for AzureBackend {
     }
 }
 
+/// Checks the account and container names Azure accepts.
+fn check_names(config: &AzureConfig, place: &Place) -> Result<(), StorageError> {
+    if config.account.is_empty() || !config.account.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(place.backend(format!("invalid storage account name '{}'", config.account)));
+    }
+    let container_ok = (3..=63).contains(&config.container.len())
+        && config.container.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !config.container.starts_with('-')
+        && !config.container.ends_with('-')
+        && !config.container.contains("--");
+    if !container_ok {
+        return Err(place.backend(format!(
+            "invalid container name '{}' (3-63 lowercase letters, digits and single hyphens)",
+            config.container
+        )));
+    }
+    Ok(())
+}
+
+/// The service URL (ending in `/`) and the container URL of `config`'s endpoint.
+fn urls(config: &AzureConfig, place: &Place) -> Result<(Url, Url), StorageError> {
+    let endpoint =
+        config.endpoint.clone().unwrap_or_else(|| format!("https://{}.blob.core.windows.net", config.account));
+    let mut service_url = Url::parse(endpoint.trim_end_matches('/'))
+        .map_err(|e| place.backend(format!("invalid endpoint '{}': {e}", error::redact(&endpoint))))?;
+    if service_url.cannot_be_a_base()
+        || !matches!(service_url.scheme(), "http" | "https")
+        || service_url.query().is_some()
+        || service_url.fragment().is_some()
+    {
+        return Err(place.backend(format!(
+            "invalid endpoint '{}': expected http(s)://host[:port][/path] without a query",
+            error::redact(&endpoint)
+        )));
+    }
+    let mut container_url = service_url.clone();
+    container_url.path_segments_mut().expect("checked: a base URL").pop_if_empty().push(&config.container);
+    service_url.path_segments_mut().expect("checked: a base URL").pop_if_empty().push("");
+    Ok((service_url, container_url))
+}
+
 impl AzureBackend {
     /// Builds the clients and checks that the container can be listed, so that a wrong
     /// name, key or role shows at startup. Fails with an error naming the account and
@@ -150,38 +191,8 @@ impl AzureBackend {
             account: config.account.clone(),
             container: config.container.clone(),
         });
-        if config.account.is_empty() || !config.account.chars().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(place.backend(format!("invalid storage account name '{}'", config.account)));
-        }
-        let container_ok = (3..=63).contains(&config.container.len())
-            && config.container.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !config.container.starts_with('-')
-            && !config.container.ends_with('-')
-            && !config.container.contains("--");
-        if !container_ok {
-            return Err(place.backend(format!(
-                "invalid container name '{}' (3-63 lowercase letters, digits and single hyphens)",
-                config.container
-            )));
-        }
-
-        let endpoint =
-            config.endpoint.clone().unwrap_or_else(|| format!("https://{}.blob.core.windows.net", config.account));
-        let mut service_url = Url::parse(endpoint.trim_end_matches('/'))
-            .map_err(|e| place.backend(format!("invalid endpoint '{}': {e}", error::redact(&endpoint))))?;
-        if service_url.cannot_be_a_base()
-            || !matches!(service_url.scheme(), "http" | "https")
-            || service_url.query().is_some()
-            || service_url.fragment().is_some()
-        {
-            return Err(place.backend(format!(
-                "invalid endpoint '{}': expected http(s)://host[:port][/path] without a query",
-                error::redact(&endpoint)
-            )));
-        }
-        let mut container_url = service_url.clone();
-        container_url.path_segments_mut().expect("checked: a base URL").pop_if_empty().push(&config.container);
-        service_url.path_segments_mut().expect("checked: a base URL").pop_if_empty().push("");
+        check_names(&config, &place)?;
+        let (service_url, container_url) = urls(&config, &place)?;
         let https = service_url.scheme() == "https";
 
         // One HTTP client for every SDK client; no SDK retries (CloudStorage retries).

@@ -167,7 +167,7 @@ pub struct PageEnd {
 
 /// Checks that a record saved over one in any of the `expected` statuses may have status
 /// `to`: every store calls it first in [`JobRepo::save_if`], so no store ever persists a
-/// transition the state machine forbids.
+/// transition the state machine forbids (D31).
 pub fn check_transition(expected: &[JobStatus], to: JobStatus) -> Result<(), JobError> {
     match expected.iter().find(|from| !from.can_become(to)) {
         Some(&from) => Err(JobError::IllegalTransition { from, to }),

@@ -1,4 +1,4 @@
-//! The authorization seam: the API asks an [`Authorize`] before every operation.
+//! The authorization seam: the API asks an [`Authorize`] before every operation (D32).
 
 use async_trait::async_trait;
 use axum::http::{HeaderMap, StatusCode};

@@ -16,7 +16,7 @@
 //! ```
 //!
 //! The base URL is the public URL of the router's root (the prefix included): absolute URLs
-//! (`Content-Location`, manifest links, the kick-off `request`) start with it.
+//! (`Content-Location`, manifest links, the kick-off `request`) start with it (D33).
 //!
 //! Who may do what is the host's decision: [`Api::authorize`] takes an [`Authorize`], asked
 //! before every operation ([`Access`]) with the request's headers. The default,

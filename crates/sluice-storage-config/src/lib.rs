@@ -14,7 +14,7 @@
 //! later status requests sign URLs for the storage the files are in. Clients are cached by
 //! target and secret fingerprint.
 //!
-//! Each provider is a Cargo feature (`aws`, `azure`, `gcp`; all on by default), so an
+//! Each provider is a Cargo feature (`aws`, `azure`, `gcp`; all on by default; D34), so an
 //! embedder compiles only the SDKs it needs. Choosing a provider whose feature is off is a
 //! [`StorageError::NotConfigured`] that says so; its configuration resources are still
 //! checked on write.

@@ -1,4 +1,4 @@
-//! [`StorageTarget`]: which storage an export's files are in, as saved with its job.
+//! [`StorageTarget`]: which storage an export's files are in, as saved with its job (D35).
 //!
 //! The JSON form is the one job records have always held: `null` for the server's default
 //! storage, otherwise an object tagged by `provider`, e.g.

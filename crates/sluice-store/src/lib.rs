@@ -1,6 +1,6 @@
 //! The resource store: versioned FHIR resources with consistent snapshots for export.
 //!
-//! A store implements two traits, one per concern, so each consumer asks for only what it
+//! A store implements two traits, one per concern (D30), so each consumer asks for only what it
 //! uses: [`ResourceWrites`] (the REST API, the loader) and [`ExportReads`] (the export
 //! engine: current reads, snapshots, counts, scans). The job records (`sluice_jobs::JobRepo`)
 //! and the configuration resources (`sluice_storage::ConfigRepo`) live in the same

@@ -35,9 +35,9 @@ pub use config::config_resources;
 pub use jobs::{illegal_transitions_are_refused, one_active_job_and_compare_and_set};
 pub use patients::{compartment_patients_in_batches, compartment_patients_lists_patients_with_resources_in_the_window};
 pub use scans::{
-    compartment_filters, counts_per_type, deletions_in_the_window, id_ranges_partition_a_type, listed_ids,
-    many_listed_ids, scan_many_ends_when_the_reader_goes, scan_many_streams_each_source_in_order,
-    scans_stream_in_batches_until_the_reader_goes,
+    compartment_filters, counts_per_type, deletions_in_the_window, deletions_keep_every_compartment,
+    id_ranges_partition_a_type, listed_ids, many_listed_ids, scan_many_ends_when_the_reader_goes,
+    scan_many_streams_each_source_in_order, scans_stream_in_batches_until_the_reader_goes,
 };
 pub use snapshots::{
     foreign_snapshots_are_refused, read_as_of_gives_the_version_current_at_an_instant, snapshots_isolate_later_writes,
@@ -79,6 +79,7 @@ macro_rules! store_tests {
             counts_per_type,
             compartment_filters,
             deletions_in_the_window,
+            deletions_keep_every_compartment,
             id_ranges_partition_a_type,
             listed_ids,
             many_listed_ids,

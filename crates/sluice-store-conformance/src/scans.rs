@@ -125,6 +125,38 @@ pub async fn deletions_in_the_window<S: Store>(store: S) {
     s.release(&snap).await;
 }
 
+/// A deleted resource that was in several patients' compartments is listed for each of
+/// them (a `_since` export of any of those patients lists the deletion); written again, it
+/// is in its new compartments only.
+pub async fn deletions_keep_every_compartment<S: Store>(store: S) {
+    let s = Arc::new(store);
+    let shared_obs = |id: &str, subject: &str, performer: &str| {
+        res(json!({"resourceType": "Observation", "id": id, "status": "final",
+                   "subject": {"reference": format!("Patient/{subject}")},
+                   "performer": [{"reference": format!("Patient/{performer}")}]}))
+    };
+    s.put(shared_obs("o1", "p1", "p2")).await.unwrap();
+    s.put(shared_obs("o2", "p1", "p3")).await.unwrap();
+    s.delete("Observation", "o1").await.unwrap();
+    s.delete("Observation", "o2").await.unwrap();
+    s.put(shared_obs("o2", "p4", "p4")).await.unwrap(); // back, in p4's compartment only
+    let snap = s.snapshot().await.unwrap();
+    let only = |p: &str, deleted: bool| ScanFilter {
+        patients: Some(Patients::Only(vec![p.to_string()])),
+        deleted,
+        ..Default::default()
+    };
+    for (p, gone) in [("p1", &["o1"][..]), ("p2", &["o1"]), ("p3", &[]), ("p4", &[])] {
+        assert_eq!(deleted_ids(&s, &snap, "Observation", &only(p, true)).await, set(gone), "deleted, for {p}");
+        assert_eq!(count_of(&s, &snap, "Observation", &only(p, true)).await, gone.len() as u64, "counted, for {p}");
+    }
+    assert_eq!(scan_ids(&s, &snap, "Observation", &only("p4", false)).await, set(&["o2"]));
+    for p in ["p1", "p2", "p3"] {
+        assert!(scan_ids(&s, &snap, "Observation", &only(p, false)).await.is_empty(), "nothing current for {p}");
+    }
+    s.release(&snap).await;
+}
+
 /// Scans (and counts) of each id range between the split points.
 async fn scan_ranges<S: Store>(
     s: &Arc<S>,

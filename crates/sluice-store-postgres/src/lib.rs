@@ -146,6 +146,8 @@ struct Current {
     deleted: bool,
     json: Option<String>,
     patient: Option<String>,
+    /// In several compartments (the others in `sluice_compartment`).
+    multi: bool,
 }
 
 /// Starts a write: the shared write lock, then a `lastUpdated` later than every snapshot.
@@ -171,7 +173,8 @@ async fn write_one(
 ) -> Result<Option<Written>, StoreError> {
     let cur = tx
         .query_opt(
-            "SELECT version, last_updated, deleted, json, patient FROM sluice_resource WHERE type = $1 AND id = $2 FOR UPDATE",
+            "SELECT version, last_updated, deleted, json, patient, multi FROM sluice_resource \
+             WHERE type = $1 AND id = $2 FOR UPDATE",
             &[&rt, &id],
         )
         .await
@@ -182,6 +185,7 @@ async fn write_one(
             deleted: r.get(2),
             json: r.get(3),
             patient: r.get(4),
+            multi: r.get(5),
         });
     let is_delete = resource.is_none();
     let row = cur.as_ref().map(|c| CurrentRow::of(c.version, c.last_updated, c.deleted, c.json.as_deref()));
@@ -198,16 +202,22 @@ async fn write_one(
         )
         .await
         .map_err(pg_err)?;
-        tx.execute("DELETE FROM sluice_compartment WHERE type = $1 AND id = $2", &[&rt, &id]).await.map_err(pg_err)?;
+        if !is_delete {
+            tx.execute("DELETE FROM sluice_compartment WHERE type = $1 AND id = $2", &[&rt, &id])
+                .await
+                .map_err(pg_err)?;
+        }
     }
     let (json, patients) = match resource {
         Some(r) => (Some(r.render(version as u64, last_updated)), r.patients),
         None => (None, Vec::new()),
     };
-    // A tombstone keeps its resource's patient, so `_since` exports of a patient or group
-    // can list the deletion.
+    // A tombstone keeps its resource's compartments (its least patient, and the others in
+    // `sluice_compartment`), so `_since` exports of any of those patients or their groups
+    // list the deletion.
     let kept = cur.as_ref().and_then(|c| c.patient.clone());
-    let (patient, multi) = if is_delete { (kept.as_ref(), false) } else { (patients.first(), patients.len() > 1) };
+    let kept_multi = cur.as_ref().is_some_and(|c| c.multi);
+    let (patient, multi) = if is_delete { (kept.as_ref(), kept_multi) } else { (patients.first(), patients.len() > 1) };
     tx.execute(
         "INSERT INTO sluice_resource (type, id, version, last_updated, deleted, json, patient, multi) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
@@ -217,7 +227,7 @@ async fn write_one(
     )
     .await
     .map_err(pg_err)?;
-    if multi {
+    if multi && !is_delete {
         tx.execute(
             "INSERT INTO sluice_compartment (patient_id, type, id) SELECT DISTINCT unnest($1::text[]), $2, $3",
             &[&patients, &rt, &id],
@@ -896,7 +906,14 @@ async fn existing_rows(
             let key = (r.get::<_, String>(0), r.get::<_, String>(1));
             (
                 key,
-                Current { version: r.get(2), last_updated: r.get(3), deleted: r.get(4), json: r.get(5), patient: None },
+                Current {
+                    version: r.get(2),
+                    last_updated: r.get(3),
+                    deleted: r.get(4),
+                    json: r.get(5),
+                    patient: None,
+                    multi: false,
+                },
             )
         })
         .collect())

@@ -169,6 +169,23 @@ impl LocalStorage {
         Ok(OpenedFile { file, len, meta: Self::meta_for(key) })
     }
 
+    /// The files under `dir`, in every subfolder.
+    async fn count_files(&self, dir: &Path) -> std::io::Result<u64> {
+        let (mut count, mut dirs) = (0, vec![dir.to_path_buf()]);
+        while let Some(d) = dirs.pop() {
+            let mut rd = tokio::fs::read_dir(&d).await?;
+            while let Some(entry) = rd.next_entry().await? {
+                let t = entry.file_type().await?;
+                if t.is_dir() {
+                    dirs.push(entry.path());
+                } else if t.is_file() {
+                    count += 1;
+                }
+            }
+        }
+        Ok(count)
+    }
+
     fn io(&self, path: &Path, source: std::io::Error) -> StorageError {
         // Paths relative to the root keep logs short and hide the local layout.
         let location = path.strip_prefix(&self.root).unwrap_or(path).display().to_string();
@@ -237,19 +254,12 @@ impl Storage for LocalStorage {
         let prefix = prefix.trim_end_matches('/');
         validate_key(prefix)?;
         let dir = self.root.join(prefix);
-        let mut count = 0;
-        match tokio::fs::read_dir(&dir).await {
-            Ok(mut rd) => {
-                while let Some(entry) = rd.next_entry().await.map_err(|e| self.io(&dir, e))? {
-                    if entry.file_type().await.map(|t| t.is_file()).unwrap_or(false) {
-                        count += 1;
-                    }
-                }
-                tokio::fs::remove_dir_all(&dir).await.map_err(|e| self.io(&dir, e))?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let count = match self.count_files(&dir).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(self.io(&dir, e)),
-        }
+        };
+        tokio::fs::remove_dir_all(&dir).await.map_err(|e| self.io(&dir, e))?;
         Ok(count)
     }
 }
@@ -338,6 +348,21 @@ mod tests {
         let exp = OffsetDateTime::now_utc().unix_timestamp() - 10;
         let sig = s.key.sign("e/x.ndjson", exp);
         assert_eq!(s.open_signed("e/x.ndjson", exp, &sig).await.unwrap_err(), DownloadError::Expired);
+    }
+
+    #[tokio::test]
+    async fn delete_prefix_counts_files_in_subfolders() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage(dir.path());
+        for key in ["f/a.ndjson", "f/sub/b.ndjson", "f/sub/deeper/c.ndjson", "g/d.ndjson"] {
+            let mut w = s.create(key, ObjectMeta::ndjson(false)).await.unwrap();
+            w.write(Bytes::from_static(b"{}\n")).await.unwrap();
+            w.finish().await.unwrap();
+        }
+        assert_eq!(s.delete_prefix("f/").await.unwrap(), 3);
+        assert!(!s.root().join("f").exists());
+        assert!(s.root().join("g/d.ndjson").exists(), "another folder stays");
+        assert_eq!(s.delete_prefix("f/").await.unwrap(), 0, "nothing left to delete");
     }
 
     #[test]

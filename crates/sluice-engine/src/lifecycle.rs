@@ -201,14 +201,14 @@ impl Engine {
             Err(RunError::Failed(issue)) => {
                 tracing::error!(job = %job.id, error = %issue.diagnostics, "export failed");
                 cleanup("failed").await;
-                let failed = job.transition(JobStatus::Failed).map(|()| {
-                    job.finished_at = Some(OffsetDateTime::now_utc());
-                    job.output.clear();
-                    job.error.clear();
-                    job.outcome = Some(OperationOutcome::single(issue));
-                });
-                let saved = match failed {
-                    Ok(()) => self.store.save_if(&job, &[JobStatus::Accepted, JobStatus::InProgress]).await.map(|_| ()),
+                let saved = match job.transition(JobStatus::Failed) {
+                    Ok(()) => {
+                        job.finished_at = Some(OffsetDateTime::now_utc());
+                        job.output.clear();
+                        job.error.clear();
+                        job.outcome = Some(OperationOutcome::single(issue));
+                        self.store.save_if(&job, &[JobStatus::Accepted, JobStatus::InProgress]).await.map(drop)
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = saved {

@@ -16,7 +16,7 @@ use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::get;
 use sluice_engine::{Engine, EngineConfig};
-use sluice_server::{Access, Api, Authorize, Denied};
+use sluice_server::{Access, Api, Authorize, Denied, Grant};
 use sluice_storage::{FixedStorage, MemoryStorage};
 use sluice_store_sqlite::SqliteStore;
 use std::path::{Path, PathBuf};
@@ -31,13 +31,16 @@ pub struct ApiKey;
 
 #[async_trait]
 impl Authorize for ApiKey {
-    async fn authorize(&self, access: &Access<'_>, headers: &HeaderMap) -> Result<(), Denied> {
+    async fn authorize(&self, access: &Access<'_>, headers: &HeaderMap) -> Result<Grant, Denied> {
         if headers.get("x-api-key").is_none_or(|k| k.as_bytes() != API_KEY.as_bytes()) {
             return Err(Denied::unauthorized("send the host's API key in X-Api-Key"));
         }
         match access {
-            Access::Configure { .. } => Err(Denied::forbidden("this host keeps its storage configuration to itself")),
-            _ => Ok(()),
+            Access::Configure { .. } | Access::Audit => {
+                Err(Denied::forbidden("this host keeps its storage configuration to itself"))
+            }
+            // One key, one caller: it may do everything else.
+            _ => Ok(Grant::everything()),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use sluice_auth::{Auditor, Smart, SmartConfig};
 use sluice_engine::{Engine, EngineConfig};
 use sluice_ndjson::SplitLimits;
 use sluice_server::{Api, Store};
@@ -90,6 +91,8 @@ struct ServeArgs {
     throttle_ms: Option<u64>,
     #[command(flatten)]
     cloud: CloudArgs,
+    #[command(flatten)]
+    auth: AuthArgs,
     /// Milliseconds after which an export whose server stopped renewing it is taken over.
     #[arg(long, env = "SLUICE_JOB_LEASE_MS", default_value_t = 10_000, hide = true)]
     job_lease_ms: u64,
@@ -139,6 +142,38 @@ impl CloudArgs {
     }
 }
 
+/// Who may use the server (D22): SMART Backend Services, or nobody checked (loopback only).
+#[derive(Debug, Args)]
+struct AuthArgs {
+    /// smart: bearer tokens (SMART Backend Services) on every FHIR request, the root client
+    /// for configuration; none: no authorization (only on a loopback address, unless
+    /// --insecure-no-auth).
+    #[arg(long = "auth", env = "SLUICE_AUTH", default_value = "none", value_parser = ["smart", "none"])]
+    mode: String,
+    /// With --auth none, listen on a non-loopback address anyway (anyone who reaches the
+    /// port can export every record and repoint the storage).
+    #[arg(long, env = "SLUICE_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// An external OAuth 2 / OpenID Connect issuer whose bearer tokens are accepted (its
+    /// `iss`; keys from its discovery document). Repeatable; comma-separated in the variable.
+    #[arg(long = "auth-issuer", env = "SLUICE_AUTH_ISSUER", value_delimiter = ',')]
+    issuers: Vec<String>,
+    /// The audience external tokens must name (default: <base-url>/fhir).
+    #[arg(long = "auth-audience", env = "SLUICE_AUTH_AUDIENCE")]
+    audience: Option<String>,
+    /// How local export files are downloaded: signed (signed URLs, requiresAccessToken
+    /// false) or token (the export's own bearer token, requiresAccessToken true).
+    #[arg(long = "download-auth", env = "SLUICE_DOWNLOAD_AUTH", default_value = "signed", value_parser = ["signed", "token"])]
+    download_auth: String,
+    /// The root client's secret (HTTP Basic root:<secret>): the administrator, who alone
+    /// may change configuration and Client resources and read the audit trail.
+    #[arg(long, env = "BOX_ROOT_CLIENT_SECRET", hide_env_values = true, hide = true)]
+    root_client_secret: Option<String>,
+    /// Record an audit trail (FHIR AuditEvents in the store, and JSON lines in the log).
+    #[arg(long, env = "BOX_SECURITY_AUDIT_LOG_ENABLED", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    audit: bool,
+}
+
 #[derive(Debug, Args)]
 struct LoadArgs {
     #[command(flatten)]
@@ -180,7 +215,33 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     }
 }
 
+/// Checks the authorization flags against the address listened on.
+fn check_auth(auth: &AuthArgs, addr: std::net::SocketAddr) -> Result<bool, CliError> {
+    let smart = auth.mode == "smart";
+    if !smart && auth.download_auth == "token" {
+        return Err(
+            "--download-auth token needs --auth smart (a download is checked against the export's bearer token)".into(),
+        );
+    }
+    if !smart && !auth.issuers.is_empty() {
+        return Err("--auth-issuer needs --auth smart".into());
+    }
+    if !smart && !addr.ip().is_loopback() {
+        if !auth.insecure_no_auth {
+            return Err(format!(
+                "refusing to listen on {addr} without authorization: anyone who reaches it could export every record. Use --auth smart, a loopback address (127.0.0.1), or --insecure-no-auth if something in front of Sluice authorizes"
+            )
+            .into());
+        }
+        tracing::warn!(%addr, "listening without authorization (--insecure-no-auth): anyone who reaches this address can export every record and change the storage configuration");
+    }
+    Ok(smart)
+}
+
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    if let Some(bad) = args.auth.issuers.iter().find(|i| !(i.starts_with("https://") || i.starts_with("http://"))) {
+        return Err(format!("--auth-issuer '{bad}' must be an http(s) URL").into());
+    }
     let store = open_store(&args.store).await?;
     if !args.load.is_empty() {
         load(store.as_ref(), &args.load, 1).await?;
@@ -189,12 +250,16 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr()?;
+    let smart = check_auth(&args.auth, addr)?;
     let base_url = args.base_url.clone().unwrap_or_else(|| format!("http://{addr}")).trim_end_matches('/').to_string();
 
     let key = match &args.signing_key {
         Some(hex_key) => SigningKey::from_hex(hex_key).ok_or("SLUICE_SIGNING_KEY must be a non-empty hex string")?,
         None => SigningKey::load_or_create(&args.store.data_dir.join("signing.key"))?,
     };
+    // Access tokens are signed with a key derived from the URL signing key: servers sharing
+    // a database share SLUICE_SIGNING_KEY, and so accept each other's tokens.
+    let token_key = key.derive("access tokens");
     let local = LocalStorage::new(args.store.data_dir.join("exports"), base_url.clone(), key);
     let config = EngineConfig {
         parallelism: args.parallelism.unwrap_or(EngineConfig::default().parallelism).max(1),
@@ -209,7 +274,11 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let cloud = CloudOptions { part_bytes: args.cloud.storage_part_bytes, ..CloudOptions::default() };
     let storages = ConfiguredStorage::new(args.cloud.env(), store.clone(), Arc::new(local.clone()), cloud);
     let provider = storages.env().provider.clone().unwrap_or_else(|| "local".into());
-    let engine = Engine::new(store.clone(), Arc::new(storages), config);
+    let audit = if args.auth.audit { Auditor::new(store.clone()) } else { Auditor::disabled() };
+    let mut engine = Engine::new(store.clone(), Arc::new(storages), config);
+    if audit.enabled() {
+        engine = engine.observe(Arc::new(audit.clone()));
+    }
     // Say now if storage is not usable, rather than at the first kick-off; the resources it
     // needs may still be created over the API, so this is not fatal.
     match engine.storage_for_new_export().await {
@@ -220,10 +289,26 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     }
     // Finishes exports whose server died (this one before a restart, or a peer).
     engine.spawn_recovery();
-    let app = Api::new(engine, store.clone(), base_url.clone())
+    let mut api = Api::new(engine, store.clone(), base_url.clone())
         .local_files(local)
         .signed_url_ttl(Duration::from_secs(args.signed_url_ttl))
-        .router();
+        .audit(audit.clone())
+        .token_downloads(args.auth.download_auth == "token");
+    if smart {
+        let config = SmartConfig {
+            base_url: base_url.clone(),
+            token_key,
+            root_secret: args.auth.root_client_secret.clone().filter(|s| !s.is_empty()),
+            issuers: args.auth.issuers.clone(),
+            audience: args.auth.audience.clone(),
+        };
+        if config.root_secret.is_none() {
+            tracing::warn!("BOX_ROOT_CLIENT_SECRET is not set: configuration and Client resources cannot be changed");
+        }
+        api = api.smart(Smart::new(config, store.clone(), audit));
+    }
+    let app = api.router();
+    tracing::info!(auth = if smart { "smart" } else { "none" }, "authorization");
     tracing::info!(store = %store.describe(), %base_url, "sluice listening");
     // Scripts and tests read this line; a closed stdout is not a reason to stop serving.
     {

@@ -171,12 +171,19 @@ pub struct Engine {
     storages: Arc<dyn StorageSource>,
     config: EngineConfig,
     running: Arc<Mutex<HashMap<String, Running>>>,
+    observer: Option<Arc<dyn sluice_jobs::JobObserver>>,
 }
 
 impl Engine {
     /// An engine over a store, writing where `storages` says.
     pub fn new(store: Arc<dyn ExportStore>, storages: Arc<dyn StorageSource>, config: EngineConfig) -> Self {
-        Engine { store, storages, config, running: Default::default() }
+        Engine { store, storages, config, running: Default::default(), observer: None }
+    }
+
+    /// Tells `observer` of every export this engine finishes (the audit trail).
+    pub fn observe(mut self, observer: Arc<dyn sluice_jobs::JobObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// The store.

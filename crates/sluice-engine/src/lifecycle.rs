@@ -27,6 +27,18 @@ impl Engine {
         request_url: String,
         storage: sluice_storage::StorageTarget,
     ) -> Result<JobRecord, KickoffError> {
+        self.kickoff_as(plan, request_url, storage, None).await
+    }
+
+    /// [`Engine::kickoff`] on behalf of `owner` (the client that asked, D22), recorded on
+    /// the job so that only it sees the export.
+    pub async fn kickoff_as(
+        &self,
+        plan: ExportPlan,
+        request_url: String,
+        storage: sluice_storage::StorageTarget,
+        owner: Option<String>,
+    ) -> Result<JobRecord, KickoffError> {
         let internal = |e: &dyn std::fmt::Display| KickoffError::Internal(e.to_string());
         if let Level::Group(id) = &plan.level {
             match self.store.read("Group", id).await.map_err(|e| internal(&e))? {
@@ -59,6 +71,7 @@ impl Engine {
         }
         let mut job = JobRecord::new(uuid::Uuid::new_v4().to_string(), plan, request_url, OffsetDateTime::now_utc());
         job.storage = storage;
+        job.owner = owner;
         match self.store.insert(&job).await {
             Ok(()) => {}
             Err(JobError::Busy(id)) => return Err(KickoffError::Busy(id)),
@@ -196,6 +209,9 @@ impl Engine {
             Ok(()) => {
                 let (done, _) = job.totals();
                 tracing::info!(job = %job.id, resources = done, files = job.output.len(), elapsed_ms = started.elapsed().as_millis() as u64, "export completed");
+                if let Some(o) = &self.observer {
+                    o.finished(&job);
+                }
             }
             Err(RunError::Cancelled) => cleanup("cancelled").await,
             Err(RunError::Failed(issue)) => {
@@ -211,8 +227,13 @@ impl Engine {
                     }
                     Err(e) => Err(e),
                 };
-                if let Err(e) = saved {
-                    tracing::error!(job = %job.id, error = %e, "recording the failure failed");
+                match saved {
+                    Ok(()) => {
+                        if let Some(o) = &self.observer {
+                            o.finished(&job);
+                        }
+                    }
+                    Err(e) => tracing::error!(job = %job.id, error = %e, "recording the failure failed"),
                 }
             }
         }

@@ -147,6 +147,10 @@ pub struct JobRecord {
     /// `null`): the server's default storage.
     #[serde(default, skip_serializing_if = "StorageTarget::is_default")]
     pub storage: StorageTarget,
+    /// The client that started the export (D22): only it (or an administrator) sees its
+    /// status, cancels it and downloads its files. `None`: started without authorization.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// `allowPartialManifests`: the manifest pages closed so far, in order. Page `n`, counted
     /// from one, lists `output[pages[n-2].output..pages[n-1].output]` and the same slice of
     /// `deleted`. A closed page never changes; `output` and `deleted` then keep the order in
@@ -213,6 +217,7 @@ impl JobRecord {
             progress: BTreeMap::new(),
             attempts: 0,
             storage: StorageTarget::Default,
+            owner: None,
             pages: Vec::new(),
         }
     }
@@ -269,6 +274,14 @@ pub enum JobError {
         /// The status asked for.
         to: JobStatus,
     },
+}
+
+/// Told when an export finishes on this server (completed or failed; a cancellation is
+/// seen by whoever cancels). Called from the export's task: keep it quick, spawn what
+/// waits.
+pub trait JobObserver: Send + Sync {
+    /// `job` has just been recorded `Completed` or `Failed`.
+    fn finished(&self, job: &JobRecord);
 }
 
 /// Persistence of job records; implemented by each resource store, in its own database.

@@ -1,19 +1,56 @@
 //! Configuration resources, Aidbox style, outside `/fhir`: `PUT|GET|DELETE /<Type>/<id>`
-//! for `AwsAccount`, `AzureAccount`, `AzureContainer` and `GcpServiceAccount`. Secrets are
-//! stored but never returned (nor logged: the access log omits bodies).
+//! for `AwsAccount`, `AzureAccount`, `AzureContainer`, `GcpServiceAccount` and `Client`
+//! (SMART backend services; public keys only). Secrets are stored but never returned (nor
+//! logged: the access log omits bodies). Changes are audited.
 
 use crate::outcome::{ApiError, fhir_json};
-use crate::{Access, AppState};
+use crate::{Access, AppState, Grant};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use sluice_auth::client::{self, CLIENT_TYPE};
+use sluice_auth::{Event, Kind as AuditKind};
 use sluice_storage_config::resources::{self, ConfigType};
 
-fn config_type(t: &str) -> Result<&'static ConfigType, ApiError> {
-    resources::config_type(t).ok_or_else(|| {
-        let known: Vec<&str> = resources::CONFIG_TYPES.iter().map(|c| c.name).collect();
+/// A configuration resource type: storage configuration, or `Client`.
+#[derive(Clone, Copy)]
+enum Kind {
+    Storage(&'static ConfigType),
+    Client,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Storage(ty) => ty.name,
+            Kind::Client => CLIENT_TYPE,
+        }
+    }
+
+    fn validate(self, id: &str, body: &[u8]) -> Result<serde_json::Value, Vec<sluice_fhir::Issue>> {
+        match self {
+            Kind::Storage(ty) => resources::validate(ty, id, body),
+            Kind::Client => client::validate(id, body),
+        }
+    }
+
+    fn redact(self, value: serde_json::Value) -> serde_json::Value {
+        match self {
+            Kind::Storage(ty) => resources::redact(ty, value),
+            Kind::Client => value,
+        }
+    }
+}
+
+fn config_type(t: &str) -> Result<Kind, ApiError> {
+    if t == CLIENT_TYPE {
+        return Ok(Kind::Client);
+    }
+    resources::config_type(t).map(Kind::Storage).ok_or_else(|| {
+        let mut known: Vec<&str> = resources::CONFIG_TYPES.iter().map(|c| c.name).collect();
+        known.push(CLIENT_TYPE);
         ApiError::not_found(format!(
             "no route for /{t}: configuration resources are {}; FHIR resources live under /fhir",
             known.join(", ")
@@ -22,10 +59,46 @@ fn config_type(t: &str) -> Result<&'static ConfigType, ApiError> {
 }
 
 /// The configuration type `t` names, once the host's [`crate::Authorize`] allows it.
-async fn admitted(app: &AppState, t: &str, headers: &HeaderMap) -> Result<&'static ConfigType, ApiError> {
+async fn admitted(app: &AppState, t: &str, headers: &HeaderMap) -> Result<(Kind, Grant), ApiError> {
     let ty = config_type(t)?;
-    app.allow(Access::Configure { resource_type: ty.name }, headers).await?;
-    Ok(ty)
+    let grant = app.allow(Access::Configure { resource_type: ty.name() }, headers).await?;
+    Ok((ty, grant))
+}
+
+/// Records a change (or a refused one) in the audit trail.
+async fn audited(
+    app: &AppState,
+    kind: AuditKind,
+    t: &str,
+    id: &str,
+    headers: &HeaderMap,
+    result: Result<(Response, Option<String>), ApiError>,
+) -> Result<Response, ApiError> {
+    if app.inner.audit.enabled() {
+        // Who asked, when refused before the grant was known: only a name the request
+        // claims, never its credentials.
+        let event = match &result {
+            Ok((_, who)) => Event::new(kind, who.as_deref()),
+            Err(e) => Event::new(kind, claimed(headers).as_deref())
+                .refused(e.status().as_u16())
+                .detail(e.message().to_string()),
+        };
+        app.inner.audit.record(event.reference(format!("{t}/{id}"))).await;
+    }
+    result.map(|(res, _)| res)
+}
+
+/// The user name of HTTP Basic credentials, if any (never the password).
+fn claimed(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, cred) = v.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(cred.trim()).ok()?;
+    let user = String::from_utf8(raw).ok()?.split_once(':')?.0.to_string();
+    Some(user).filter(|u| !u.is_empty() && u.len() <= 64)
 }
 
 /// `PUT /<Type>/<id>`: creates (201) or replaces (200); answers with the resource minus its
@@ -36,12 +109,17 @@ pub async fn put(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let ty = admitted(&app, &t, &headers).await?;
-    let value = resources::validate(ty, &id, &body).map_err(|issues| ApiError::new(StatusCode::BAD_REQUEST, issues))?;
-    let created = app.inner.store.config_put(ty.name, &id, &value.to_string()).await.map_err(ApiError::internal)?;
-    tracing::info!(resource = %format!("{}/{id}", ty.name), created, "configuration resource saved");
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(fhir_json(status, &resources::redact(ty, value)))
+    let result = async {
+        let (ty, grant) = admitted(&app, &t, &headers).await?;
+        let value = ty.validate(&id, &body).map_err(|issues| ApiError::new(StatusCode::BAD_REQUEST, issues))?;
+        let created =
+            app.inner.store.config_put(ty.name(), &id, &value.to_string()).await.map_err(ApiError::internal)?;
+        tracing::info!(resource = %format!("{}/{id}", ty.name()), created, "configuration resource saved");
+        let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+        Ok((fhir_json(status, &ty.redact(value)), grant.client))
+    }
+    .await;
+    audited(&app, AuditKind::ConfigPut, &t, &id, &headers, result).await
 }
 
 /// `GET /<Type>/<id>`: the resource minus its secrets.
@@ -50,11 +128,11 @@ pub async fn get(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let ty = admitted(&app, &t, &headers).await?;
-    let json = app.inner.store.config_get(ty.name, &id).await.map_err(ApiError::internal)?;
-    let json = json.ok_or_else(|| ApiError::not_found(format!("{}/{id} does not exist", ty.name)))?;
+    let (ty, _) = admitted(&app, &t, &headers).await?;
+    let json = app.inner.store.config_get(ty.name(), &id).await.map_err(ApiError::internal)?;
+    let json = json.ok_or_else(|| ApiError::not_found(format!("{}/{id} does not exist", ty.name())))?;
     let value: serde_json::Value = serde_json::from_str(&json).map_err(ApiError::internal)?;
-    Ok(fhir_json(StatusCode::OK, &resources::redact(ty, value)))
+    Ok(fhir_json(StatusCode::OK, &ty.redact(value)))
 }
 
 /// `DELETE /<Type>/<id>`: 204, or 404 when absent.
@@ -63,10 +141,14 @@ pub async fn delete(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let ty = admitted(&app, &t, &headers).await?;
-    if !app.inner.store.config_delete(ty.name, &id).await.map_err(ApiError::internal)? {
-        return Err(ApiError::not_found(format!("{}/{id} does not exist", ty.name)));
+    let result = async {
+        let (ty, grant) = admitted(&app, &t, &headers).await?;
+        if !app.inner.store.config_delete(ty.name(), &id).await.map_err(ApiError::internal)? {
+            return Err(ApiError::not_found(format!("{}/{id} does not exist", ty.name())));
+        }
+        tracing::info!(resource = %format!("{}/{id}", ty.name()), "configuration resource deleted");
+        Ok((StatusCode::NO_CONTENT.into_response(), grant.client))
     }
-    tracing::info!(resource = %format!("{}/{id}", ty.name), "configuration resource deleted");
-    Ok(StatusCode::NO_CONTENT.into_response())
+    .await;
+    audited(&app, AuditKind::ConfigDelete, &t, &id, &headers, result).await
 }

@@ -1,15 +1,16 @@
 //! `$export` kick-off at the three levels, `$export-status` polling and cancellation.
 
 use crate::outcome::{ApiError, info};
-use crate::{Access, AppState};
+use crate::{Access, AppState, Denied, Grant};
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use sluice_auth::{Event, Kind};
 use sluice_engine::{CancelError, KickoffError};
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
 use sluice_jobs::{JobRecord, JobStatus};
-use sluice_planner::{KickoffRequest, Level};
+use sluice_planner::{ExportPlan, KickoffRequest, Level, TypeSelection};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -63,9 +64,35 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Option<&
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A kick-off, audited whether accepted or refused.
 async fn kickoff(app: AppState, level: Level, parts: KickoffParts) -> Result<Response, ApiError> {
+    let uri = &parts.uri;
+    let request_url = format!("{}{}", app.inner.base_url, uri.path_and_query().map_or(uri.path(), |p| p.as_str()));
+    let mut who = None;
+    let result = start(&app, level, parts, &request_url, &mut who).await;
+    if app.inner.audit.enabled() {
+        let event = Event::new(Kind::Kickoff, who.as_deref());
+        let event = match &result {
+            Ok((_, id)) => event.entity(id.clone()).detail(request_url),
+            Err(e) => event.refused(e.status().as_u16()).detail(format!("{request_url}: {}", e.message())),
+        };
+        app.inner.audit.record(event).await;
+    }
+    result.map(|(res, _)| res)
+}
+
+/// Starts an export; returns the 202 and the export's id. `who` is set to the client once
+/// known.
+async fn start(
+    app: &AppState,
+    level: Level,
+    parts: KickoffParts,
+    request_url: &str,
+    who: &mut Option<String>,
+) -> Result<(Response, String), ApiError> {
     let KickoffParts { method, uri, headers, body } = parts;
-    app.allow(Access::Kickoff { level: &level }, &headers).await?;
+    let grant = app.allow(Access::Kickoff { level: &level }, &headers).await?;
+    who.clone_from(&grant.client);
     // Storage first, as Aidbox does: a misconfigured server says so whatever the request.
     let (_, storage) = app.inner.engine.storage_for_new_export().await.map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
@@ -87,12 +114,13 @@ async fn kickoff(app: AppState, level: Level, parts: KickoffParts) -> Result<Res
         prefer: prefer.as_deref(),
         accept: header_str(&headers, &header::ACCEPT),
     };
-    let plan = sluice_planner::plan(&req).map_err(|issues| {
+    let mut plan = sluice_planner::plan(&req).map_err(|issues| {
         let status = StatusCode::from_u16(sluice_planner::error_status(&issues)).unwrap_or(StatusCode::BAD_REQUEST);
         ApiError::new(status, issues)
     })?;
-    let request_url = format!("{}{}", app.inner.base_url, uri.path_and_query().map_or(uri.path(), |p| p.as_str()));
-    let job = app.inner.engine.kickoff(plan, request_url, storage).await.map_err(|e| match e {
+    limit_to_scopes(&mut plan, &grant)?;
+    let owner = grant.client.clone();
+    let job = app.inner.engine.kickoff_as(plan, request_url.to_string(), storage, owner).await.map_err(|e| match e {
         KickoffError::Busy(id) => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             Issue::error(
@@ -116,7 +144,61 @@ async fn kickoff(app: AppState, level: Level, parts: KickoffParts) -> Result<Res
     if separate {
         h.insert("preference-applied", HeaderValue::from_static("respond-async, separate-export-status"));
     }
-    Ok(res)
+    Ok((res, job.id))
+}
+
+/// Limits an export to the types the grant may read (D36): an explicit `_type` outside
+/// them is refused (403, naming them); without `_type`, the types it may not read are left
+/// out and the manifest's `error` says which (the IG: a server SHALL limit the data
+/// returned to what the client is authorized for).
+fn limit_to_scopes(plan: &mut ExportPlan, grant: &Grant) -> Result<(), ApiError> {
+    let scopes = &grant.scopes;
+    if scopes.exports_everything() {
+        return Ok(());
+    }
+    let refuse = |types: &[&str]| {
+        ApiError::from(Denied::forbidden(format!(
+            "the token's scopes ('{}') do not permit exporting {}: ask for a token with system/<Type>.read (or .rs) for them, or leave them out of _type",
+            scopes.as_str(),
+            types.join(", ")
+        )))
+    };
+    if plan.latest_provenance && !scopes.exports("Provenance") {
+        return Err(refuse(&["Provenance"]));
+    }
+    match &plan.types {
+        TypeSelection::Only(list) => {
+            let denied: Vec<&str> = list.iter().map(String::as_str).filter(|t| !scopes.exports(t)).collect();
+            if !denied.is_empty() {
+                return Err(refuse(&denied));
+            }
+        }
+        TypeSelection::All => {
+            let covered = plan.resolve_types(sluice_fhir::R4_RESOURCE_TYPES.iter().copied());
+            let (allowed, withheld): (Vec<String>, Vec<String>) = covered.into_iter().partition(|t| scopes.exports(t));
+            if allowed.is_empty() {
+                return Err(ApiError::from(Denied::forbidden(format!(
+                    "the token's scopes ('{}') permit exporting none of the types this export covers",
+                    scopes.as_str()
+                ))));
+            }
+            if !withheld.is_empty() {
+                plan.ignored.push(Issue {
+                    severity: sluice_fhir::Severity::Information,
+                    code: IssueCode::Informational,
+                    diagnostics: format!(
+                        "the client's scopes ('{}') do not permit {} resource types, which this export leaves out: {}",
+                        scopes.as_str(),
+                        withheld.len(),
+                        withheld.join(", ")
+                    ),
+                    expression: None,
+                });
+            }
+            plan.types = TypeSelection::Only(allowed);
+        }
+    }
+    Ok(())
 }
 
 /// The query a status URL carries when the kick-off asked for `separate-export-status`.
@@ -150,10 +232,10 @@ pub async fn status(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.allow(Access::Status { export_id: &id }, &headers).await?;
+    let grant = app.allow(Access::Status { export_id: &id }, &headers).await?;
     let separate = separate_status_requested(query.as_deref());
     let page = manifest_page_requested(query.as_deref())?;
-    let mut res = export_status(&app, &id, page, separate).await?;
+    let mut res = export_status(&app, &grant, &id, page, separate).await?;
     if separate {
         let job_status = res.status();
         let text = format!("{} {}", job_status.as_u16(), job_status.canonical_reason().unwrap_or_default());
@@ -206,7 +288,13 @@ fn no_page(job: &JobRecord, page: usize) -> ApiError {
 /// With `allowPartialManifests`, a running export's closed pages are served with 202
 /// (the files listed are complete and never change); a page links to the next once that
 /// is closed.
-async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) -> Result<Response, ApiError> {
+async fn export_status(
+    app: &AppState,
+    grant: &Grant,
+    id: &str,
+    page: usize,
+    separate: bool,
+) -> Result<Response, ApiError> {
     let polls = &app.inner.polls;
     let mut job = app.inner.store.get(id).await.map_err(ApiError::internal)?;
     if let Some(j) = &job
@@ -217,7 +305,8 @@ async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) ->
             job = app.inner.store.get(id).await.map_err(ApiError::internal)?;
         }
     }
-    let Some(job) = job.filter(|j| j.status != JobStatus::Cancelled) else {
+    // Another client's export is answered as if it did not exist: ids leak nothing.
+    let Some(job) = job.filter(|j| j.status != JobStatus::Cancelled && grant.owns(j.owner.as_deref())) else {
         polls.forget(id);
         return Err(ApiError::not_found(format!("no export with id '{id}' (it may have been cancelled or deleted)")));
     };
@@ -229,6 +318,7 @@ async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) ->
         JobStatus::Accepted | JobStatus::InProgress if partial && page <= job.pages.len() => {
             let mut res = running(polls, &job, page)?;
             let m = signed_page(app, &job, page, separate).await?.ok_or_else(|| no_page(&job, page))?;
+            let m = for_downloads(app, &job, m);
             *res.body_mut() = axum::body::Body::from(m.body.to_string());
             insert_expires(&mut res, &m)?;
             Ok(res)
@@ -249,6 +339,7 @@ async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) ->
                 let storage = job_storage(app, &job).await?;
                 sluice_engine::manifest(&job, storage.as_ref(), app.inner.ttl).await.map_err(signing_failed)?
             };
+            let m = for_downloads(app, &job, m);
             let mut res =
                 (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], m.body.to_string()).into_response();
             insert_expires(&mut res, &m)?;
@@ -256,6 +347,26 @@ async fn export_status(app: &AppState, id: &str, page: usize, separate: bool) ->
         }
         JobStatus::Cancelled => unreachable!("filtered above"),
     }
+}
+
+/// With bearer-protected downloads (`--download-auth token`) and the job's files on local
+/// disk, the manifest's URLs lose their signatures and say `requiresAccessToken: true`.
+fn for_downloads(app: &AppState, job: &JobRecord, mut m: sluice_engine::Manifest) -> sluice_engine::Manifest {
+    if !(app.inner.token_downloads && job.storage.is_default()) {
+        return m;
+    }
+    m.body["requiresAccessToken"] = serde_json::Value::Bool(true);
+    for list in ["output", "error", "deleted"] {
+        if let Some(entries) = m.body.get_mut(list).and_then(serde_json::Value::as_array_mut) {
+            for e in entries {
+                if let Some(url) = e.get("url").and_then(serde_json::Value::as_str) {
+                    let plain = url.split_once('?').map_or(url, |(u, _)| u).to_string();
+                    e["url"] = serde_json::Value::String(plain);
+                }
+            }
+        }
+    }
+    m
 }
 
 fn signing_failed(e: sluice_storage::StorageError) -> ApiError {
@@ -520,16 +631,27 @@ pub async fn cancel(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.allow(Access::Cancel { export_id: &id }, &headers).await?;
+    let grant = app.allow(Access::Cancel { export_id: &id }, &headers).await?;
+    let not_found =
+        || ApiError::not_found(format!("no export with id '{id}' (it may have been cancelled or deleted already)"));
+    if !grant.admin {
+        // Another client's export is answered as if it did not exist.
+        let job = app.inner.store.get(&id).await.map_err(ApiError::internal)?;
+        if job.is_some_and(|j| !grant.owns(j.owner.as_deref())) {
+            return Err(not_found());
+        }
+    }
     // Never throttled (D13 concerns status polls only).
     app.inner.polls.forget(&id);
-    match app.inner.engine.cancel(&id).await {
+    let result = match app.inner.engine.cancel(&id).await {
         Ok(()) => Ok(info(StatusCode::ACCEPTED, &format!("export {id} cancelled; its files are being deleted"))),
-        Err(CancelError::NotFound(_)) => Err(ApiError::not_found(format!(
-            "no export with id '{id}' (it may have been cancelled or deleted already)"
-        ))),
+        Err(CancelError::NotFound(_)) => Err(not_found()),
         Err(CancelError::Internal(msg)) => Err(ApiError::internal(msg)),
+    };
+    if result.is_ok() {
+        app.inner.audit.record(Event::new(Kind::Cancel, grant.client.as_deref()).entity(id.clone())).await;
     }
+    result
 }
 
 #[cfg(test)]

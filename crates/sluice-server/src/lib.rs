@@ -19,11 +19,15 @@
 //! (`Content-Location`, manifest links, the kick-off `request`) start with it (D33).
 //!
 //! Who may do what is the host's decision: [`Api::authorize`] takes an [`Authorize`], asked
-//! before every operation ([`Access`]) with the request's headers. The default,
-//! [`AllowAll`], allows everything. A host can also wrap the router in tower layers of its
-//! own.
+//! before every operation ([`Access`]) with the request's headers; its [`Grant`] says who
+//! is asking and what they may do, and the API applies it (the types an export covers, the
+//! entries of a Bundle, the owner of an export). The default, [`AllowAll`], allows
+//! everything. [`Api::smart`] installs SMART Backend Services ([`sluice_auth::Smart`]) with
+//! its routes: `POST /auth/token`, `GET /fhir/.well-known/smart-configuration`,
+//! `/Client/<id>` and `GET /AuditEvent`. A host can also wrap the router in tower layers of
+//! its own.
 
-mod access;
+mod auth;
 mod config;
 mod export;
 mod files;
@@ -31,7 +35,7 @@ mod metadata;
 mod outcome;
 mod rest;
 
-pub use access::{Access, AllowAll, Authorize, Denied};
+pub use sluice_auth::{Access, AllowAll, Auditor, Authorize, Denied, Grant, Smart};
 
 use axum::Router;
 use axum::extract::Request;
@@ -41,16 +45,17 @@ use axum::routing::{get, post};
 use sluice_engine::{Engine, ExportStore};
 use sluice_storage::ConfigRepo;
 use sluice_storage_local::LocalStorage;
-use sluice_store::ResourceWrites;
+use sluice_store::{AuthRepo, ResourceWrites};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Everything the API asks of a store: writes ([`ResourceWrites`]), what the engine reads
-/// ([`ExportStore`]: snapshots and job records) and the configuration resources
-/// ([`ConfigRepo`]). Every type implementing the three is one.
-pub trait Store: ResourceWrites + ExportStore + ConfigRepo {}
+/// ([`ExportStore`]: snapshots and job records), the configuration resources
+/// ([`ConfigRepo`]) and the authorization records ([`AuthRepo`]: used assertions, the
+/// audit trail). Every type implementing the four is one.
+pub trait Store: ResourceWrites + ExportStore + sluice_auth::TokenStore {}
 
-impl<T: ResourceWrites + ExportStore + ConfigRepo + ?Sized> Store for T {}
+impl<T: ResourceWrites + ExportStore + ConfigRepo + AuthRepo + ?Sized> Store for T {}
 
 /// The largest request body accepted by default (a transaction Bundle); larger ones get 413.
 pub const DEFAULT_MAX_BODY: usize = 64 << 20;
@@ -63,6 +68,9 @@ pub struct Api {
     local: Option<LocalStorage>,
     ttl: Duration,
     authorize: Arc<dyn Authorize>,
+    smart: Option<Smart>,
+    audit: Auditor,
+    token_downloads: bool,
     max_body: usize,
 }
 
@@ -79,6 +87,9 @@ impl Api {
             local: None,
             ttl: Duration::from_secs(3600),
             authorize: Arc::new(AllowAll),
+            smart: None,
+            audit: Auditor::disabled(),
+            token_downloads: false,
             max_body: DEFAULT_MAX_BODY,
         }
     }
@@ -102,6 +113,30 @@ impl Api {
         self
     }
 
+    /// SMART Backend Services: `smart` authorizes every request, and the router serves its
+    /// token endpoint, discovery document, `/Client/<id>` and the audit trail (recorded
+    /// with `smart`'s [`Auditor`]).
+    pub fn smart(mut self, smart: Smart) -> Self {
+        self.audit = smart.auditor().clone();
+        self.authorize = Arc::new(smart.clone());
+        self.smart = Some(smart);
+        self
+    }
+
+    /// Records the audit trail with `audit` (set by [`Api::smart`] already).
+    pub fn audit(mut self, audit: Auditor) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// Bearer-protected downloads (`--download-auth token`): local export files are served
+    /// at unsigned URLs to the export's own client only, and manifests say
+    /// `requiresAccessToken: true`. Cloud storage keeps its signed URLs.
+    pub fn token_downloads(mut self, on: bool) -> Self {
+        self.token_downloads = on;
+        self
+    }
+
     /// The largest request body accepted (default [`DEFAULT_MAX_BODY`]); larger ones get 413.
     pub fn max_body(mut self, bytes: usize) -> Self {
         self.max_body = bytes;
@@ -121,11 +156,17 @@ impl Api {
                 base_url: self.base_url,
                 ttl: self.ttl,
                 authorize: self.authorize,
+                smart: self.smart,
+                audit: self.audit,
+                token_downloads: self.token_downloads,
                 polls: export::Polls::default(),
             }),
         };
         Router::new()
             .route("/fhir/metadata", get(metadata::capability_statement))
+            .route("/fhir/.well-known/smart-configuration", get(auth::smart_configuration))
+            .route("/auth/token", post(auth::token))
+            .route("/AuditEvent", get(auth::audit_events))
             .route("/fhir/$export", get(export::system).post(export::system))
             .route("/fhir/Patient/$export", get(export::patient).post(export::patient))
             .route("/fhir/Group/{id}/$export", get(export::group).post(export::group))
@@ -158,15 +199,60 @@ struct Inner {
     base_url: String,
     ttl: Duration,
     authorize: Arc<dyn Authorize>,
+    /// SMART Backend Services, when on.
+    smart: Option<Smart>,
+    /// The audit trail (disabled unless configured).
+    audit: Auditor,
+    /// Bearer-protected local downloads.
+    token_downloads: bool,
     /// Status polls of running exports (D13: 429 when too fast; ETA).
     polls: export::Polls,
 }
 
 impl AppState {
     /// Asks the host's [`Authorize`] whether the request may do `access`.
-    async fn allow(&self, access: Access<'_>, headers: &axum::http::HeaderMap) -> Result<(), outcome::ApiError> {
+    async fn allow(&self, access: Access<'_>, headers: &axum::http::HeaderMap) -> Result<Grant, outcome::ApiError> {
         self.inner.authorize.authorize(&access, headers).await.map_err(outcome::ApiError::from)
     }
+
+    /// [`AppState::allow`], then that `interaction` on `resource_type` is in the grant.
+    async fn allow_type(
+        &self,
+        access: Access<'_>,
+        headers: &axum::http::HeaderMap,
+        resource_type: &str,
+        interactions: &[sluice_auth::Interaction],
+    ) -> Result<Grant, outcome::ApiError> {
+        let grant = self.allow(access, headers).await?;
+        permitted(&grant, resource_type, interactions)?;
+        Ok(grant)
+    }
+}
+
+/// 403 unless `grant` permits every one of `interactions` on `resource_type`.
+fn permitted(
+    grant: &Grant,
+    resource_type: &str,
+    interactions: &[sluice_auth::Interaction],
+) -> Result<(), outcome::ApiError> {
+    if let Some(missing) = interactions.iter().find(|i| !grant.allows(resource_type, **i)) {
+        let scope = format!(
+            "system/{resource_type}.{}",
+            match missing {
+                sluice_auth::Interaction::Create => "c",
+                sluice_auth::Interaction::Read => "r",
+                sluice_auth::Interaction::Update => "u",
+                sluice_auth::Interaction::Delete => "d",
+                sluice_auth::Interaction::Search => "s",
+            }
+        );
+        return Err(Denied::forbidden(format!(
+            "the token's scopes ('{}') do not permit this on {resource_type}: it needs {scope} (or the v1 .read/.write)",
+            grant.scopes.as_str()
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Logs method, path (never the query: it can hold signatures), status and time.

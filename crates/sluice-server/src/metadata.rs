@@ -55,7 +55,7 @@ pub async fn capability_statement(State(app): State<AppState>) -> Result<Respons
             r
         })
         .collect();
-    let body = json!({
+    let mut body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": sluice_fhir::instant::format(time::OffsetDateTime::now_utc()),
@@ -72,5 +72,16 @@ pub async fn capability_statement(State(app): State<AppState>) -> Result<Respons
             "operation": [{"name": "export", "definition": EXPORT_OP}],
         }],
     });
+    if let Some(smart) = &app.inner.smart {
+        // SMART App Launch: the security service, and where the token endpoint is.
+        body["rest"][0]["security"] = serde_json::json!({
+            "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}], "text": "SMART Backend Services (client_credentials, private_key_jwt)"}],
+            "extension": [{
+                "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                "extension": [{"url": "token", "valueUri": smart.token_url()}],
+            }],
+            "description": "Bearer tokens from the token endpoint (see /fhir/.well-known/smart-configuration)",
+        });
+    }
     Ok(fhir_json(StatusCode::OK, &body))
 }

@@ -10,12 +10,14 @@ pub struct ApiError {
     status: StatusCode,
     outcome: OperationOutcome,
     retry_after: Option<u64>,
+    /// `WWW-Authenticate` of a 401.
+    challenge: Option<HeaderValue>,
 }
 
 impl ApiError {
     /// `status` with the given issues.
     pub fn new(status: StatusCode, outcome: impl Into<OperationOutcome>) -> Self {
-        ApiError { status, outcome: outcome.into(), retry_after: None }
+        ApiError { status, outcome: outcome.into(), retry_after: None, challenge: None }
     }
 
     /// 400 with one `invalid` issue.
@@ -34,6 +36,16 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, diagnostics.to_string()))
     }
 
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The first issue's text (for the audit trail).
+    pub fn message(&self) -> &str {
+        self.outcome.issues.first().map_or("", |i| i.diagnostics.as_str())
+    }
+
     /// Adds a `Retry-After` header (seconds).
     pub fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);
@@ -46,6 +58,9 @@ impl IntoResponse for ApiError {
         let mut res = fhir_json(self.status, &self.outcome.to_json());
         if let Some(s) = self.retry_after {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if let Some(c) = self.challenge {
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, c);
         }
         res
     }
@@ -93,9 +108,10 @@ pub fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response 
     ApiError::internal(format!("internal error: {detail}")).into_response()
 }
 
-/// Turns any error response that is not already FHIR JSON (axum's own rejections: a body
-/// over the size limit, a path that is not UTF-8, ...) into an OperationOutcome carrying
-/// the original message, so every 4xx/5xx a client sees is an OperationOutcome.
+/// Turns any error response that is not already JSON (axum's own rejections: a body over
+/// the size limit, a path that is not UTF-8, ...) into an OperationOutcome carrying the
+/// original message, so every 4xx/5xx a client sees is an OperationOutcome (or, from the
+/// token endpoint, the JSON error RFC 6749 prescribes).
 pub async fn ensure_outcome(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let res = next.run(req).await;
     let status = res.status();
@@ -103,7 +119,7 @@ pub async fn ensure_outcome(req: axum::extract::Request, next: axum::middleware:
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/fhir+json"));
+        .is_some_and(|ct| ct.starts_with("application/fhir+json") || ct.starts_with("application/json"));
     if !(status.is_client_error() || status.is_server_error()) || is_fhir {
         return res;
     }
@@ -125,9 +141,14 @@ pub async fn ensure_outcome(req: axum::extract::Request, next: axum::middleware:
     out
 }
 
-impl From<crate::access::Denied> for ApiError {
-    fn from(d: crate::access::Denied) -> Self {
-        let code = if d.status == StatusCode::UNAUTHORIZED { IssueCode::Login } else { IssueCode::Forbidden };
-        ApiError::new(d.status, Issue::error(code, d.message))
+impl From<sluice_auth::Denied> for ApiError {
+    fn from(d: sluice_auth::Denied) -> Self {
+        let unauthorized = d.status == StatusCode::UNAUTHORIZED;
+        let code = if unauthorized { IssueCode::Login } else { IssueCode::Forbidden };
+        let challenge =
+            unauthorized.then(|| HeaderValue::from_str(d.challenge()).unwrap_or(HeaderValue::from_static("Bearer")));
+        let mut e = ApiError::new(d.status, Issue::error(code, d.message));
+        e.challenge = challenge;
+        e
     }
 }

@@ -8,6 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
+use sluice_auth::Interaction;
 use sluice_fhir::valid_id;
 use sluice_fhir::{Issue, IssueCode, OperationOutcome};
 use sluice_json::Json;
@@ -62,7 +63,7 @@ pub async fn read(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.allow(Access::Read { resource_type: &t }, &headers).await?;
+    app.allow_type(Access::Read { resource_type: &t }, &headers, &t, &[Interaction::Read]).await?;
     check_type(&t)?;
     match app.inner.store.read(&t, &id).await.map_err(store_err)? {
         ReadResult::Found(json) => {
@@ -86,7 +87,9 @@ pub async fn update(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    app.allow(Access::Write { resource_type: &t }, &headers).await?;
+    // It creates or updates, which only the store knows: both are needed.
+    app.allow_type(Access::Write { resource_type: &t }, &headers, &t, &[Interaction::Create, Interaction::Update])
+        .await?;
     check_type(&t)?;
     if !valid_id(&id) {
         return Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")));
@@ -120,7 +123,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    app.allow(Access::Write { resource_type: &t }, &headers).await?;
+    app.allow_type(Access::Write { resource_type: &t }, &headers, &t, &[Interaction::Create]).await?;
     check_type(&t)?;
     let mut resource = parse_json(&body)?;
     if resource.get("resourceType").and_then(Json::as_str).as_deref() != Some(t.as_str()) {
@@ -139,7 +142,7 @@ pub async fn delete(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.allow(Access::Write { resource_type: &t }, &headers).await?;
+    app.allow_type(Access::Write { resource_type: &t }, &headers, &t, &[Interaction::Delete]).await?;
     check_type(&t)?;
     let w = app.inner.store.delete(&t, &id).await.map_err(store_err)?;
     Ok(info(
@@ -166,8 +169,16 @@ fn entry_response(w: &Option<Written>, is_delete: bool) -> Value {
 /// `POST /fhir` with a `batch` or `transaction` Bundle. A transaction is all or nothing:
 /// any invalid entry rejects the whole Bundle with every problem listed.
 pub async fn bundle(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    app.allow(Access::Write { resource_type: "Bundle" }, &headers).await?;
+    let grant = app.allow(Access::Write { resource_type: "Bundle" }, &headers).await?;
     let (kind, ops) = bundle_ops(parse_json(&body)?, IdPolicy::Rest).map_err(invalid)?;
+    // Every entry's type must be permitted, whatever the Bundle's kind: a refusal names the
+    // first entry that is not, and nothing is written.
+    for op in ops.iter().flatten() {
+        match op {
+            WriteOp::Put(r) => crate::permitted(&grant, &r.resource_type, &[Interaction::Create, Interaction::Update])?,
+            WriteOp::Delete { resource_type, .. } => crate::permitted(&grant, resource_type, &[Interaction::Delete])?,
+        }
+    }
     let store = &app.inner.store;
     match kind {
         BundleKind::Other => Err(ApiError::bad_request("POST /fhir takes a Bundle of type 'batch' or 'transaction'")),

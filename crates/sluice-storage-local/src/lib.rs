@@ -65,6 +65,15 @@ impl SigningKey {
         }
     }
 
+    /// A key for another purpose (`label`), derived from this one (HMAC-SHA256), so one
+    /// configured secret serves several uses without a use learning another's key.
+    pub fn derive(&self, label: &str) -> Vec<u8> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(b"sluice derived key\n");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
     /// The MAC over `<key>\n<expires>`.
     fn mac(&self, key: &str, expires: i64) -> Hmac<Sha256> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
@@ -163,6 +172,19 @@ impl LocalStorage {
         if OffsetDateTime::now_utc().unix_timestamp() > expires {
             return Err(DownloadError::Expired);
         }
+        self.open_key(key).await
+    }
+
+    /// Opens the file at `key` without a signature: for a caller that has authorized the
+    /// download itself (bearer-protected downloads, `requiresAccessToken: true`).
+    pub async fn open(&self, key: &str) -> Result<OpenedFile, DownloadError> {
+        if validate_key(key).is_err() {
+            return Err(DownloadError::NotFound);
+        }
+        self.open_key(key).await
+    }
+
+    async fn open_key(&self, key: &str) -> Result<OpenedFile, DownloadError> {
         let path = self.root.join(key);
         let file = tokio::fs::File::open(&path).await.map_err(|_| DownloadError::NotFound)?;
         let len = file.metadata().await.map_err(|_| DownloadError::NotFound)?.len();

@@ -1,6 +1,6 @@
 //! The conformance suite for resource stores: every contract of [`ResourceWrites`],
-//! [`ExportReads`], [`JobRepo`] and [`ConfigRepo`] that does not depend on how a store keeps
-//! its data, as one scenario each, run against the SQLite and PostgreSQL stores alike.
+//! [`ExportReads`], [`JobRepo`], [`ConfigRepo`] and [`AuthRepo`] that does not depend on how a
+//! store keeps its data, as one scenario each, run against the SQLite and PostgreSQL stores alike.
 //!
 //! Each scenario is a public async function that takes a fresh, empty store and panics
 //! (through `assert!`) where the store breaks a contract. A store's tests get the whole suite,
@@ -23,6 +23,7 @@
 //! A new scenario is a public `async fn name<S: Store>(store: S)` in the module of its
 //! concern, re-exported here and listed in [`store_tests!`].
 
+mod auth;
 mod config;
 mod jobs;
 mod patients;
@@ -31,6 +32,10 @@ mod snapshots;
 mod support;
 mod writes;
 
+pub use auth::{
+    assertions_are_remembered_until_they_expire, audit_events_are_appended_and_queried,
+    concurrent_assertions_are_accepted_once,
+};
 pub use config::config_resources;
 pub use jobs::{illegal_transitions_are_refused, one_active_job_and_compare_and_set};
 pub use patients::{compartment_patients_in_batches, compartment_patients_lists_patients_with_resources_in_the_window};
@@ -50,12 +55,12 @@ pub use writes::{
 
 use sluice_jobs::JobRepo;
 use sluice_storage::ConfigRepo;
-use sluice_store::{ExportReads, ResourceWrites};
+use sluice_store::{AuthRepo, ExportReads, ResourceWrites};
 
 /// What the suite asks of a store: every trait a Sluice store implements.
-pub trait Store: ResourceWrites + ExportReads + JobRepo + ConfigRepo + 'static {}
+pub trait Store: ResourceWrites + ExportReads + JobRepo + ConfigRepo + AuthRepo + 'static {}
 
-impl<T: ResourceWrites + ExportReads + JobRepo + ConfigRepo + 'static> Store for T {}
+impl<T: ResourceWrites + ExportReads + JobRepo + ConfigRepo + AuthRepo + 'static> Store for T {}
 
 /// Generates a module `conformance` with one `#[tokio::test]` per scenario of the suite.
 ///
@@ -91,6 +96,9 @@ macro_rules! store_tests {
             one_active_job_and_compare_and_set,
             illegal_transitions_are_refused,
             config_resources,
+            assertions_are_remembered_until_they_expire,
+            concurrent_assertions_are_accepted_once,
+            audit_events_are_appended_and_queried,
         );
     };
     (@each $fresh:expr; $($scenario:ident),+ $(,)?) => {

@@ -1,4 +1,4 @@
-//! The PostgreSQL store ([`ResourceWrites`], [`ExportReads`], plus the job records and configuration resources), on deadpool-postgres + tokio-postgres.
+//! The PostgreSQL store ([`ResourceWrites`], [`ExportReads`], plus the job records, configuration resources and authorization records), on deadpool-postgres + tokio-postgres.
 //!
 //! - `sluice_resource` holds the current version of every resource (tombstones included) with
 //!   its JSON as `text`, exactly the bytes an export writes; older versions move to
@@ -19,6 +19,7 @@
 //!   Later writes read it and stamp a strictly later time.
 //! - The one-active-export rule is a unique partial index on `sluice_job(active)`.
 
+mod auth;
 mod config;
 mod jobs;
 mod schema;

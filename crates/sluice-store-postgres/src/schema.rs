@@ -67,6 +67,20 @@ const MIGRATIONS: &[&str] = &[
         updated_at timestamptz NOT NULL DEFAULT now(),
         PRIMARY KEY (type, id)
      );",
+    // 3: authorization (D36): client assertions already used, and the audit trail, apart
+    // from FHIR data. Times are unix microseconds.
+    "CREATE TABLE sluice_auth_assertion (
+        key     text   PRIMARY KEY,
+        expires bigint NOT NULL
+     );
+     CREATE INDEX sluice_auth_assertion_expires ON sluice_auth_assertion (expires);
+     CREATE TABLE sluice_audit_event (
+        id       text   PRIMARY KEY,
+        recorded bigint NOT NULL,
+        agent    text,
+        json     text   NOT NULL
+     );
+     CREATE INDEX sluice_audit_event_recorded ON sluice_audit_event (recorded, id);",
 ];
 
 /// Brings the database up to the latest schema.

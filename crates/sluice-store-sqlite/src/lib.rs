@@ -1,4 +1,4 @@
-//! The embedded store ([`ResourceWrites`], [`ExportReads`], plus the job records and configuration resources): one SQLite file (bundled SQLite, WAL mode).
+//! The embedded store ([`ResourceWrites`], [`ExportReads`], plus the job records, configuration resources and authorization records): one SQLite file (bundled SQLite, WAL mode).
 //!
 //! Every write appends a row to `resource_version` with a sequence number (`seq`) taken
 //! from a counter owned by the single writer; the row it replaces gets `superseded = seq`.
@@ -12,6 +12,7 @@
 //! write's `lastUpdated`, while later writes get strictly later times: `_since` chains
 //! across exports are exact.
 
+mod auth;
 mod config;
 mod jobs;
 mod schema;

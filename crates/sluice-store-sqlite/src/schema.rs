@@ -38,6 +38,20 @@ const MIGRATIONS: &[&str] = &[
         json TEXT NOT NULL,
         PRIMARY KEY (type, id)
      ) WITHOUT ROWID;",
+    // 3: authorization (D36): client assertions already used, and the audit trail, apart
+    // from FHIR data. Times are unix microseconds.
+    "CREATE TABLE auth_assertion (
+        key     TEXT    PRIMARY KEY,
+        expires INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE INDEX auth_assertion_expires ON auth_assertion(expires);
+     CREATE TABLE audit_event (
+        id       TEXT    PRIMARY KEY,
+        recorded INTEGER NOT NULL,
+        agent    TEXT,
+        json     TEXT    NOT NULL
+     );
+     CREATE INDEX audit_event_recorded ON audit_event(recorded, id);",
 ];
 
 /// Brings the database up to the latest schema, one transaction per migration.

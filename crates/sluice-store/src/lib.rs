@@ -18,7 +18,10 @@
 //! [`prepare`] checks and normalises an incoming resource; [`bundle`] turns batch and
 //! transaction Bundles into write operations.
 
+pub mod auth;
 pub mod bundle;
+
+pub use auth::{AuditQuery, AuditRecord, AuthRepo};
 
 use async_trait::async_trait;
 use sluice_fhir::{Issue, IssueCode, valid_id};

@@ -130,6 +130,12 @@ pub fn parse(value: &Value) -> Result<Client, String> {
     let keys = match (value.get("jwks"), value.get("jwks_uri")) {
         (Some(_), Some(_)) => return Err("give either jwks or jwks_uri, not both".into()),
         (Some(jwks), None) => {
+            // A Client is returned by GET as stored: it must hold public keys only.
+            let private = ["d", "p", "q", "dp", "dq", "qi", "oth", "k"];
+            let keys = jwks.get("keys").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+            if keys.iter().any(|k| private.iter().any(|p| k.get(*p).is_some())) {
+                return Err("jwks holds private or symmetric key material: give only the public keys (the client keeps its private key)".into());
+            }
             let set: JwkSet =
                 serde_json::from_value(jwks.clone()).map_err(|e| format!("jwks is not a JSON Web Key Set: {e}"))?;
             if set.keys.is_empty() {
@@ -188,6 +194,7 @@ mod tests {
             (json!({"scope": ["patient/*.read"]}), "not a system scope"),
             (json!({"jwks_uri": "ftp://x"}), "http(s)"),
             (json!({"jwks": {"keys": []}}), "both"),
+            (json!({"jwks_uri": null, "jwks": {"keys": [{"kty": "EC", "kid": "a", "crv": "P-384", "x": "x", "y": "y", "d": "secret"}]}}), "private"),
             (json!({"auth": {"client_credentials": {"access_token_expiration": 0}}}), "access_token_expiration"),
             (json!({"active": "yes"}), "active"),
             (json!({"id": "other"}), "differs"),
@@ -195,7 +202,11 @@ mod tests {
         for (patch, expect) in cases {
             let mut v = base.clone();
             for (k, x) in patch.as_object().unwrap() {
-                v[k] = x.clone();
+                if x.is_null() {
+                    v.as_object_mut().unwrap().remove(k);
+                } else {
+                    v[k] = x.clone();
+                }
             }
             let err = validate("bulk", &body(v)).unwrap_err();
             assert!(err[0].diagnostics.contains(expect), "{expect}: {}", err[0].diagnostics);

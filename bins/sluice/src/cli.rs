@@ -167,7 +167,7 @@ struct AuthArgs {
     download_auth: String,
     /// The root client's secret (HTTP Basic root:<secret>): the administrator, who alone
     /// may change configuration and Client resources and read the audit trail.
-    #[arg(long, env = "BOX_ROOT_CLIENT_SECRET", hide_env_values = true, hide = true)]
+    #[arg(long, env = "BOX_ROOT_CLIENT_SECRET", hide_env_values = true)]
     root_client_secret: Option<String>,
     /// Record an audit trail (FHIR AuditEvents in the store, and JSON lines in the log).
     #[arg(long, env = "BOX_SECURITY_AUDIT_LOG_ENABLED", default_value = "false", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]

@@ -100,12 +100,14 @@ pub struct Denied {
     pub message: String,
     /// The `WWW-Authenticate` challenge of a 401 (`Bearer` when unset).
     pub challenge: Option<String>,
+    /// The caller, when it was identified before being refused (for the audit trail).
+    pub client: Option<String>,
 }
 
 impl Denied {
     /// 401: the request did not say who is asking, or not credibly.
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Denied { status: StatusCode::UNAUTHORIZED, message: message.into(), challenge: None }
+        Denied { status: StatusCode::UNAUTHORIZED, message: message.into(), challenge: None, client: None }
     }
 
     /// 401 for a bearer token that was presented but is not valid (RFC 6750
@@ -113,12 +115,18 @@ impl Denied {
     pub fn invalid_token(message: impl Into<String>) -> Self {
         let message = message.into();
         let challenge = format!("Bearer error=\"invalid_token\", error_description=\"{}\"", message.replace('"', "'"));
-        Denied { status: StatusCode::UNAUTHORIZED, message, challenge: Some(challenge) }
+        Denied { status: StatusCode::UNAUTHORIZED, message, challenge: Some(challenge), client: None }
     }
 
     /// 403: the caller is known but may not do this.
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Denied { status: StatusCode::FORBIDDEN, message: message.into(), challenge: None }
+        Denied { status: StatusCode::FORBIDDEN, message: message.into(), challenge: None, client: None }
+    }
+
+    /// Names the caller that was refused (known, but not allowed).
+    pub fn of(mut self, client: Option<String>) -> Self {
+        self.client = client;
+        self
     }
 
     /// The `WWW-Authenticate` value a 401 carries.

@@ -176,8 +176,9 @@ impl Auditor {
     }
 }
 
+#[async_trait::async_trait]
 impl JobObserver for Auditor {
-    fn finished(&self, job: &JobRecord) {
+    async fn finished(&self, job: &JobRecord) {
         let kind = match job.status {
             JobStatus::Completed => Kind::Completed,
             JobStatus::Failed => Kind::Failed,
@@ -188,12 +189,10 @@ impl JobObserver for Auditor {
         }
         let mut event = Event::new(kind, job.owner.as_deref()).entity(job.id.clone()).detail(job.request_url.clone());
         if kind == Kind::Failed {
-            let why =
-                job.outcome.as_ref().and_then(|o| o.issues.first()).map(|i| i.diagnostics.clone()).unwrap_or_default();
-            event = event.refused(500).detail(why);
+            let why = job.outcome.as_ref().and_then(|o| o.issues.first()).map(|i| i.diagnostics.clone());
+            event = event.refused(500).detail(why.unwrap_or_default());
         }
-        let me = self.clone();
-        tokio::spawn(async move { me.record(event).await });
+        self.record(event).await;
     }
 }
 

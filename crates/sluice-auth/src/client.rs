@@ -194,7 +194,10 @@ mod tests {
             (json!({"scope": ["patient/*.read"]}), "not a system scope"),
             (json!({"jwks_uri": "ftp://x"}), "http(s)"),
             (json!({"jwks": {"keys": []}}), "both"),
-            (json!({"jwks_uri": null, "jwks": {"keys": [{"kty": "EC", "kid": "a", "crv": "P-384", "x": "x", "y": "y", "d": "secret"}]}}), "private"),
+            (
+                json!({"jwks_uri": null, "jwks": {"keys": [{"kty": "EC", "kid": "a", "crv": "P-384", "x": "x", "y": "y", "d": "secret"}]}}),
+                "private",
+            ),
             (json!({"auth": {"client_credentials": {"access_token_expiration": 0}}}), "access_token_expiration"),
             (json!({"active": "yes"}), "active"),
             (json!({"id": "other"}), "differs"),

@@ -199,9 +199,10 @@ impl Authorize for Smart {
                 }
                 match who {
                     Some(g) if g.admin => Ok(g),
-                    Some(_) => Err(Denied::forbidden(
+                    Some(g) => Err(Denied::forbidden(
                         "only the root client (HTTP Basic root:<BOX_ROOT_CLIENT_SECRET>) may read or change configuration, Client resources and the audit trail",
-                    )),
+                    )
+                    .of(g.client)),
                     None => {
                         let mut d = Denied::unauthorized(
                             "this needs the root client: HTTP Basic root:<BOX_ROOT_CLIENT_SECRET>",
@@ -224,7 +225,8 @@ impl Authorize for Smart {
                     return Err(Denied::forbidden(format!(
                         "exporting Group/{id} needs read access to Group (system/Group.read or system/Group.rs); the token has '{}'",
                         grant.scopes.as_str()
-                    )));
+                    ))
+                    .of(grant.client));
                 }
                 Ok(grant)
             }

@@ -210,7 +210,7 @@ impl Engine {
                 let (done, _) = job.totals();
                 tracing::info!(job = %job.id, resources = done, files = job.output.len(), elapsed_ms = started.elapsed().as_millis() as u64, "export completed");
                 if let Some(o) = &self.observer {
-                    o.finished(&job);
+                    o.finished(&job).await;
                 }
             }
             Err(RunError::Cancelled) => cleanup("cancelled").await,
@@ -230,7 +230,7 @@ impl Engine {
                 match saved {
                     Ok(()) => {
                         if let Some(o) = &self.observer {
-                            o.finished(&job);
+                            o.finished(&job).await;
                         }
                     }
                     Err(e) => tracing::error!(job = %job.id, error = %e, "recording the failure failed"),

@@ -277,11 +277,11 @@ pub enum JobError {
 }
 
 /// Told when an export finishes on this server (completed or failed; a cancellation is
-/// seen by whoever cancels). Called from the export's task: keep it quick, spawn what
-/// waits.
+/// seen by whoever cancels). Awaited by the export's task right after the record is saved.
+#[async_trait]
 pub trait JobObserver: Send + Sync {
     /// `job` has just been recorded `Completed` or `Failed`.
-    fn finished(&self, job: &JobRecord);
+    async fn finished(&self, job: &JobRecord);
 }
 
 /// Persistence of job records; implemented by each resource store, in its own database.

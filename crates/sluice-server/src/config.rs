@@ -59,33 +59,36 @@ fn config_type(t: &str) -> Result<Kind, ApiError> {
 }
 
 /// The configuration type `t` names, once the host's [`crate::Authorize`] allows it.
-async fn admitted(app: &AppState, t: &str, headers: &HeaderMap) -> Result<(Kind, Grant), ApiError> {
+async fn admitted(
+    app: &AppState,
+    t: &str,
+    headers: &HeaderMap,
+    who: &mut Option<String>,
+) -> Result<(Kind, Grant), ApiError> {
     let ty = config_type(t)?;
-    let grant = app.allow(Access::Configure { resource_type: ty.name() }, headers).await?;
+    let grant = app.allow_as(Access::Configure { resource_type: ty.name() }, headers, who).await?;
     Ok((ty, grant))
 }
 
-/// Records a change (or a refused one) in the audit trail.
+/// Records a change (or a refused one) in the audit trail. `who` is the caller once
+/// identified; otherwise only a name the request claims (never its credentials).
 async fn audited(
     app: &AppState,
     kind: AuditKind,
-    t: &str,
-    id: &str,
+    (t, id): (&str, &str),
     headers: &HeaderMap,
-    result: Result<(Response, Option<String>), ApiError>,
+    who: Option<String>,
+    result: Result<Response, ApiError>,
 ) -> Result<Response, ApiError> {
     if app.inner.audit.enabled() {
-        // Who asked, when refused before the grant was known: only a name the request
-        // claims, never its credentials.
-        let event = match &result {
-            Ok((_, who)) => Event::new(kind, who.as_deref()),
-            Err(e) => Event::new(kind, claimed(headers).as_deref())
-                .refused(e.status().as_u16())
-                .detail(e.message().to_string()),
-        };
-        app.inner.audit.record(event.reference(format!("{t}/{id}"))).await;
+        let who = who.or_else(|| claimed(headers));
+        let mut event = Event::new(kind, who.as_deref()).reference(format!("{t}/{id}"));
+        if let Err(e) = &result {
+            event = event.refused(e.status().as_u16()).detail(e.message().to_string());
+        }
+        app.inner.audit.record(event).await;
     }
-    result.map(|(res, _)| res)
+    result
 }
 
 /// The user name of HTTP Basic credentials, if any (never the password).
@@ -109,17 +112,18 @@ pub async fn put(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let mut who = None;
     let result = async {
-        let (ty, grant) = admitted(&app, &t, &headers).await?;
+        let (ty, _) = admitted(&app, &t, &headers, &mut who).await?;
         let value = ty.validate(&id, &body).map_err(|issues| ApiError::new(StatusCode::BAD_REQUEST, issues))?;
         let created =
             app.inner.store.config_put(ty.name(), &id, &value.to_string()).await.map_err(ApiError::internal)?;
         tracing::info!(resource = %format!("{}/{id}", ty.name()), created, "configuration resource saved");
         let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-        Ok((fhir_json(status, &ty.redact(value)), grant.client))
+        Ok(fhir_json(status, &ty.redact(value)))
     }
     .await;
-    audited(&app, AuditKind::ConfigPut, &t, &id, &headers, result).await
+    audited(&app, AuditKind::ConfigPut, (&t, &id), &headers, who, result).await
 }
 
 /// `GET /<Type>/<id>`: the resource minus its secrets.
@@ -128,7 +132,7 @@ pub async fn get(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (ty, _) = admitted(&app, &t, &headers).await?;
+    let (ty, _) = admitted(&app, &t, &headers, &mut None).await?;
     let json = app.inner.store.config_get(ty.name(), &id).await.map_err(ApiError::internal)?;
     let json = json.ok_or_else(|| ApiError::not_found(format!("{}/{id} does not exist", ty.name())))?;
     let value: serde_json::Value = serde_json::from_str(&json).map_err(ApiError::internal)?;
@@ -141,14 +145,15 @@ pub async fn delete(
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let mut who = None;
     let result = async {
-        let (ty, grant) = admitted(&app, &t, &headers).await?;
+        let (ty, _) = admitted(&app, &t, &headers, &mut who).await?;
         if !app.inner.store.config_delete(ty.name(), &id).await.map_err(ApiError::internal)? {
             return Err(ApiError::not_found(format!("{}/{id} does not exist", ty.name())));
         }
         tracing::info!(resource = %format!("{}/{id}", ty.name()), "configuration resource deleted");
-        Ok((StatusCode::NO_CONTENT.into_response(), grant.client))
+        Ok(StatusCode::NO_CONTENT.into_response())
     }
     .await;
-    audited(&app, AuditKind::ConfigDelete, &t, &id, &headers, result).await
+    audited(&app, AuditKind::ConfigDelete, (&t, &id), &headers, who, result).await
 }

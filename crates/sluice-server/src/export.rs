@@ -91,8 +91,7 @@ async fn start(
     who: &mut Option<String>,
 ) -> Result<(Response, String), ApiError> {
     let KickoffParts { method, uri, headers, body } = parts;
-    let grant = app.allow(Access::Kickoff { level: &level }, &headers).await?;
-    who.clone_from(&grant.client);
+    let grant = app.allow_as(Access::Kickoff { level: &level }, &headers, who).await?;
     // Storage first, as Aidbox does: a misconfigured server says so whatever the request.
     let (_, storage) = app.inner.engine.storage_for_new_export().await.map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Issue::fatal(IssueCode::Exception, e.to_string()))
@@ -297,6 +296,11 @@ async fn export_status(
 ) -> Result<Response, ApiError> {
     let polls = &app.inner.polls;
     let mut job = app.inner.store.get(id).await.map_err(ApiError::internal)?;
+    // Another client's export is answered as if it did not exist (ids leak nothing), at
+    // once: not after the settle wait below, whose delay would tell it exists.
+    if job.as_ref().is_some_and(|j| !grant.owns(j.owner.as_deref())) {
+        job = None;
+    }
     if let Some(j) = &job
         && settles(j, page)
     {

@@ -52,8 +52,7 @@ async fn serve(
     let gone = || ApiError::not_found(format!("no export file {key}"));
     if app.inner.token_downloads {
         let id = export_of(key).ok_or_else(gone)?;
-        let grant = app.allow(Access::Download { export_id: id }, headers).await?;
-        who.clone_from(&grant.client);
+        let grant = app.allow_as(Access::Download { export_id: id }, headers, who).await?;
         let job = app.inner.store.get(id).await.map_err(ApiError::internal)?;
         let job =
             job.filter(|j| j.status != JobStatus::Cancelled && grant.owns(j.owner.as_deref())).ok_or_else(gone)?;

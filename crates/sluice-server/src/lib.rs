@@ -212,7 +212,27 @@ struct Inner {
 impl AppState {
     /// Asks the host's [`Authorize`] whether the request may do `access`.
     async fn allow(&self, access: Access<'_>, headers: &axum::http::HeaderMap) -> Result<Grant, outcome::ApiError> {
-        self.inner.authorize.authorize(&access, headers).await.map_err(outcome::ApiError::from)
+        self.allow_as(access, headers, &mut None).await
+    }
+
+    /// [`AppState::allow`], setting `who` to the caller once known (granted, or refused
+    /// though identified): the audit trail names it either way.
+    async fn allow_as(
+        &self,
+        access: Access<'_>,
+        headers: &axum::http::HeaderMap,
+        who: &mut Option<String>,
+    ) -> Result<Grant, outcome::ApiError> {
+        match self.inner.authorize.authorize(&access, headers).await {
+            Ok(grant) => {
+                who.clone_from(&grant.client);
+                Ok(grant)
+            }
+            Err(denied) => {
+                who.clone_from(&denied.client);
+                Err(denied.into())
+            }
+        }
     }
 
     /// [`AppState::allow`], then that `interaction` on `resource_type` is in the grant.

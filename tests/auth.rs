@@ -651,6 +651,20 @@ fn discovery_and_root_client() {
         &since,
         &[ROOT_SECRET, AWS_SECRET, &wannabe, &svc_token, &basic("root", ROOT_SECRET)[6..]],
     );
+    // `date` as FHIR search has it: a bare date is that whole day (UTC), prefixes bound it.
+    let today = &since[..10];
+    let total = |params: &[(&str, &str)]| {
+        let r = send_as("GET", &with_query(&format!("{}/AuditEvent", srv.url), params), &root(), None);
+        assert_eq!(r.status, 200, "{params:?}: {}", r.text());
+        r.json()["total"].as_u64().expect("total")
+    };
+    let all = total(&[("date", today), ("_count", "1000")]);
+    assert!(all as usize >= events.len(), "date={today} holds every event of today");
+    assert_eq!(total(&[("date", &format!("lt{today}"))]), 0, "nothing before today");
+    assert_eq!(total(&[("date", &format!("le{today}")), ("_count", "1000")]), all, "le a date is its end");
+    assert_eq!(total(&[("date", &format!("gt{today}"))]), 0, "gt a date is after its end");
+    assert_eq!(total(&[("date", &format!("ge{since}")), ("date", &format!("lt{since}"))]), 0);
+    assert_outcome(&send_as("GET", &format!("{}/AuditEvent?date=sa{today}", srv.url), &root(), None), 400, &["sa"]);
     srv.assert_alive();
 
     // Without a root secret, configuration is closed to everyone.

@@ -74,14 +74,18 @@ pub async fn audit_events(
                     ("eq", &*v)
                 };
                 let t = parse_date(when)?;
+                // A bare date is that whole day (UTC); an instant is that moment (the
+                // stores keep microseconds).
+                let span = if when.len() == 10 { time::Duration::days(1) } else { time::Duration::microseconds(1) };
                 match prefix {
+                    "eq" => (q.since, q.before) = (Some(t), Some(t + span)),
                     "ge" => q.since = Some(t),
-                    "gt" => q.since = Some(t + time::Duration::nanoseconds(1)),
+                    "gt" => q.since = Some(t + span),
                     "lt" => q.before = Some(t),
-                    "le" => q.before = Some(t + time::Duration::nanoseconds(1)),
+                    "le" => q.before = Some(t + span),
                     _ => {
                         return Err(ApiError::bad_request(format!(
-                            "date supports the prefixes ge, gt, lt and le, not '{prefix}'"
+                            "date supports the prefixes eq, ge, gt, lt and le, not '{prefix}'"
                         )));
                     }
                 }

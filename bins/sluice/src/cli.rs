@@ -23,6 +23,17 @@ use std::time::{Duration, Instant};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: text, or json (one object per line; lines about an export
+    /// carry its export_id).
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+impl Cli {
+    /// Whether logs are JSON lines.
+    pub fn json_logs(&self) -> bool {
+        self.log_format == "json"
+    }
 }
 
 #[derive(Debug, Subcommand)]

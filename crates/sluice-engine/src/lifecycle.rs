@@ -91,7 +91,7 @@ impl Engine {
             if self.running.lock().expect("running map").contains_key(&job.id) {
                 continue; // ours, and alive
             }
-            tracing::info!(job = %job.id, status = job.status.as_str(), "taking over an interrupted export");
+            tracing::info!(export_id = %job.id, status = job.status.as_str(), "taking over an interrupted export");
             self.spawn(job);
             n += 1;
         }
@@ -151,10 +151,10 @@ impl Engine {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = deleted {
-                    tracing::warn!(job = %id, error = %e, "deleting the files of a deleted export failed");
+                    tracing::warn!(export_id = %id, error = %e, "deleting the files of a deleted export failed");
                 }
             }
-            tracing::info!(job = %id, was = was.as_str(), "export cancelled");
+            tracing::info!(export_id = %id, was = was.as_str(), "export cancelled");
             return Ok(());
         }
     }
@@ -173,12 +173,15 @@ impl Engine {
         let (done_tx, done) = tokio::sync::watch::channel(false);
         self.running.lock().expect("running map").insert(job.id.clone(), Running { token: token.clone(), done });
         let engine = self.clone();
-        tokio::spawn(async move {
+        // Every line the run logs carries the export's id (the span's field).
+        let span = tracing::info_span!("export", export_id = %job.id);
+        let run = async move {
             let id = job.id.clone();
             engine.run(job, token).await;
             engine.running.lock().expect("running map").remove(&id);
             let _ = done_tx.send(true);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(run, span));
     }
 
     /// Runs `job` to its end: renews its lease meanwhile; on failure or cancellation deletes
@@ -201,21 +204,21 @@ impl Engine {
                 if let Some(storage) = storage
                     && let Err(e) = storage.delete_prefix(&prefix).await
                 {
-                    tracing::warn!(job = %id, error = %e, "cleaning up a {what} export failed");
+                    tracing::warn!(export_id = %id, error = %e, "cleaning up a {what} export failed");
                 }
             }
         };
         match result {
             Ok(()) => {
                 let (done, _) = job.totals();
-                tracing::info!(job = %job.id, resources = done, files = job.output.len(), elapsed_ms = started.elapsed().as_millis() as u64, "export completed");
+                tracing::info!(export_id = %job.id, resources = done, files = job.output.len(), elapsed_ms = started.elapsed().as_millis() as u64, "export completed");
                 if let Some(o) = &self.observer {
                     o.finished(&job).await;
                 }
             }
             Err(RunError::Cancelled) => cleanup("cancelled").await,
             Err(RunError::Failed(issue)) => {
-                tracing::error!(job = %job.id, error = %issue.diagnostics, "export failed");
+                tracing::error!(export_id = %job.id, error = %issue.diagnostics, "export failed");
                 cleanup("failed").await;
                 let saved = match job.transition(JobStatus::Failed) {
                     Ok(()) => {
@@ -233,7 +236,7 @@ impl Engine {
                             o.finished(&job).await;
                         }
                     }
-                    Err(e) => tracing::error!(job = %job.id, error = %e, "recording the failure failed"),
+                    Err(e) => tracing::error!(export_id = %job.id, error = %e, "recording the failure failed"),
                 }
             }
         }
@@ -254,7 +257,7 @@ impl Engine {
                         token.cancel();
                         return;
                     }
-                    Err(e) => tracing::warn!(job = %id, error = %e, "renewing the export's lease failed"),
+                    Err(e) => tracing::warn!(export_id = %id, error = %e, "renewing the export's lease failed"),
                 }
             }
         })
@@ -308,7 +311,7 @@ impl Engine {
                 s
             }
         };
-        tracing::debug!(job = %job.id, ms = phase.elapsed().as_millis() as u64, "snapshot taken");
+        tracing::debug!(export_id = %job.id, ms = phase.elapsed().as_millis() as u64, "snapshot taken");
         let result = self.export_snapshot(job, token, &snapshot, from, storage).await;
         self.store.release(&snapshot).await;
         result

@@ -137,7 +137,7 @@ impl Engine {
     ) -> Result<Vec<PlannedPart>, RunError> {
         let phase = std::time::Instant::now();
         let reads = self.count_reads(job, snapshot).await?;
-        tracing::debug!(job = %job.id, ms = phase.elapsed().as_millis() as u64, "filters and counts");
+        tracing::debug!(export_id = %job.id, ms = phase.elapsed().as_millis() as u64, "filters and counts");
         let types = job.plan.resolve_types(reads.counts.keys().map(String::as_str));
         // One part per type, or one per id range of a large type (every source of the type
         // restricted to the range); the deletions of every type go into one `Bundle` part.
@@ -220,7 +220,7 @@ impl Engine {
                 size: count,
             }]);
         }
-        tracing::debug!(job = %job.id, resource_type = %t, ranges = ranges.len(), "reading a type in id ranges");
+        tracing::debug!(export_id = %job.id, resource_type = %t, ranges = ranges.len(), "reading a type in id ranges");
         let size = count / ranges.len() as u64;
         Ok(ranges
             .into_iter()

@@ -143,6 +143,7 @@ async fn start(
     if separate {
         h.insert("preference-applied", HeaderValue::from_static("respond-async, separate-export-status"));
     }
+    res.extensions_mut().insert(crate::ExportOfResponse(job.id.clone()));
     Ok((res, job.id))
 }
 

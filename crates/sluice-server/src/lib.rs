@@ -31,6 +31,7 @@ mod auth;
 mod config;
 mod export;
 mod files;
+mod health;
 mod metadata;
 mod outcome;
 mod rest;
@@ -163,6 +164,8 @@ impl Api {
             }),
         };
         Router::new()
+            .route("/healthz", get(health::healthz))
+            .route("/readyz", get(health::readyz))
             .route("/fhir/metadata", get(metadata::capability_statement))
             .route("/fhir/.well-known/smart-configuration", get(auth::smart_configuration))
             .route("/auth/token", post(auth::token))
@@ -275,11 +278,31 @@ fn permitted(
     Ok(())
 }
 
-/// Logs method, path (never the query: it can hold signatures), status and time.
+/// Logs method, path (never the query: it can hold signatures), status and time, and the
+/// export's id when the path names one (status, cancel, files).
 async fn access_log(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let started = std::time::Instant::now();
     let res = next.run(req).await;
-    tracing::info!(%method, %path, status = res.status().as_u16(), ms = started.elapsed().as_millis() as u64, "request");
+    let (status, ms) = (res.status().as_u16(), started.elapsed().as_millis() as u64);
+    let named = res.extensions().get::<ExportOfResponse>().map(|e| e.0.as_str());
+    match named.or_else(|| export_in_path(&path)) {
+        Some(export_id) => tracing::info!(%method, %path, status, ms, export_id, "request"),
+        None => tracing::info!(%method, %path, status, ms, "request"),
+    }
     res
+}
+
+/// The export a response concerns when its path does not say (a kick-off's new export),
+/// for the access log.
+#[derive(Clone)]
+struct ExportOfResponse(String);
+
+/// The export a request path names: `.../$export-status/<id>` or `.../files/<folder>_<id>/...`.
+fn export_in_path(path: &str) -> Option<&str> {
+    if let Some((_, rest)) = path.rsplit_once("/$export-status/") {
+        return Some(rest).filter(|id| !id.is_empty() && !id.contains('/'));
+    }
+    let (_, rest) = path.split_once("/files/")?;
+    rest.split('/').next()?.rsplit_once('_').map(|(_, id)| id)
 }

@@ -184,6 +184,52 @@ fn export_survives_a_killed_server() {
     assert_eq!(files_ending_with(&exports, ".partial"), Vec::<String>::new(), "half-written files left behind");
 }
 
+/// SIGTERM hands a running export over (issue 13): the stopping server stops its run
+/// without deleting what it wrote, releases the lease and exits cleanly, so a peer sharing
+/// the store takes the export over long before the lease runs out, and the export completes
+/// exactly. The takeover time is printed.
+#[test]
+fn sigterm_hands_the_export_over_to_a_peer() {
+    // A lease far longer than the test: only a released lease is taken over in time.
+    let lease = ["--job-lease-ms", "120000"];
+    let srv = Server::loaded(&[THROTTLED, &lease].concat());
+    let peer = Server::beside(&srv, &[&lease[..], &["--log-format", "json"]].concat());
+    let url = srv.fhir("/$export");
+    let status = kickoff(&srv, &url);
+    let (done, total) = wait_for_progress(&status);
+    assert!(done < total, "the throttled export finished too early ({done}/{total}) to test anything");
+
+    let sent = std::time::SystemTime::now();
+    let (exit, dir) = srv.terminate();
+    assert!(exit.success(), "the server stopped by SIGTERM exits cleanly: {exit}");
+    let on_peer = status.replacen(&url[..url.len() - "/fhir/$export".len()], &peer.url, 1);
+    let m = complete_manifest(&poll_until_done(&on_peer), &url);
+    let expected = reference().all();
+    assert_eq!(manifest_counts(&m), counts(&expected), "counts after the handover");
+    check_export(&m, &expected);
+    let exports = dir.path().join("exports");
+    assert_eq!(std::fs::read_dir(&exports).unwrap().count(), 1, "one export folder in {}", exports.display());
+    assert_eq!(files_ending_with(&exports, ".partial"), Vec::<String>::new(), "half-written files left behind");
+
+    // When the peer took it over, from its log.
+    let log = std::fs::read_to_string(dir.path().join("peer.log")).expect("the peer's log");
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "taking over an interrupted export")
+        .unwrap_or_else(|| panic!("the peer never took the export over:\n{log}"));
+    let at = time::OffsetDateTime::parse(
+        line["timestamp"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("a timestamp");
+    let took = (at - time::OffsetDateTime::from(sent)).as_seconds_f64();
+    eprintln!("handover: the peer took the export over {took:.2} s after SIGTERM (lease {} ms)", lease[1]);
+    assert!(took < 120.0, "taken over only when the lease ran out: the lease was not released");
+    drop(peer);
+    drop(dir);
+}
+
 /// An export reads one snapshot: writes made while it runs are not in it, and the next
 /// export `_since` its `transactionTime` has exactly them (chained syncs lose nothing).
 #[test]

@@ -372,6 +372,16 @@ impl Server {
         self.tmp.take().expect("the server owns its data dir")
     }
 
+    /// Sends SIGTERM (a clean shutdown), waits for the process to exit and hands back its
+    /// exit status and data dir.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, TempDir) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("running kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let status = self.child.wait().expect("waiting for the server to exit");
+        (status, self.tmp.take().expect("the server owns its data dir"))
+    }
+
     /// Asserts the server is still running and answering.
     pub fn assert_alive(&mut self) {
         assert!(self.child.try_wait().expect("checking the server process").is_none(), "the server exited");

@@ -104,6 +104,10 @@ struct ServeArgs {
     cloud: CloudArgs,
     #[command(flatten)]
     auth: AuthArgs,
+    /// Seconds running requests (downloads) may take to finish after SIGTERM or Ctrl-C
+    /// before the server stops anyway. Running exports are handed over at once.
+    #[arg(long, env = "SLUICE_SHUTDOWN_GRACE", default_value_t = 30)]
+    shutdown_grace: u64,
     /// Milliseconds after which an export whose server stopped renewing it is taken over.
     #[arg(long, env = "SLUICE_JOB_LEASE_MS", default_value_t = 10_000, hide = true)]
     job_lease_ms: u64,
@@ -300,6 +304,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     }
     // Finishes exports whose server died (this one before a restart, or a peer).
     engine.spawn_recovery();
+    let handover = engine.clone();
     let mut api = Api::new(engine, store.clone(), base_url.clone())
         .local_files(local)
         .signed_url_ttl(Duration::from_secs(args.signed_url_ttl))
@@ -326,7 +331,26 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         let mut out = std::io::stdout();
         let _ = writeln!(out, "sluice listening on {base_url}").and_then(|()| out.flush());
     }
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    // On SIGTERM (or Ctrl-C): hand running exports over to the servers sharing the store,
+    // stop accepting connections, and give running requests (downloads) the grace period.
+    let signaled = Arc::new(tokio::sync::Notify::new());
+    let on_signal = {
+        let signaled = signaled.clone();
+        async move {
+            shutdown_signal().await;
+            signaled.notify_one();
+            let handed = handover.shut_down().await;
+            tracing::info!(handed_over = handed, "no new kick-offs; finishing running requests");
+        }
+    };
+    let grace = Duration::from_secs(args.shutdown_grace);
+    let serve = axum::serve(listener, app).with_graceful_shutdown(on_signal);
+    tokio::select! {
+        served = serve => served?,
+        () = async { signaled.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(grace_s = grace.as_secs(), "requests still running after the grace period; stopping anyway");
+        }
+    }
     Ok(())
 }
 

@@ -105,6 +105,9 @@ pub enum KickoffError {
     /// The store failed (500).
     #[error("{0}")]
     Internal(String),
+    /// This server is shutting down (503): another server sharing the store can take it.
+    #[error("this server is shutting down")]
+    ShuttingDown,
 }
 
 /// Why a cancel or delete was refused.
@@ -151,6 +154,9 @@ impl From<JobError> for RunError {
 struct Running {
     /// Cancels the run.
     token: CancellationToken,
+    /// Set before `token` is cancelled when the server hands the export over to a peer
+    /// (shutting down): the run then stops without deleting what it wrote.
+    handover: Arc<std::sync::atomic::AtomicBool>,
     /// Becomes `true` when the run has stopped (and deleted its files, if it did not complete).
     done: tokio::sync::watch::Receiver<bool>,
 }
@@ -172,12 +178,14 @@ pub struct Engine {
     config: EngineConfig,
     running: Arc<Mutex<HashMap<String, Running>>>,
     observer: Option<Arc<dyn sluice_jobs::JobObserver>>,
+    /// Set by [`Engine::shut_down`]: no new kick-off, no takeover.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Engine {
     /// An engine over a store, writing where `storages` says.
     pub fn new(store: Arc<dyn ExportStore>, storages: Arc<dyn StorageSource>, config: EngineConfig) -> Self {
-        Engine { store, storages, config, running: Default::default(), observer: None }
+        Engine { store, storages, config, running: Default::default(), observer: None, draining: Default::default() }
     }
 
     /// Tells `observer` of every export this engine finishes (the audit trail).

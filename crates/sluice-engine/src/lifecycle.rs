@@ -11,6 +11,7 @@ use sluice_planner::{ExportPlan, Level};
 use sluice_storage::Storage;
 use sluice_store::{ReadResult, Snapshot};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,45 @@ impl Engine {
         self.kickoff_as(plan, request_url, storage, None).await
     }
 
+    /// Whether [`Engine::shut_down`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Hands this server's exports over before it stops (SIGTERM): refuses new kick-offs
+    /// ([`KickoffError::ShuttingDown`]) and takeovers, stops each running export without
+    /// deleting its files, and releases its lease ([`JobRepo::release_lease`]), so a server
+    /// sharing the store takes it over at its next look (at most a second) instead of
+    /// after the lease. Returns how many exports were handed over.
+    pub async fn shut_down(&self) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        let running: Vec<(String, tokio::sync::watch::Receiver<bool>)> = {
+            let map = self.running.lock().expect("running map");
+            map.iter()
+                .map(|(id, r)| {
+                    r.handover.store(true, Ordering::SeqCst);
+                    r.token.cancel();
+                    (id.clone(), r.done.clone())
+                })
+                .collect()
+        };
+        let mut handed = 0;
+        for (id, mut done) in running {
+            let _ = tokio::time::timeout(CANCEL_WAIT, done.wait_for(|d| *d)).await;
+            match self.store.release_lease(&id).await {
+                Ok(true) => {
+                    tracing::info!(export_id = %id, "export handed over: its lease is released for another server");
+                    handed += 1;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(export_id = %id, error = %e, "releasing the export's lease failed; another server takes it over when the lease runs out")
+                }
+            }
+        }
+        handed
+    }
+
     /// [`Engine::kickoff`] on behalf of `owner` (the client that asked, D22), recorded on
     /// the job so that only it sees the export.
     pub async fn kickoff_as(
@@ -39,6 +79,9 @@ impl Engine {
         storage: sluice_storage::StorageTarget,
         owner: Option<String>,
     ) -> Result<JobRecord, KickoffError> {
+        if self.is_draining() {
+            return Err(KickoffError::ShuttingDown);
+        }
         let internal = |e: &dyn std::fmt::Display| KickoffError::Internal(e.to_string());
         if let Level::Group(id) = &plan.level {
             match self.store.read("Group", id).await.map_err(|e| internal(&e))? {
@@ -85,6 +128,9 @@ impl Engine {
     /// again; returns how many. A job that had a snapshot is rerun on the same snapshot when
     /// the store can still read it, so its result is what it would have been.
     pub async fn resume_unfinished(&self) -> Result<usize, JobError> {
+        if self.is_draining() {
+            return Ok(0); // handing exports over, not taking them
+        }
         let jobs = self.store.claim_stale(self.config.lease).await?;
         let mut n = 0;
         for job in jobs {
@@ -103,7 +149,10 @@ impl Engine {
     pub fn spawn_recovery(&self) -> tokio::task::JoinHandle<()> {
         let engine = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval((engine.config.lease / 2).max(Duration::from_millis(100)));
+            // Every half lease, and at least every second: a lease released by a server
+            // shutting down is taken over at once.
+            let every = (engine.config.lease / 2).min(Duration::from_secs(1)).max(Duration::from_millis(100));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 if let Err(e) = engine.resume_unfinished().await {
@@ -171,13 +220,15 @@ impl Engine {
     fn spawn(&self, job: JobRecord) {
         let token = CancellationToken::new();
         let (done_tx, done) = tokio::sync::watch::channel(false);
-        self.running.lock().expect("running map").insert(job.id.clone(), Running { token: token.clone(), done });
+        let handover = Arc::new(AtomicBool::new(false));
+        let running = Running { token: token.clone(), handover: handover.clone(), done };
+        self.running.lock().expect("running map").insert(job.id.clone(), running);
         let engine = self.clone();
         // Every line the run logs carries the export's id (the span's field).
         let span = tracing::info_span!("export", export_id = %job.id);
         let run = async move {
             let id = job.id.clone();
-            engine.run(job, token).await;
+            engine.run(job, token, &handover).await;
             engine.running.lock().expect("running map").remove(&id);
             let _ = done_tx.send(true);
         };
@@ -186,7 +237,7 @@ impl Engine {
 
     /// Runs `job` to its end: renews its lease meanwhile; on failure or cancellation deletes
     /// what it wrote, and records a failure.
-    async fn run(&self, mut job: JobRecord, token: CancellationToken) {
+    async fn run(&self, mut job: JobRecord, token: CancellationToken, handover: &AtomicBool) {
         let prefix = format!("{}/", job.folder);
         let started = std::time::Instant::now();
         let heartbeat = self.heartbeat(job.id.clone(), token.clone());
@@ -215,6 +266,11 @@ impl Engine {
                 if let Some(o) = &self.observer {
                     o.finished(&job).await;
                 }
+            }
+            // Handed over (shutting down): what was written stays, as after a crash; the
+            // server that takes the export over reruns it.
+            Err(RunError::Cancelled) if handover.load(Ordering::SeqCst) => {
+                tracing::info!(export_id = %job.id, "export stopped for a handover")
             }
             Err(RunError::Cancelled) => cleanup("cancelled").await,
             Err(RunError::Failed(issue)) => {

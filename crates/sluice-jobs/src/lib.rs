@@ -301,6 +301,10 @@ pub trait JobRepo: Send + Sync {
     /// Renews the lease of an active job (its runner is alive). False when the job is no
     /// longer active (cancelled or finished, possibly by another server).
     async fn touch(&self, id: &str) -> Result<bool, JobError>;
+    /// Gives up the lease of active job `id` (its server is shutting down and has stopped
+    /// running it): the next [`JobRepo::claim_stale`] of any server takes it, without
+    /// waiting for the lease to run out. False when the job is not active.
+    async fn release_lease(&self, id: &str) -> Result<bool, JobError>;
     /// Claims the active jobs whose lease is older than `lease` (their runner died): renews
     /// their lease and returns them. Each stale job is claimed by exactly one caller.
     async fn claim_stale(&self, lease: std::time::Duration) -> Result<Vec<JobRecord>, JobError>;

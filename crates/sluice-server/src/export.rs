@@ -130,6 +130,14 @@ async fn start(
         .retry_after(BUSY_SECONDS),
         KickoffError::NotFound(issue) => ApiError::new(StatusCode::NOT_FOUND, issue),
         KickoffError::Internal(msg) => ApiError::internal(msg),
+        KickoffError::ShuttingDown => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Issue::error(
+                IssueCode::Transient,
+                "this server is shutting down; retry the kick-off (another server sharing the database will take it)",
+            ),
+        )
+        .retry_after(BUSY_SECONDS),
     })?;
     let mut location = format!("{}/fhir/$export-status/{}", app.inner.base_url, job.id);
     if separate {

@@ -16,7 +16,7 @@ fn job(id: &str) -> JobRecord {
 
 /// At most one job is active: inserting another fails with `Busy` until the active one
 /// finishes. Saves are compare-and-set on the stored status and replace the whole record;
-/// leases are renewed by `touch` and by `claim_stale`, which takes only jobs whose lease ran
+/// leases are renewed by `touch` and by `claim_stale` and given up by `release_lease`; `claim_stale` takes only jobs whose lease ran
 /// out.
 pub async fn one_active_job_and_compare_and_set<S: Store>(store: S) {
     let s = Arc::new(store);
@@ -33,6 +33,12 @@ pub async fn one_active_job_and_compare_and_set<S: Store>(store: S) {
     assert!(s.claim_stale(Duration::from_secs(10)).await.unwrap().is_empty(), "claiming renews the lease");
     assert!(s.touch("a").await.unwrap());
     assert!(!s.touch("zz").await.unwrap(), "no such job");
+    // A released lease (the server is shutting down) is taken at once, whatever the lease.
+    assert!(s.release_lease("a").await.unwrap());
+    let claimed = s.claim_stale(Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(claimed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["a"], "a released lease is stale");
+    assert!(s.claim_stale(Duration::from_secs(10)).await.unwrap().is_empty(), "and claimed once");
+    assert!(!s.release_lease("zz").await.unwrap(), "no such job");
 
     a.status = InProgress;
     a.attempts = 1;
@@ -47,6 +53,7 @@ pub async fn one_active_job_and_compare_and_set<S: Store>(store: S) {
     assert!(s.save_if(&a, &[Accepted, InProgress]).await.unwrap(), "any of the expected statuses");
     assert_eq!(s.active().await.unwrap(), None, "a cancelled job frees the slot at once");
     assert!(!s.touch("a").await.unwrap(), "a cancelled job's runner learns it from its lease");
+    assert!(!s.release_lease("a").await.unwrap(), "only an active job's lease is released");
     assert!(s.claim_stale(Duration::ZERO).await.unwrap().is_empty(), "only active jobs are claimed");
     assert!(s.unfinished().await.unwrap().is_empty());
     let mut b = job("b");

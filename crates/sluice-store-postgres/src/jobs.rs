@@ -88,6 +88,15 @@ impl JobRepo for PgStore {
         Ok(n == 1)
     }
 
+    async fn release_lease(&self, id: &str) -> Result<bool, JobError> {
+        let client = self.job_client().await?;
+        let n = client
+            .execute("UPDATE sluice_job SET updated_at = 'epoch' WHERE id = $1 AND active", &[&id])
+            .await
+            .map_err(pg)?;
+        Ok(n == 1)
+    }
+
     async fn claim_stale(&self, lease: std::time::Duration) -> Result<Vec<JobRecord>, JobError> {
         let client = self.job_client().await?;
         let secs = lease.as_secs_f64();

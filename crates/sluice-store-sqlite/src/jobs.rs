@@ -118,6 +118,16 @@ impl JobRepo for SqliteStore {
         .await
     }
 
+    async fn release_lease(&self, id: &str) -> Result<bool, JobError> {
+        let id = id.to_string();
+        self.jobs_call(move |c| {
+            let n =
+                c.execute("UPDATE jobs SET updated_at = 0 WHERE id = ?1 AND active = 1", params![id]).map_err(err)?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn claim_stale(&self, lease: std::time::Duration) -> Result<Vec<JobRecord>, JobError> {
         self.jobs_call(move |c| {
             let now = now_ms();

@@ -56,7 +56,7 @@ async fn serve(
         let job = app.inner.store.get(id).await.map_err(ApiError::internal)?;
         let job =
             job.filter(|j| j.status != JobStatus::Cancelled && grant.owns(j.owner.as_deref())).ok_or_else(gone)?;
-        if !job.storage.is_default() {
+        if !job.storage.is_default() || !key.starts_with(&format!("{}/", job.folder)) {
             return Err(gone());
         }
         let opened = local.open(key).await.map_err(|_| gone())?;

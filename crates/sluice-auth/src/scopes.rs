@@ -23,6 +23,11 @@ impl Interaction {
     const ALL: [Interaction; 5] =
         [Interaction::Create, Interaction::Read, Interaction::Update, Interaction::Delete, Interaction::Search];
 
+    /// Its letter in SMART v2 scopes (`c`, `r`, `u`, `d` or `s`).
+    pub fn letter(self) -> char {
+        char::from(b"cruds"[self as usize])
+    }
+
     fn bit(self) -> u8 {
         1 << self as u8
     }

@@ -65,6 +65,13 @@ struct Inner {
     audit: Auditor,
 }
 
+/// 401 asking for the root client's Basic credentials (the challenge names Bearer too).
+fn root_required(message: &str) -> Denied {
+    let mut d = Denied::unauthorized(message);
+    d.challenge = Some("Basic realm=\"sluice\", Bearer".into());
+    d
+}
+
 fn digest(s: &[u8]) -> [u8; 32] {
     Sha256::digest(s).into()
 }
@@ -158,9 +165,7 @@ impl Smart {
         if digest(&given) == *expected {
             Ok(Grant::root())
         } else {
-            let mut d = Denied::unauthorized("the root client's credentials are wrong");
-            d.challenge = Some("Basic realm=\"sluice\", Bearer".into());
-            Err(d)
+            Err(root_required("the root client's credentials are wrong"))
         }
     }
 
@@ -204,11 +209,7 @@ impl Authorize for Smart {
                     )
                     .of(g.client)),
                     None => {
-                        let mut d = Denied::unauthorized(
-                            "this needs the root client: HTTP Basic root:<BOX_ROOT_CLIENT_SECRET>",
-                        );
-                        d.challenge = Some("Basic realm=\"sluice\", Bearer".into());
-                        Err(d)
+                        Err(root_required("this needs the root client: HTTP Basic root:<BOX_ROOT_CLIENT_SECRET>"))
                     }
                 }
             }

@@ -257,12 +257,13 @@ async fn check_assertion(
     if !ASSERTION_ALGORITHMS.contains(&header.alg) {
         return Err(fail(format!("client_assertion is signed with {:?}; use RS384 or ES384", header.alg)));
     }
-    let json = match sluice_fhir::valid_id(&id) {
-        true => store
+    let json = if sluice_fhir::valid_id(&id) {
+        store
             .config_get(client::CLIENT_TYPE, &id)
             .await
-            .map_err(|e| OAuthError::new(500, "server_error", format!("reading the client failed: {e}")))?,
-        false => None,
+            .map_err(|e| OAuthError::new(500, "server_error", format!("reading the client failed: {e}")))?
+    } else {
+        None
     };
     let value: serde_json::Value = json
         .as_deref()

@@ -11,8 +11,11 @@
 //! ```
 //! Needs `psql` and `pigz` (Debian packages `postgresql-client`, `pigz`).
 
+mod shared;
+
 use clap::Parser;
 use serde_json::{Value, json};
+use shared::{Res, listening_url, sh};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,16 +55,6 @@ fn main() {
         eprintln!("sluice-bench: {e}");
         std::process::exit(1);
     }
-}
-
-type Res<T> = Result<T, String>;
-
-fn sh(cmd: &mut Command) -> Res<String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn psql(url: &str, sql: &str) -> Res<String> {
@@ -107,19 +100,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| e.to_string())?;
-        let stdout = child.stdout.take().expect("piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let url = loop {
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Some(u) = l.strip_prefix("sluice listening on ") {
-                        break u.trim().to_string();
-                    }
-                }
-                _ => return Err("sluice serve did not start".into()),
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        let url = listening_url(&mut child)?;
         Ok(Server { child, url })
     }
 

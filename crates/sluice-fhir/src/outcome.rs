@@ -107,6 +107,16 @@ impl Issue {
         Issue { severity: Severity::Warning, code, diagnostics: diagnostics.into(), expression: None }
     }
 
+    /// An `information` issue with code `informational`.
+    pub fn information(diagnostics: impl Into<String>) -> Self {
+        Issue {
+            severity: Severity::Information,
+            code: IssueCode::Informational,
+            diagnostics: diagnostics.into(),
+            expression: None,
+        }
+    }
+
     /// A `fatal` issue.
     pub fn fatal(code: IssueCode, diagnostics: impl Into<String>) -> Self {
         Issue { severity: Severity::Fatal, code, diagnostics: diagnostics.into(), expression: None }

@@ -155,7 +155,7 @@ async fn start(
     Ok((res, job.id))
 }
 
-/// Limits an export to the types the grant may read (D36): an explicit `_type` outside
+/// Limits an export to the types the grant may read (D37): an explicit `_type` outside
 /// them is refused (403, naming them); without `_type`, the types it may not read are left
 /// out and the manifest's `error` says which (the IG: a server SHALL limit the data
 /// returned to what the client is authorized for).
@@ -191,17 +191,12 @@ fn limit_to_scopes(plan: &mut ExportPlan, grant: &Grant) -> Result<(), ApiError>
                 ))));
             }
             if !withheld.is_empty() {
-                plan.ignored.push(Issue {
-                    severity: sluice_fhir::Severity::Information,
-                    code: IssueCode::Informational,
-                    diagnostics: format!(
-                        "the client's scopes ('{}') do not permit {} resource types, which this export leaves out: {}",
-                        scopes.as_str(),
-                        withheld.len(),
-                        withheld.join(", ")
-                    ),
-                    expression: None,
-                });
+                plan.ignored.push(Issue::information(format!(
+                    "the client's scopes ('{}') do not permit {} resource types, which this export leaves out: {}",
+                    scopes.as_str(),
+                    withheld.len(),
+                    withheld.join(", ")
+                )));
             }
             plan.types = TypeSelection::Only(allowed);
         }

@@ -35,7 +35,7 @@ pub async fn download(
 }
 
 /// The export id in a file key (`<datetime>_<id>/<file>`).
-fn export_of(key: &str) -> Option<&str> {
+pub(crate) fn export_of(key: &str) -> Option<&str> {
     key.split('/').next()?.rsplit_once('_').map(|(_, id)| id)
 }
 

@@ -259,16 +259,7 @@ fn permitted(
     interactions: &[sluice_auth::Interaction],
 ) -> Result<(), outcome::ApiError> {
     if let Some(missing) = interactions.iter().find(|i| !grant.allows(resource_type, **i)) {
-        let scope = format!(
-            "system/{resource_type}.{}",
-            match missing {
-                sluice_auth::Interaction::Create => "c",
-                sluice_auth::Interaction::Read => "r",
-                sluice_auth::Interaction::Update => "u",
-                sluice_auth::Interaction::Delete => "d",
-                sluice_auth::Interaction::Search => "s",
-            }
-        );
+        let scope = format!("system/{resource_type}.{}", missing.letter());
         return Err(Denied::forbidden(format!(
             "the token's scopes ('{}') do not permit this on {resource_type}: it needs {scope} (or the v1 .read/.write)",
             grant.scopes.as_str()
@@ -303,6 +294,5 @@ fn export_in_path(path: &str) -> Option<&str> {
     if let Some((_, rest)) = path.rsplit_once("/$export-status/") {
         return Some(rest).filter(|id| !id.is_empty() && !id.contains('/'));
     }
-    let (_, rest) = path.split_once("/files/")?;
-    rest.split('/').next()?.rsplit_once('_').map(|(_, id)| id)
+    files::export_of(path.split_once("/files/")?.1)
 }

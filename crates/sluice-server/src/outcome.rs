@@ -73,16 +73,7 @@ pub fn fhir_json(status: StatusCode, body: &serde_json::Value) -> Response {
 
 /// An informational OperationOutcome with 200/202.
 pub fn info(status: StatusCode, message: &str) -> Response {
-    fhir_json(
-        status,
-        &OperationOutcome::single(Issue {
-            severity: sluice_fhir::Severity::Information,
-            code: IssueCode::Informational,
-            diagnostics: message.to_string(),
-            expression: None,
-        })
-        .to_json(),
-    )
+    fhir_json(status, &OperationOutcome::single(Issue::information(message)).to_json())
 }
 
 /// Fallback for unknown paths.

@@ -23,11 +23,15 @@
 //! Needs `openssl`. The client threads share the machine with both servers: on a small
 //! machine their CPU use is part of what is measured, equally for both modes.
 
+#[path = "../shared.rs"]
+mod shared;
+
+use base64::Engine as _;
 use clap::Parser;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Read};
+use shared::{Res, listening_url, sh};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -69,16 +73,6 @@ fn main() {
         eprintln!("polls: {e}");
         std::process::exit(1);
     }
-}
-
-type Res<T> = Result<T, String>;
-
-fn sh(cmd: &mut Command) -> Res<String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The release `sluice` binary (local storage only) next to this one, built if needed by the
@@ -138,7 +132,7 @@ impl Server {
         let dir = std::env::temp_dir().join(format!("sluice-polls-{mode}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let mut child = Command::new(bin)
+        let child = Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&dir)
             .args(auth)
@@ -149,21 +143,9 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("{}: {e}", bin.display()))?;
-        let stdout = child.stdout.take().expect("piped");
         // From here on, dropping the server kills it and removes its folder.
         let mut server = Server { child, url: String::new(), dir };
-        let mut lines = BufReader::new(stdout).lines();
-        server.url = loop {
-            match lines.next() {
-                Some(Ok(l)) => {
-                    if let Some(u) = l.strip_prefix("sluice listening on ") {
-                        break u.trim().to_string();
-                    }
-                }
-                _ => return Err(format!("sluice serve ({mode}) did not start")),
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
+        server.url = listening_url(&mut server.child).map_err(|e| format!("{e} ({mode})"))?;
         Ok(server)
     }
 
@@ -194,26 +176,8 @@ fn unix_now() -> u64 {
 /// `n` random bytes as hex.
 fn random_hex(n: usize) -> Res<String> {
     let mut buf = vec![0u8; n];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).map_err(|e| e.to_string())?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Standard base64 with padding (for HTTP Basic).
-fn base64(bytes: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    getrandom::fill(&mut buf).map_err(|e| e.to_string())?;
+    Ok(hex::encode(buf))
 }
 
 /// Registers client `bench` with a new ES384 key on the smart server (as the root client)
@@ -235,7 +199,10 @@ fn bearer_token(agent: &ureq::Agent, base: &str, root_secret: &str) -> Res<Strin
     });
     let mut r = agent
         .put(format!("{base}/Client/bench"))
-        .header("authorization", format!("Basic {}", base64(format!("root:{root_secret}").as_bytes())))
+        .header(
+            "authorization",
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("root:{root_secret}"))),
+        )
         .header("content-type", "application/json")
         .send(client.to_string())
         .map_err(|e| e.to_string())?;

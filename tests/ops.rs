@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::collections::BTreeMap;
 
 /// `GET` a probe: its status and JSON body, never cached.
 fn probe(url: &str) -> (u16, Value) {
@@ -78,4 +79,143 @@ fn json_logs_are_one_object_per_line_with_the_export_id() {
     for l in about(&|l| l.get("span").is_some()) {
         assert_eq!(l["span"]["export_id"], id.as_str(), "{l}");
     }
+}
+
+/// A Prometheus text exposition: the value of each sample, by name and label set.
+struct Scrape {
+    text: String,
+    samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Scrape {
+    fn of(url: &str, headers: &[(&str, &str)]) -> Scrape {
+        let r = send("GET", &format!("{url}/metrics"), headers, None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        let text = r.text();
+        let mut samples = Vec::new();
+        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_string(), BTreeMap::new()),
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                    let labels = body
+                        .split("\",")
+                        .map(|kv| {
+                            let (k, v) = kv.split_once("=\"").unwrap_or_else(|| panic!("bad label: {line}"));
+                            (k.to_string(), v.trim_end_matches('"').to_string())
+                        })
+                        .collect();
+                    (name.to_string(), labels)
+                }
+            };
+            samples.push((name, labels, value));
+        }
+        Scrape { text, samples }
+    }
+
+    /// The sample `name` with exactly `labels`; 0 when absent.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.samples.iter().find(|(n, l, _)| n == name && *l == want).map_or(0.0, |s| s.2)
+    }
+
+    /// Whether `name` is declared with `kind` and has a help line.
+    fn declares(&self, name: &str, kind: &str) -> bool {
+        self.text.contains(&format!("# TYPE {name} {kind}\n")) && self.text.contains(&format!("# HELP {name} "))
+    }
+}
+
+#[test]
+fn metrics_count_what_the_exports_did() {
+    let srv = Server::loaded(&["--throttle-ms", "20", "--batch-bytes", "16384"]);
+    let before = Scrape::of(&srv.url, &[]);
+    for level in ["system", "patient", "group"] {
+        for outcome in ["started", "completed", "failed", "cancelled"] {
+            let name = format!("sluice_exports_{outcome}_total");
+            assert!(before.declares(&name, "counter"), "{name} is not declared:\n{}", before.text);
+            assert_eq!(before.value(&name, &[("level", level)]), 0.0, "{name} {level}");
+        }
+    }
+    assert!(before.value("process_resident_memory_bytes", &[]) > 1e6, "{}", before.text);
+
+    // A system export, polled to its manifest.
+    let url = srv.fhir("/$export?_type=Patient,Condition,Encounter");
+    let status_url = kickoff(&srv, &url);
+    let manifest = complete_manifest(&poll_until_done(&status_url), &url);
+    // A refused kick-off (unknown type) and a poll of an unknown export.
+    let bad = get(&srv.fhir("/$export?_type=NoSuchType"));
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert_eq!(get(&srv.fhir("/$export-status/no-such-export")).status, 404);
+    // A running patient export; a second kick-off meanwhile is refused (busy); then
+    // the running one is cancelled.
+    let running = kickoff(&srv, &srv.fhir("/Patient/$export?_type=Observation"));
+    let busy = get(&srv.fhir("/$export"));
+    assert_eq!(busy.status, 429, "the throttled export ended before the second kick-off: {}", busy.text());
+    assert_eq!(delete(&running).status, 202);
+
+    let after = Scrape::of(&srv.url, &[]);
+    let m = |name: &str, labels: &[(&str, &str)]| after.value(name, labels);
+    assert_eq!(m("sluice_exports_started_total", &[("level", "system")]), 1.0);
+    assert_eq!(m("sluice_exports_completed_total", &[("level", "system")]), 1.0);
+    assert_eq!(m("sluice_exports_failed_total", &[("level", "system")]), 0.0);
+    assert_eq!(m("sluice_exports_started_total", &[("level", "patient")]), 1.0);
+    assert_eq!(m("sluice_exports_cancelled_total", &[("level", "patient")]), 1.0);
+    assert_eq!(m("sluice_exports_completed_total", &[("level", "patient")]), 0.0);
+    assert_eq!(m("sluice_kickoffs_refused_total", &[("reason", "invalid")]), 1.0);
+    assert_eq!(m("sluice_kickoffs_refused_total", &[("reason", "busy")]), 1.0);
+    assert_eq!(m("sluice_status_polls_total", &[("answer", "complete")]), 1.0);
+    assert_eq!(m("sluice_status_polls_total", &[("answer", "not_found")]), 1.0);
+
+    // Resources and bytes per type: what the manifest lists (the cancelled export wrote
+    // only Observations).
+    let mut per_type: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for f in manifest["output"].as_array().expect("output") {
+        let e = per_type.entry(f["type"].as_str().expect("type").to_string()).or_default();
+        e.0 += f["count"].as_f64().expect("count");
+        e.1 += f["extension"]["size"].as_f64().expect("size");
+    }
+    assert_eq!(per_type.len(), 3, "{manifest}");
+    for (t, (count, bytes)) in &per_type {
+        let labels = [("type", t.as_str()), ("provider", "local")];
+        let (got_count, got_bytes) =
+            (m("sluice_export_resources_total", &labels), m("sluice_export_bytes_total", &labels));
+        assert_eq!((got_count, got_bytes), (*count, *bytes), "{t}: resources and bytes");
+    }
+    assert!(after.declares("sluice_export_duration_seconds", "histogram"));
+    assert_eq!(m("sluice_export_duration_seconds_count", &[("level", "system")]), 1.0);
+    assert_eq!(m("sluice_export_duration_seconds_count", &[("level", "patient")]), 0.0);
+    let first_files = m("sluice_export_first_file_seconds_count", &[]);
+    assert!((1.0..=2.0).contains(&first_files), "{first_files}");
+
+    // The connection pool, on PostgreSQL.
+    if pg_admin().is_some() {
+        assert!(m("sluice_db_pool_max", &[]) >= 2.0, "{}", after.text);
+        let (size, in_use) = (m("sluice_db_pool_size", &[]), m("sluice_db_pool_in_use", &[]));
+        assert!(size >= 1.0 && in_use <= size, "{size} open, {in_use} in use");
+        assert!(after.declares("sluice_db_pool_waits_total", "counter"), "{}", after.text);
+    }
+
+    // HTTP requests by route and status, with latency histograms.
+    let kickoffs = [("method", "GET"), ("route", "/fhir/$export"), ("status", "202")];
+    assert_eq!(m("sluice_http_requests_total", &kickoffs), 1.0);
+    let refused = [("method", "GET"), ("route", "/fhir/$export"), ("status", "400")];
+    assert_eq!(m("sluice_http_requests_total", &refused), 1.0);
+    let cancels = [("method", "DELETE"), ("route", "/fhir/$export-status/{id}"), ("status", "202")];
+    assert_eq!(m("sluice_http_requests_total", &cancels), 1.0);
+    assert!(after.declares("sluice_http_request_duration_seconds", "histogram"));
+    let timed = m("sluice_http_request_duration_seconds_count", &[("method", "GET"), ("route", "/fhir/$export")]);
+    assert_eq!(timed, 3.0, "three GET kick-offs");
+    // The first scrape is counted too; paths that match no route are not labels.
+    assert_eq!(m("sluice_http_requests_total", &[("method", "GET"), ("route", "/metrics"), ("status", "200")]), 1.0);
+    get(&format!("{}/no/such/path/{}", srv.url, "x".repeat(40)));
+    let last = Scrape::of(&srv.url, &[]);
+    assert_eq!(
+        last.value("sluice_http_requests_total", &[("method", "GET"), ("route", "other"), ("status", "404")]),
+        1.0
+    );
+    assert!(!last.text.contains("/no/such/path"), "{}", last.text);
 }

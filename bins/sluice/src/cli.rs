@@ -206,6 +206,11 @@ struct LoadArgs {
 pub type CliError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn open_store(args: &StoreArgs) -> Result<Arc<dyn Store>, CliError> {
+    Ok(open_store_pool(args).await?.0)
+}
+
+/// [`open_store`], with the PostgreSQL store itself when it is one (for its pool metrics).
+async fn open_store_pool(args: &StoreArgs) -> Result<(Arc<dyn Store>, Option<PgStore>), CliError> {
     if let Some(url) = &args.database_url {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err("--database-url must be a postgres:// or postgresql:// URL".into());
@@ -213,10 +218,10 @@ async fn open_store(args: &StoreArgs) -> Result<Arc<dyn Store>, CliError> {
         let options = PgOptions { pool_size: args.db_pool_size, ..PgOptions::default() };
         // The error names host and database, never the password.
         let store = PgStore::connect(url, options).await.map_err(|e| format!("connecting to PostgreSQL: {e}"))?;
-        return Ok(Arc::new(store));
+        return Ok((Arc::new(store.clone()), Some(store)));
     }
     let path = args.data_dir.join("sluice.db");
-    Ok(Arc::new(SqliteStore::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?))
+    Ok((Arc::new(SqliteStore::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?), None))
 }
 
 /// Runs the chosen command.
@@ -257,7 +262,8 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(bad) = args.auth.issuers.iter().find(|i| !(i.starts_with("https://") || i.starts_with("http://"))) {
         return Err(format!("--auth-issuer '{bad}' must be an http(s) URL").into());
     }
-    let store = open_store(&args.store).await?;
+    let (store, pool) = open_store_pool(&args.store).await?;
+    let metrics = crate::telemetry::install(pool)?;
     if !args.load.is_empty() {
         load(store.as_ref(), &args.load, 1).await?;
     }
@@ -309,7 +315,8 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .local_files(local)
         .signed_url_ttl(Duration::from_secs(args.signed_url_ttl))
         .audit(audit.clone())
-        .token_downloads(args.auth.download_auth == "token");
+        .token_downloads(args.auth.download_auth == "token")
+        .metrics(metrics);
     if smart {
         let config = SmartConfig {
             base_url: base_url.clone(),

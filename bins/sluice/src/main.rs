@@ -3,6 +3,7 @@
 //! loader (`sluice-load`).
 
 mod cli;
+mod telemetry;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -50,6 +50,9 @@ pub enum Access<'a> {
     },
     /// Reading the audit trail (`GET /AuditEvent`).
     Audit,
+    /// Watching the server: `GET /metrics` and the status page (`/`, `/exports/<id>`,
+    /// which show every client's exports).
+    Monitor,
 }
 
 /// Who is asking, and what they may do: the answer of an [`Authorize`] that lets a request

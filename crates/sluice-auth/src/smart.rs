@@ -196,16 +196,16 @@ impl Authorize for Smart {
     async fn authorize(&self, access: &Access<'_>, headers: &HeaderMap) -> Result<Grant, Denied> {
         let who = self.identify(headers).await?;
         match access {
-            Access::Configure { .. } | Access::Audit => {
+            Access::Configure { .. } | Access::Audit | Access::Monitor => {
                 if self.inner.root_digest.is_none() {
                     return Err(Denied::forbidden(
-                        "configuration, Client resources and the audit trail are disabled: set BOX_ROOT_CLIENT_SECRET and use the root client (HTTP Basic root:<secret>)",
+                        "configuration, Client resources, the audit trail, metrics and the status page are disabled: set BOX_ROOT_CLIENT_SECRET and use the root client (HTTP Basic root:<secret>)",
                     ));
                 }
                 match who {
                     Some(g) if g.admin => Ok(g),
                     Some(g) => Err(Denied::forbidden(
-                        "only the root client (HTTP Basic root:<BOX_ROOT_CLIENT_SECRET>) may read or change configuration, Client resources and the audit trail",
+                        "only the root client (HTTP Basic root:<BOX_ROOT_CLIENT_SECRET>) may read or change configuration, Client resources, the audit trail, metrics and the status page",
                     )
                     .of(g.client)),
                     None => {

@@ -25,6 +25,7 @@
 //!   (ndjson, gzip, SHA-256) on blocking threads.
 //! - `markers`: the error file, `manifest.json` and `_SUCCESS`.
 //! - `elements` (`_elements` subsetting) and `manifest` (the manifest served to clients).
+//! - [`meter`]: the engine's metrics (exports by outcome, resources and bytes, durations).
 //!
 //! The Group membership rules (D6, D7) are FHIR semantics and live in
 //! [`sluice_fhir::group`]; [`group_members`] and [`late_joiners`] are re-exported here.
@@ -34,6 +35,7 @@ mod encode;
 mod lifecycle;
 mod manifest;
 mod markers;
+pub mod meter;
 mod plan;
 mod runner;
 

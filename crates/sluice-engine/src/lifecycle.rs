@@ -120,6 +120,7 @@ impl Engine {
             Err(JobError::Busy(id)) => return Err(KickoffError::Busy(id)),
             Err(e) => return Err(internal(&e)),
         }
+        crate::meter::count(crate::meter::STARTED, &job);
         self.spawn(job.clone());
         Ok(job)
     }
@@ -203,6 +204,9 @@ impl Engine {
                     tracing::warn!(export_id = %id, error = %e, "deleting the files of a deleted export failed");
                 }
             }
+            if was.is_active() {
+                crate::meter::count(crate::meter::CANCELLED, &job);
+            }
             tracing::info!(export_id = %id, was = was.as_str(), "export cancelled");
             return Ok(());
         }
@@ -263,6 +267,7 @@ impl Engine {
             Ok(()) => {
                 let (done, _) = job.totals();
                 tracing::info!(export_id = %job.id, resources = done, files = job.output.len(), elapsed_ms = started.elapsed().as_millis() as u64, "export completed");
+                crate::meter::completed(&job);
                 if let Some(o) = &self.observer {
                     o.finished(&job).await;
                 }
@@ -288,6 +293,7 @@ impl Engine {
                 };
                 match saved {
                     Ok(()) => {
+                        crate::meter::count(crate::meter::FAILED, &job);
                         if let Some(o) = &self.observer {
                             o.finished(&job).await;
                         }

@@ -31,15 +31,27 @@ struct FinishedFile {
 
 /// The files the parts have finished and the runner has not taken into the job yet, in
 /// the order they finished. Clones share the list.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Finished {
     /// The files, oldest first.
     files: Arc<Mutex<Vec<FinishedFile>>>,
+    /// The export's kick-off, and whether a file has finished yet (for the time to the
+    /// first file, a metric).
+    kicked_off: time::OffsetDateTime,
+    any: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Finished {
+    /// For an export kicked off at `kicked_off`.
+    fn new(kicked_off: time::OffsetDateTime) -> Self {
+        Finished { files: Arc::default(), kicked_off, any: Arc::default() }
+    }
+
     /// Adds a file a part has stored.
     fn push(&self, file: FinishedFile) {
+        if !self.any.swap(true, Ordering::Relaxed) {
+            metrics::histogram!(crate::meter::FIRST_FILE).record(crate::meter::seconds_since(self.kicked_off));
+        }
         self.files.lock().unwrap_or_else(PoisonError::into_inner).push(file);
     }
 
@@ -88,7 +100,7 @@ impl Engine {
         storage: &Arc<dyn Storage>,
         planned: Vec<PlannedPart>,
     ) -> Result<(), RunError> {
-        let finished = Finished::default();
+        let finished = Finished::new(job.created_at);
         let done: Arc<BTreeMap<String, AtomicU64>> =
             Arc::new(job.progress.keys().map(|k| (k.clone(), AtomicU64::new(0))).collect());
         // File numbers per file name (type): the range parts of a type, and a `Bundle`
@@ -442,6 +454,7 @@ impl Part {
                             format!("{}: stored {bytes} bytes, encoded {}", self.key(number), summary.bytes),
                         )));
                     }
+                    crate::meter::file(&self.resource_type, self.storage.provider(), summary.resources, bytes);
                     let file = OutputFile {
                         resource_type: self.resource_type.clone(),
                         key: self.key(number),

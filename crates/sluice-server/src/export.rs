@@ -70,6 +70,9 @@ async fn kickoff(app: AppState, level: Level, parts: KickoffParts) -> Result<Res
     let request_url = format!("{}{}", app.inner.base_url, uri.path_and_query().map_or(uri.path(), |p| p.as_str()));
     let mut who = None;
     let result = start(&app, level, parts, &request_url, &mut who).await;
+    if let Err(e) = &result {
+        crate::meter::kickoff_refused(e.status());
+    }
     if app.inner.audit.enabled() {
         let event = Event::new(Kind::Kickoff, who.as_deref());
         let event = match &result {
@@ -238,7 +241,9 @@ pub async fn status(
     let grant = app.allow(Access::Status { export_id: &id }, &headers).await?;
     let separate = separate_status_requested(query.as_deref());
     let page = manifest_page_requested(query.as_deref())?;
-    let mut res = export_status(&app, &grant, &id, page, separate).await?;
+    let result = export_status(&app, &grant, &id, page, separate).await;
+    crate::meter::status_poll(&result);
+    let mut res = result?;
     if separate {
         let job_status = res.status();
         let text = format!("{} {}", job_status.as_u16(), job_status.canonical_reason().unwrap_or_default());

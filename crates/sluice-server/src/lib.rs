@@ -33,6 +33,7 @@ mod export;
 mod files;
 mod health;
 mod metadata;
+pub mod meter;
 mod outcome;
 mod rest;
 
@@ -73,6 +74,7 @@ pub struct Api {
     audit: Auditor,
     token_downloads: bool,
     max_body: usize,
+    metrics: Option<meter::Render>,
 }
 
 impl Api {
@@ -92,6 +94,7 @@ impl Api {
             audit: Auditor::disabled(),
             token_downloads: false,
             max_body: DEFAULT_MAX_BODY,
+            metrics: None,
         }
     }
 
@@ -144,6 +147,14 @@ impl Api {
         self
     }
 
+    /// Serves `GET /metrics` with what `render` returns (the Prometheus text format): the
+    /// host installs a `metrics` recorder (the API and the engine record through the
+    /// `metrics` facade) and renders it here. The root client only, under SMART.
+    pub fn metrics(mut self, render: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        self.metrics = Some(Arc::new(render));
+        self
+    }
+
     /// The router: every route, with the layers that make every error an OperationOutcome
     /// (handler panics included) and log each request (never its query, which can hold
     /// URL signatures).
@@ -161,11 +172,13 @@ impl Api {
                 audit: self.audit,
                 token_downloads: self.token_downloads,
                 polls: export::Polls::default(),
+                metrics: self.metrics,
             }),
         };
         Router::new()
             .route("/healthz", get(health::healthz))
             .route("/readyz", get(health::readyz))
+            .route("/metrics", get(meter::metrics))
             .route("/fhir/metadata", get(metadata::capability_statement))
             .route("/fhir/.well-known/smart-configuration", get(auth::smart_configuration))
             .route("/auth/token", post(auth::token))
@@ -210,6 +223,8 @@ struct Inner {
     token_downloads: bool,
     /// Status polls of running exports (D13: 429 when too fast; ETA).
     polls: export::Polls,
+    /// Renders `GET /metrics`, when the host publishes metrics.
+    metrics: Option<meter::Render>,
 }
 
 impl AppState {
@@ -270,12 +285,16 @@ fn permitted(
 }
 
 /// Logs method, path (never the query: it can hold signatures), status and time, and the
-/// export's id when the path names one (status, cancel, files).
+/// export's id when the path names one (status, cancel, files); counts the request in the
+/// metrics by its route.
 async fn access_log(req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str().to_string());
     let started = std::time::Instant::now();
     let res = next.run(req).await;
-    let (status, ms) = (res.status().as_u16(), started.elapsed().as_millis() as u64);
+    let took = started.elapsed();
+    meter::request(&method, route.as_deref(), res.status(), took);
+    let (status, ms) = (res.status().as_u16(), took.as_millis() as u64);
     let named = res.extensions().get::<ExportOfResponse>().map(|e| e.0.as_str());
     match named.or_else(|| export_in_path(&path)) {
         Some(export_id) => tracing::info!(%method, %path, status, ms, export_id, "request"),

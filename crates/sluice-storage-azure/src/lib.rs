@@ -325,6 +325,10 @@ impl ObjectBackend for AzureBackend {
         self.place.location.clone()
     }
 
+    fn provider(&self) -> &'static str {
+        "azure"
+    }
+
     fn min_part_bytes(&self) -> usize {
         MIN_PART_BYTES
     }

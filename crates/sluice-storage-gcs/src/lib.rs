@@ -511,6 +511,10 @@ impl ObjectBackend for GcsBackend {
         self.location.clone()
     }
 
+    fn provider(&self) -> &'static str {
+        "gcp"
+    }
+
     fn min_part_bytes(&self) -> usize {
         MIN_PART_BYTES
     }

@@ -250,6 +250,10 @@ impl Storage for LocalStorage {
         format!("local disk ({})", self.root.display())
     }
 
+    fn provider(&self) -> &'static str {
+        "local"
+    }
+
     async fn create(&self, key: &str, _meta: ObjectMeta) -> Result<Box<dyn ObjectWriter>, StorageError> {
         validate_key(key)?;
         let dest = self.root.join(key);

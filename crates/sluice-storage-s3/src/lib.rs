@@ -372,6 +372,10 @@ impl ObjectBackend for S3Backend {
         self.location.clone()
     }
 
+    fn provider(&self) -> &'static str {
+        "aws"
+    }
+
     fn min_part_bytes(&self) -> usize {
         MIN_PART_BYTES
     }

@@ -32,6 +32,8 @@ pub trait PartUpload: Send + Sync {
 pub trait ObjectBackend: Send + Sync + 'static {
     /// Provider and location, e.g. `s3://bucket`; never credentials.
     fn describe(&self) -> String;
+    /// The provider's short name in metrics: `aws`, `azure`, `gcp` (Aidbox's names).
+    fn provider(&self) -> &'static str;
     /// The smallest part the provider accepts before the last one (S3: 5 MiB).
     fn min_part_bytes(&self) -> usize;
     /// Uploads a whole small object in one request.
@@ -89,30 +91,62 @@ impl<B: ObjectBackend> CloudStorage<B> {
     }
 }
 
-/// The retry schedule of one request: exponential delays with jitter.
+/// Describes the storage metrics to the installed recorder (their `# HELP` lines).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "sluice_storage_requests_total",
+        "Requests to cloud storage (each attempt), by provider and operation."
+    );
+    metrics::describe_counter!(
+        "sluice_storage_retries_total",
+        "Cloud storage requests retried after a transient failure, by provider and operation."
+    );
+    metrics::describe_counter!(
+        "sluice_storage_failures_total",
+        "Cloud storage requests that failed for good (not transient, or out of attempts), by provider and operation."
+    );
+}
+
+/// The retry schedule of one request: exponential delays with jitter. It also counts the
+/// attempts, retries and failures in the metrics (`sluice_storage_*_total`, by provider
+/// and operation).
 pub struct Backoff {
+    provider: &'static str,
     what: &'static str,
     delays: backon::ExponentialBackoff,
 }
 
 impl Backoff {
-    /// A fresh schedule for the request `what` (named in warnings).
-    pub fn new(options: &CloudOptions, what: &'static str) -> Self {
+    /// A fresh schedule for the request `what` (named in warnings and metrics) to `provider`.
+    pub fn new(options: &CloudOptions, provider: &'static str, what: &'static str) -> Self {
         let builder = ExponentialBuilder::default()
             .with_min_delay(options.first_backoff)
             .with_max_delay(options.max_backoff)
             .with_max_times(options.attempts.saturating_sub(1))
             .with_jitter();
-        Backoff { what, delays: builder.build() }
+        Backoff { provider, what, delays: builder.build() }
+    }
+
+    /// Counts one attempt of the request (call before each).
+    pub fn attempt(&self) {
+        metrics::counter!("sluice_storage_requests_total", "provider" => self.provider, "operation" => self.what)
+            .increment(1);
     }
 
     /// After a failed attempt: waits before the next one if `error` is transient and
     /// attempts are left, otherwise gives the error back.
     pub async fn wait(&mut self, error: StorageError) -> Result<(), StorageError> {
-        if !matches!(error, StorageError::Unavailable { .. }) {
+        let delay = match matches!(error, StorageError::Unavailable { .. }) {
+            true => self.delays.next(),
+            false => None,
+        };
+        let Some(delay) = delay else {
+            metrics::counter!("sluice_storage_failures_total", "provider" => self.provider, "operation" => self.what)
+                .increment(1);
             return Err(error);
-        }
-        let Some(delay) = self.delays.next() else { return Err(error) };
+        };
+        metrics::counter!("sluice_storage_retries_total", "provider" => self.provider, "operation" => self.what)
+            .increment(1);
         tracing::warn!(op = self.what, error = %error, retry_in = ?delay, "storage request failed, retrying");
         tokio::time::sleep(delay).await;
         Ok(())
@@ -121,13 +155,19 @@ impl Backoff {
 
 /// Runs `op` until it succeeds, fails for good, or runs out of attempts. Only
 /// [`StorageError::Unavailable`] is retried.
-pub async fn with_retries<T, F, Fut>(options: &CloudOptions, what: &'static str, mut op: F) -> Result<T, StorageError>
+pub async fn with_retries<T, F, Fut>(
+    options: &CloudOptions,
+    provider: &'static str,
+    what: &'static str,
+    mut op: F,
+) -> Result<T, StorageError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, StorageError>>,
 {
-    let mut backoff = Backoff::new(options, what);
+    let mut backoff = Backoff::new(options, provider, what);
     loop {
+        backoff.attempt();
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) => backoff.wait(e).await?,
@@ -139,6 +179,10 @@ where
 impl<B: ObjectBackend> Storage for CloudStorage<B> {
     fn describe(&self) -> String {
         self.backend.describe()
+    }
+
+    fn provider(&self) -> &'static str {
+        self.backend.provider()
     }
 
     async fn create(&self, key: &str, meta: ObjectMeta) -> Result<Box<dyn ObjectWriter>, StorageError> {
@@ -163,9 +207,9 @@ impl<B: ObjectBackend> Storage for CloudStorage<B> {
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, StorageError> {
-        let keys = with_retries(&self.options, "list", || self.backend.list(prefix)).await?;
+        let keys = with_retries(&self.options, self.backend.provider(), "list", || self.backend.list(prefix)).await?;
         for key in &keys {
-            with_retries(&self.options, "delete", || self.backend.delete(key)).await?;
+            with_retries(&self.options, self.backend.provider(), "delete", || self.backend.delete(key)).await?;
         }
         Ok(keys.len() as u64)
     }
@@ -189,12 +233,17 @@ impl<B: ObjectBackend> CloudWriter<B> {
     async fn flush_part(&mut self, data: Bytes) -> Result<(), StorageError> {
         if self.upload.is_none() {
             let (backend, key, meta) = (&self.backend, &self.key, &self.meta);
-            let upload = with_retries(&self.options, "start upload", || backend.start_upload(key, meta)).await?;
+            let upload =
+                with_retries(&self.options, backend.provider(), "start upload", || backend.start_upload(key, meta))
+                    .await?;
             self.upload = Some(upload);
         }
         let upload = self.upload.as_mut().expect("started above");
-        let mut backoff = Backoff::new(&self.options, "upload part");
-        while let Err(e) = upload.put_part(self.parts, data.clone()).await {
+        let mut backoff = Backoff::new(&self.options, self.backend.provider(), "upload part");
+        while let Err(e) = {
+            backoff.attempt();
+            upload.put_part(self.parts, data.clone()).await
+        } {
             if let Err(e) = backoff.wait(e).await {
                 upload.abort().await;
                 self.upload = None;
@@ -228,15 +277,21 @@ impl<B: ObjectBackend> ObjectWriter for CloudWriter<B> {
         let last = self.buf.split().freeze();
         if self.upload.is_none() {
             let (backend, key, meta) = (&self.backend, &self.key, &self.meta);
-            with_retries(&self.options, "put object", || backend.put_object(key, meta, last.clone())).await?;
+            with_retries(&self.options, backend.provider(), "put object", || {
+                backend.put_object(key, meta, last.clone())
+            })
+            .await?;
             return Ok(self.size);
         }
         if !last.is_empty() {
             self.flush_part(last).await?;
         }
         let upload = self.upload.as_mut().expect("checked above");
-        let mut backoff = Backoff::new(&self.options, "complete upload");
-        while let Err(e) = upload.complete().await {
+        let mut backoff = Backoff::new(&self.options, self.backend.provider(), "complete upload");
+        while let Err(e) = {
+            backoff.attempt();
+            upload.complete().await
+        } {
             if let Err(e) = backoff.wait(e).await {
                 upload.abort().await;
                 return Err(e);
@@ -313,6 +368,10 @@ mod tests {
     impl ObjectBackend for Fake {
         fn describe(&self) -> String {
             "fake://bucket".into()
+        }
+
+        fn provider(&self) -> &'static str {
+            "fake"
         }
         fn min_part_bytes(&self) -> usize {
             10

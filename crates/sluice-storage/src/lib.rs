@@ -113,6 +113,10 @@ pub trait ObjectWriter: Send {
 pub trait Storage: Send + Sync {
     /// A short description for logs and error messages (provider and location, no secrets).
     fn describe(&self) -> String;
+    /// The provider's short name in metrics (`local`, `aws`, `azure`, `gcp`, ...).
+    fn provider(&self) -> &'static str {
+        "other"
+    }
     /// Starts writing the object `key` (a relative path such as `2024..._uuid/Patient.ndjson`).
     async fn create(&self, key: &str, meta: ObjectMeta) -> Result<Box<dyn ObjectWriter>, StorageError>;
     /// A fresh signed download URL for `key`, valid for `ttl`.

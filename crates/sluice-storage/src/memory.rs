@@ -70,6 +70,10 @@ impl Storage for MemoryStorage {
         "memory".to_string()
     }
 
+    fn provider(&self) -> &'static str {
+        "memory"
+    }
+
     async fn create(&self, key: &str, meta: ObjectMeta) -> Result<Box<dyn ObjectWriter>, StorageError> {
         validate_key(key)?;
         Ok(Box::new(MemoryWriter { key: key.to_string(), meta, buf: Vec::new(), objects: self.objects.clone() }))

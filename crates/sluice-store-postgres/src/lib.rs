@@ -109,6 +109,9 @@ fn describe_url(config: &tokio_postgres::Config) -> String {
     format!("PostgreSQL {}@{host}:{port}/{}", config.get_user().unwrap_or("?"), config.get_dbname().unwrap_or("?"))
 }
 
+/// Requests that found every pooled connection in use.
+const POOL_WAITS: &str = "sluice_db_pool_waits_total";
+
 impl PgStore {
     /// Connects (with a pool), creates or migrates the schema, and returns the store.
     pub async fn connect(url: &str, options: PgOptions) -> Result<Self, StoreError> {
@@ -136,7 +139,32 @@ impl PgStore {
     }
 
     pub(crate) async fn client(&self) -> Result<Object, StoreError> {
+        let status = self.pool.status();
+        if status.available == 0 && status.size >= status.max_size {
+            // Every connection is in use: this request waits for one.
+            metrics::counter!(POOL_WAITS).increment(1);
+        }
         self.pool.get().await.map_err(|e| db_err(format!("{}: {e}", self.describe)))
+    }
+
+    /// Sets the connection pool's gauges (`sluice_db_pool_*`) to its state now; call it
+    /// before rendering the metrics.
+    pub fn record_pool_metrics(&self) {
+        let status = self.pool.status();
+        metrics::gauge!("sluice_db_pool_max").set(status.max_size as f64);
+        metrics::gauge!("sluice_db_pool_size").set(status.size as f64);
+        metrics::gauge!("sluice_db_pool_in_use").set(status.size.saturating_sub(status.available) as f64);
+        metrics::gauge!("sluice_db_pool_waiting").set(status.waiting as f64);
+    }
+
+    /// Describes the pool's metrics to the installed recorder.
+    pub fn describe_metrics() {
+        metrics::describe_gauge!("sluice_db_pool_max", "PostgreSQL connections the pool may open.");
+        metrics::describe_gauge!("sluice_db_pool_size", "PostgreSQL connections open.");
+        metrics::describe_gauge!("sluice_db_pool_in_use", "PostgreSQL connections in use.");
+        metrics::describe_gauge!("sluice_db_pool_waiting", "Requests waiting for a PostgreSQL connection now.");
+        metrics::describe_counter!(POOL_WAITS, "Requests that had to wait for a PostgreSQL connection (all in use).");
+        metrics::counter!(POOL_WAITS).absolute(0);
     }
 }
 

@@ -298,6 +298,9 @@ pub trait JobRepo: Send + Sync {
     async fn save_if(&self, job: &JobRecord, expected: &[JobStatus]) -> Result<bool, JobError>;
     /// Jobs still `Accepted` or `InProgress`.
     async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError>;
+    /// The `limit` jobs kicked off last, newest first, whatever their status (the status
+    /// page's list).
+    async fn recent(&self, limit: usize) -> Result<Vec<JobRecord>, JobError>;
     /// Renews the lease of an active job (its runner is alive). False when the job is no
     /// longer active (cancelled or finished, possibly by another server).
     async fn touch(&self, id: &str) -> Result<bool, JobError>;

@@ -35,6 +35,7 @@ mod health;
 mod metadata;
 pub mod meter;
 mod outcome;
+mod page;
 mod rest;
 
 pub use sluice_auth::{Access, AllowAll, Auditor, Authorize, Denied, Grant, Smart};
@@ -179,6 +180,8 @@ impl Api {
             .route("/healthz", get(health::healthz))
             .route("/readyz", get(health::readyz))
             .route("/metrics", get(meter::metrics))
+            .route("/", get(page::index))
+            .route("/exports/{id}", get(page::export))
             .route("/fhir/metadata", get(metadata::capability_statement))
             .route("/fhir/.well-known/smart-configuration", get(auth::smart_configuration))
             .route("/auth/token", post(auth::token))

@@ -16,8 +16,8 @@ fn job(id: &str) -> JobRecord {
 
 /// At most one job is active: inserting another fails with `Busy` until the active one
 /// finishes. Saves are compare-and-set on the stored status and replace the whole record;
-/// leases are renewed by `touch` and by `claim_stale` and given up by `release_lease`; `claim_stale` takes only jobs whose lease ran
-/// out.
+/// leases are renewed by `touch` and by `claim_stale` and given up by `release_lease`;
+/// `claim_stale` takes only jobs whose lease ran out; `recent` lists jobs newest first.
 pub async fn one_active_job_and_compare_and_set<S: Store>(store: S) {
     let s = Arc::new(store);
     assert_eq!(s.active().await.unwrap(), None);
@@ -79,6 +79,16 @@ pub async fn one_active_job_and_compare_and_set<S: Store>(store: S) {
     assert_eq!(s.active().await.unwrap(), None);
     s.insert(&job("d")).await.unwrap();
     assert_eq!(s.active().await.unwrap().as_deref(), Some("d"));
+
+    // The recent jobs: newest kick-off first, whatever their status or last save.
+    let recent = |n| {
+        let s = s.clone();
+        async move { s.recent(n).await.unwrap().into_iter().map(|j| (j.id, j.status)).collect::<Vec<_>>() }
+    };
+    let d = (String::from("d"), Accepted);
+    assert_eq!(recent(3).await, [d.clone(), ("c".into(), Failed), ("b".into(), Completed)]);
+    assert_eq!(recent(10).await.len(), 4);
+    assert!(recent(0).await.is_empty());
 }
 
 /// Asserts that saving `job` over `expected` is refused as the transition `from -> to`.

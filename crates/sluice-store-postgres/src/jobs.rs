@@ -70,6 +70,14 @@ impl JobRepo for PgStore {
         Ok(n == 1)
     }
 
+    async fn recent(&self, limit: usize) -> Result<Vec<JobRecord>, JobError> {
+        let client = self.job_client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows =
+            client.query("SELECT record FROM sluice_job ORDER BY seq DESC LIMIT $1", &[&limit]).await.map_err(pg)?;
+        rows.iter().map(|r| decode(r.get(0))).collect()
+    }
+
     async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError> {
         let client = self.job_client().await?;
         let rows = client

@@ -92,6 +92,21 @@ impl JobRepo for SqliteStore {
         .await
     }
 
+    async fn recent(&self, limit: usize) -> Result<Vec<JobRecord>, JobError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.jobs_call(move |c| {
+            // Rows are inserted once, at kick-off: rowid is kick-off order.
+            let mut stmt = c.prepare("SELECT record FROM jobs ORDER BY rowid DESC LIMIT ?1").map_err(err)?;
+            let rows = stmt.query_map([limit], |r| r.get::<_, String>(0)).map_err(err)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(decode(&r.map_err(err)?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError> {
         self.jobs_call(|c| {
             let mut stmt = c

@@ -184,6 +184,39 @@ fn export_survives_a_killed_server() {
     assert_eq!(files_ending_with(&exports, ".partial"), Vec::<String>::new(), "half-written files left behind");
 }
 
+/// SIGTERM lets a download in flight finish (issue 13: `--shutdown-grace`): the server stops
+/// accepting connections at once, serves the rest of the file, and then exits cleanly.
+#[test]
+fn sigterm_lets_a_running_download_finish() {
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let mut srv = Server::loaded(&["--shutdown-grace", "120"]);
+    let url = srv.fhir("/$export?_type=Observation");
+    let manifest = export(&srv, &url);
+    let file = &manifest["output"][0];
+    let link = file["url"].as_str().expect("a download URL");
+    let size = file["extension"]["size"].as_u64().expect("a size");
+    assert!(size > 4 << 20, "a file large enough not to fit the socket buffers: {size} bytes");
+
+    let mut body = ureq::get(link).call().expect("starting the download").into_body().into_reader();
+    let mut got = vec![0u8; 64 << 10];
+    body.read_exact(&mut got).expect("the first 64 KiB");
+    srv.sigterm();
+    // New connections are refused once the signal is handled...
+    let addr = srv.addr().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(&addr).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting connections a minute after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ... while the download in flight runs to its end, byte for byte.
+    body.read_to_end(&mut got).expect("the rest of the file");
+    assert_eq!(got.len() as u64, size);
+    assert_eq!(hex::encode(sha2::Sha256::digest(&got)), file["extension"]["sha256"].as_str().expect("a SHA-256"));
+    let status = srv.wait_exit();
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
 /// SIGTERM hands a running export over (issue 13): the stopping server stops its run
 /// without deleting what it wrote, releases the lease and exits cleanly, so a peer sharing
 /// the store takes the export over long before the lease runs out, and the export completes

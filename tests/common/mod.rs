@@ -382,6 +382,18 @@ impl Server {
         (status, self.tmp.take().expect("the server owns its data dir"))
     }
 
+    /// Sends SIGTERM and returns at once (the server shuts down meanwhile).
+    pub fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("running kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+    }
+
+    /// Waits for the process to exit (after [`Server::sigterm`]); its exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("waiting for the server to exit")
+    }
+
     /// Asserts the server is still running and answering.
     pub fn assert_alive(&mut self) {
         assert!(self.child.try_wait().expect("checking the server process").is_none(), "the server exited");

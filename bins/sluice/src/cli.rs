@@ -42,6 +42,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Bulk-load .ndjson, .ndjson.gz and Bundle .json files or folders into the store.
     Load(LoadArgs),
+    /// Export from a FHIR Bulk Data server (this one or any other) into a folder.
+    Export(Box<crate::export::ExportArgs>),
 }
 
 /// Where the data lives (shared by both commands).
@@ -232,6 +234,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             load(store.as_ref(), &args.paths, args.copies).await
         }
         Command::Serve(args) => serve(*args).await,
+        Command::Export(args) => crate::export::run(*args).await,
     }
 }
 

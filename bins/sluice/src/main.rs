@@ -3,6 +3,7 @@
 //! loader (`sluice-load`).
 
 mod cli;
+mod export;
 mod telemetry;
 
 use clap::Parser;
@@ -43,6 +44,8 @@ fn main() -> ExitCode {
     };
     match rt.block_on(cli::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
+        // `sluice export`'s exit codes (D48); its message is printed already.
+        Err(e) if e.is::<export::Exit>() => e.downcast_ref::<export::Exit>().map_or(ExitCode::FAILURE, |x| x.0.into()),
         Err(e) => {
             eprintln!("sluice: {e}");
             ExitCode::FAILURE

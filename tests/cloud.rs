@@ -52,6 +52,8 @@ trait Cloud {
     fn url_prefix(&self) -> String;
     /// The secret given in [`Cloud::configure`].
     fn secret(&self) -> &'static str;
+    /// The provider's name in the metrics.
+    fn provider(&self) -> &'static str;
     /// Whether the emulator serves the `Content-Type` it was given.
     fn keeps_content_type(&self) -> bool {
         true
@@ -120,6 +122,21 @@ fn export_end_to_end(cloud: &dyn Cloud) {
     assert_eq!(delete(&status).status, 202);
     assert_eq!(get(&status).status, 404);
     assert_eq!(cloud.list(&format!("{folder}/")), BTreeSet::new(), "DELETE removes the export's objects");
+
+    // The metrics count what went to the provider.
+    let metrics = Scrape::of(&srv.url, &[]);
+    let p = cloud.provider();
+    let count: u64 = entries.iter().map(|e| e["count"].as_u64().unwrap()).sum();
+    assert_eq!(metrics.sum("sluice_export_resources_total", &[("provider", p)]), count as f64);
+    let requests = metrics.sum("sluice_storage_requests_total", &[("provider", p)]);
+    // Every file and both markers went up (one request each at least), and were listed
+    // and deleted.
+    assert!(requests >= (entries.len() + 2) as f64, "{requests} requests to {p}:\n{}", metrics.text);
+    assert_eq!(metrics.sum("sluice_storage_failures_total", &[("provider", p)]), 0.0, "{}", metrics.text);
+    assert_eq!(
+        metrics.sum("sluice_storage_requests_total", &[("provider", p), ("operation", "delete")]),
+        want.len() as f64
+    );
 
     let log = std::fs::read_to_string(srv.dir.join("server.log")).unwrap_or_default();
     assert!(!log.contains(cloud.secret()), "the server log shows a secret");
@@ -242,6 +259,10 @@ impl S3 {
 }
 
 impl Cloud for S3 {
+    fn provider(&self) -> &'static str {
+        "aws"
+    }
+
     fn server_args(&self) -> Vec<String> {
         ["--storage-provider", "aws", "--aws-account", "exports", "--aws-bucket", &self.bucket]
             .into_iter()
@@ -369,6 +390,10 @@ impl Azure {
 }
 
 impl Cloud for Azure {
+    fn provider(&self) -> &'static str {
+        "azure"
+    }
+
     fn server_args(&self) -> Vec<String> {
         ["--storage-provider", "azure", "--azure-container", "exports", "--storage-endpoint", &self.endpoint]
             .into_iter()
@@ -455,6 +480,10 @@ impl Gcs {
 }
 
 impl Cloud for Gcs {
+    fn provider(&self) -> &'static str {
+        "gcp"
+    }
+
     fn server_args(&self) -> Vec<String> {
         // No service account: against an emulator, anonymous requests (`SLUICE_STORAGE_ENDPOINT`).
         ["--storage-provider", "gcp", "--gcp-bucket", &self.bucket, "--storage-endpoint", &self.endpoint]

@@ -81,54 +81,6 @@ fn json_logs_are_one_object_per_line_with_the_export_id() {
     }
 }
 
-/// A Prometheus text exposition: the value of each sample, by name and label set.
-struct Scrape {
-    text: String,
-    samples: Vec<(String, BTreeMap<String, String>, f64)>,
-}
-
-impl Scrape {
-    fn of(url: &str, headers: &[(&str, &str)]) -> Scrape {
-        let r = send("GET", &format!("{url}/metrics"), headers, None);
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
-        assert_eq!(r.header("cache-control"), Some("no-store"));
-        let text = r.text();
-        let mut samples = Vec::new();
-        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
-            let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
-            let (name, labels) = match series.split_once('{') {
-                None => (series.to_string(), BTreeMap::new()),
-                Some((name, rest)) => {
-                    let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
-                    let labels = body
-                        .split("\",")
-                        .map(|kv| {
-                            let (k, v) = kv.split_once("=\"").unwrap_or_else(|| panic!("bad label: {line}"));
-                            (k.to_string(), v.trim_end_matches('"').to_string())
-                        })
-                        .collect();
-                    (name.to_string(), labels)
-                }
-            };
-            samples.push((name, labels, value));
-        }
-        Scrape { text, samples }
-    }
-
-    /// The sample `name` with exactly `labels`; 0 when absent.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        self.samples.iter().find(|(n, l, _)| n == name && *l == want).map_or(0.0, |s| s.2)
-    }
-
-    /// Whether `name` is declared with `kind` and has a help line.
-    fn declares(&self, name: &str, kind: &str) -> bool {
-        self.text.contains(&format!("# TYPE {name} {kind}\n")) && self.text.contains(&format!("# HELP {name} "))
-    }
-}
-
 #[test]
 fn metrics_count_what_the_exports_did() {
     let srv = Server::loaded(&["--throttle-ms", "20", "--batch-bytes", "16384"]);

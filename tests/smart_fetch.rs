@@ -45,19 +45,7 @@ const SMART_FETCH_TYPES: [&str; 15] = [
 
 /// The smart-fetch executable, or `None` (after a notice) when it is not installed.
 fn smart_fetch() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SLUICE_TEST_SMART_FETCH") {
-        return Some(PathBuf::from(p));
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).map(|d| d.join("smart-fetch")).find(|p| p.is_file()))
-        .unwrap_or_default();
-    if on_path.is_none() {
-        let notice = "smart-fetch is not installed (set SLUICE_TEST_SMART_FETCH or put it on the PATH; \
-                      .ci/run installs it from .ci/smart-fetch-requirements.txt)";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{notice}");
-        eprintln!("SKIPPED: {notice}");
-    }
-    on_path
+    external_tool("SLUICE_TEST_SMART_FETCH", "smart-fetch", ".ci/run installs it from .ci/smart-fetch-requirements.txt")
 }
 
 /// Runs `smart-fetch bulk --fhir-url <server> <args> <out>` (bounded by `timeout`) and

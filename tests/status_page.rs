@@ -21,19 +21,7 @@ const THROTTLED: &[&str] = &["--throttle-ms", "20", "--batch-bytes", "16384"];
 
 /// The ChromeDriver executable, or `None` (after a notice) when it is not installed.
 fn chromedriver() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SLUICE_TEST_CHROMEDRIVER") {
-        return Some(PathBuf::from(p));
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).map(|d| d.join("chromedriver")).find(|p| p.is_file()))
-        .unwrap_or_default();
-    if on_path.is_none() {
-        let notice = "chromedriver is not installed (set SLUICE_TEST_CHROMEDRIVER or put it on the PATH; \
-                      .ci/run installs Debian's chromium and chromium-driver)";
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{notice}");
-        eprintln!("SKIPPED: {notice}");
-    }
-    on_path
+    external_tool("SLUICE_TEST_CHROMEDRIVER", "chromedriver", ".ci/run installs Debian's chromium and chromium-driver")
 }
 
 /// A ChromeDriver process on a free port; killed on drop.

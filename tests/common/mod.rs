@@ -1052,3 +1052,81 @@ pub fn own_resources(p: &str, t: &str, n: usize) -> Vec<String> {
     assert_eq!(ids.len(), n, "patient {p} has {n} {t} of its own");
     ids
 }
+
+/// An external tool the tests drive: the path in `env_var`, else `name` on the `PATH`;
+/// `None` (after a skip notice naming `how`) when it is not installed, which fails the test
+/// under `CI=true`.
+pub fn external_tool(env_var: &str, name: &str, how: &str) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
+        return Some(PathBuf::from(p));
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file()))
+        .unwrap_or_default();
+    if on_path.is_none() {
+        let notice = format!("{name} is not installed (set {env_var} or put it on the PATH; {how})");
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{notice}");
+        eprintln!("SKIPPED: {notice}");
+    }
+    on_path
+}
+
+/// A Prometheus text exposition: the value of each sample, by name and label set.
+pub struct Scrape {
+    /// The whole text.
+    pub text: String,
+    /// Every sample: name, labels, value.
+    pub samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Scrape {
+    /// `GET <url>/metrics` with `headers`, checked and parsed.
+    pub fn of(url: &str, headers: &[(&str, &str)]) -> Scrape {
+        let r = send("GET", &format!("{url}/metrics"), headers, None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        let text = r.text();
+        let mut samples = Vec::new();
+        for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+            let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_string(), BTreeMap::new()),
+                Some((name, rest)) => {
+                    let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                    let labels = body
+                        .split("\",")
+                        .map(|kv| {
+                            let (k, v) = kv.split_once("=\"").unwrap_or_else(|| panic!("bad label: {line}"));
+                            (k.to_string(), v.trim_end_matches('"').to_string())
+                        })
+                        .collect();
+                    (name.to_string(), labels)
+                }
+            };
+            samples.push((name, labels, value));
+        }
+        Scrape { text, samples }
+    }
+
+    /// The sample `name` with exactly `labels`; 0 when absent.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.samples.iter().find(|(n, l, _)| n == name && *l == want).map_or(0.0, |s| s.2)
+    }
+
+    /// The sum of the samples `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v)))
+            .map(|s| s.2)
+            .sum()
+    }
+
+    /// Whether `name` is declared with `kind` and has a help line.
+    pub fn declares(&self, name: &str, kind: &str) -> bool {
+        self.text.contains(&format!("# TYPE {name} {kind}\n")) && self.text.contains(&format!("# HELP {name} "))
+    }
+}

@@ -10,6 +10,13 @@
 //! cargo run --release -p sluice-bench -- --copies 4
 //! ```
 //! Needs `psql` and `pigz` (Debian packages `postgresql-client`, `pigz`).
+//!
+//! With `--download`, it measures the `sluice export` client instead: after the same load,
+//! one system export (ndjson) completes, then its files are fetched, alternately, by `curl`
+//! (`--parallel --parallel-max 4`, no checks; also timed until `sync` has its files on disk)
+//! and by `sluice export --resume <status URL> --parallel 4` (which also checks every file's
+//! line count, size and SHA-256, and syncs each file before renaming it into place), `--runs`
+//! times each; it prints MB/s and the rate ratios. Needs `psql` and `curl`.
 
 mod shared;
 
@@ -39,6 +46,9 @@ struct Args {
     /// Keep the scratch database afterwards.
     #[arg(long)]
     keep: bool,
+    /// Measure the `sluice export` client's download rate against curl instead (see above).
+    #[arg(long)]
+    download: bool,
     /// A `sluice` binary built from an earlier commit (e.g. with `git worktree`): its load,
     /// system exports, `_typeFilter` evaluation and client round trip are timed in the same
     /// run, on a scratch database of its own, and the report adds this build / that build
@@ -195,11 +205,15 @@ fn export_succeeded(dir: &Path, id: &str) -> bool {
 }
 
 fn run(args: &Args) -> Res<()> {
-    for tool in ["psql", "pigz"] {
+    let tools: &[&str] = if args.download { &["psql", "curl"] } else { &["psql", "pigz"] };
+    for tool in tools {
         sh(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
-            .map_err(|_| format!("needs {tool} (apt-get install postgresql-client pigz)"))?;
+            .map_err(|_| format!("needs {tool} (apt-get install postgresql-client pigz curl)"))?;
     }
     let bin = sluice_bin()?;
+    if args.download {
+        return with_database(args, "download", |db| download_bench(args, &bin, db));
+    }
     let before = match &args.baseline_bin {
         Some(old) => {
             println!("== baseline build: {}", old.display());
@@ -239,6 +253,112 @@ fn with_database<T>(args: &Args, tag: &str, f: impl FnOnce(&str) -> Res<T>) -> R
         println!("kept database {db}");
     }
     result
+}
+
+/// Loads the sample sets (`--copies` times) into `db`: resources loaded and seconds.
+fn load(args: &Args, bin: &Path, db: &str) -> Res<(u64, f64)> {
+    let sets: Vec<PathBuf> = SETS.iter().map(|s| args.data.join(s)).collect();
+    let started = Instant::now();
+    let out = sh(Command::new(bin)
+        .args(["load", "--database-url", db, "--copies", &args.copies.to_string()])
+        .args(&sets)
+        .env("SLUICE_LOG", "warn"))?;
+    let load_secs = started.elapsed().as_secs_f64();
+    let loaded: u64 =
+        out.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|n| n.parse().ok()).unwrap_or(0);
+    println!("load: {loaded} resources in {load_secs:.1} s = {:.0} resources/s", loaded as f64 / load_secs);
+    Ok((loaded, load_secs))
+}
+
+/// `--download`: `sluice export` against `curl` fetching the files of one completed export.
+fn download_bench(args: &Args, bin: &Path, db: &str) -> Res<()> {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("machine: {nproc} cores; copies: {}", args.copies);
+    load(args, bin, db)?;
+    let dir = std::env::temp_dir().join(format!("sluice-bench-download-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let server = Server::start(bin, db, &dir)?;
+    let agent = agent();
+    let r = agent
+        .get(format!("{}/fhir/$export?_outputFormat=ndjson", server.url))
+        .header("prefer", "respond-async")
+        .call()
+        .map_err(|e| e.to_string())?;
+    let status_url = r.headers().get("content-location").and_then(|v| v.to_str().ok()).ok_or("no Content-Location")?;
+    let status_url = status_url.to_string();
+    let manifest: Value = loop {
+        let mut r = agent.get(&status_url).call().map_err(|e| e.to_string())?;
+        match r.status().as_u16() {
+            200 => {
+                let text = r.body_mut().with_config().limit(1 << 30).read_to_string().map_err(|e| e.to_string())?;
+                break serde_json::from_str(&text).map_err(|e| e.to_string())?;
+            }
+            202 | 429 => {
+                let wait = r.headers().get("retry-after").and_then(|v| v.to_str().ok()?.trim().parse().ok());
+                std::thread::sleep(Duration::from_secs(wait.unwrap_or(1)));
+            }
+            s => return Err(format!("status {s}")),
+        }
+    };
+    let files = manifest["output"].as_array().ok_or("no output")?;
+    let total: u64 = files.iter().map(|f| f["extension"]["size"].as_u64().unwrap_or(0)).sum();
+    let count: u64 = files.iter().map(|f| f["count"].as_u64().unwrap_or(0)).sum();
+    println!("export: {count} resources in {} files, {:.1} MB", files.len(), total as f64 / 1e6);
+    let out = dir.join("out");
+    let (mut curl, mut curl_synced, mut ours) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=args.runs.max(1) {
+        // curl: every file, 4 at a time, as fast as it can (no checks).
+        let _ = std::fs::remove_dir_all(&out);
+        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+        let mut config = String::new();
+        for (i, f) in files.iter().enumerate() {
+            let url = f["url"].as_str().ok_or("no url")?;
+            config.push_str(&format!("url = \"{url}\"\noutput = \"{}/{i}.ndjson\"\n", out.display()));
+        }
+        let config_path = dir.join("curl.config");
+        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        sh(Command::new("curl").args(["--parallel", "--parallel-max", "4", "-sS", "--fail", "-K"]).arg(&config_path))?;
+        let secs = started.elapsed().as_secs_f64();
+        // What it takes for curl's files to be on disk (sluice export syncs each file
+        // before it renames it into place).
+        sh(Command::new("sync").args(std::fs::read_dir(&out).map_err(|e| e.to_string())?.flatten().map(|e| e.path())))?;
+        let synced = started.elapsed().as_secs_f64();
+        let got: u64 = std::fs::read_dir(&out)
+            .map_err(|e| e.to_string())?
+            .flatten()
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .sum();
+        if got != total {
+            return Err(format!("curl fetched {got} bytes, the manifest lists {total}"));
+        }
+        curl.push(secs);
+        curl_synced.push(synced);
+        // sluice export: the same files, 4 at a time, each checked.
+        let _ = std::fs::remove_dir_all(&out);
+        let started = Instant::now();
+        sh(Command::new(bin)
+            .args(["export", "--resume", &status_url, "--parallel", "4", "--out"])
+            .arg(&out)
+            .stdin(Stdio::null()))?;
+        let secs2 = started.elapsed().as_secs_f64();
+        ours.push(secs2);
+        let mb = |t: f64| total as f64 / 1e6 / t;
+        println!(
+            "run {run}: curl {secs:.2} s ({:.0} MB/s), curl + sync {synced:.2} s ({:.0} MB/s), sluice export {secs2:.2} s ({:.0} MB/s)",
+            mb(secs),
+            mb(synced),
+            mb(secs2)
+        );
+    }
+    let (c, cs, o) = (median(curl), median(curl_synced), median(ours));
+    let mb = |t: f64| total as f64 / 1e6 / t;
+    println!();
+    println!("median: curl {:.0} MB/s, curl + sync {:.0} MB/s, sluice export {:.0} MB/s", mb(c), mb(cs), mb(o));
+    println!("sluice export rate / curl rate: {:.2}; / curl + sync rate: {:.2}   [>= 0.8]", c / o, cs / o);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// The figures compared between two builds.
@@ -334,17 +454,7 @@ fn bench(args: &Args, bin: &Path, db: &str) -> Res<Figures> {
     let pg = psql(db, "SHOW server_version")?;
     println!("machine: {nproc} cores ({cpu}); PostgreSQL {pg}; copies: {}", args.copies);
 
-    // Load.
-    let sets: Vec<PathBuf> = SETS.iter().map(|s| args.data.join(s)).collect();
-    let started = Instant::now();
-    let out = sh(Command::new(bin)
-        .args(["load", "--database-url", db, "--copies", &args.copies.to_string()])
-        .args(&sets)
-        .env("SLUICE_LOG", "warn"))?;
-    let load_secs = started.elapsed().as_secs_f64();
-    let loaded: u64 =
-        out.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|n| n.parse().ok()).unwrap_or(0);
-    println!("load: {loaded} resources in {load_secs:.1} s = {:.0} resources/s", loaded as f64 / load_secs);
+    let (loaded, load_secs) = load(args, bin, db)?;
 
     // The naive pipe's table: the same resources as jsonb.
     psql(db, "CREATE TABLE naive AS SELECT json::jsonb AS resource FROM sluice_resource WHERE NOT deleted")?;

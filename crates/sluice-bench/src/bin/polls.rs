@@ -22,6 +22,14 @@
 //! ```
 //! Needs `openssl`. The client threads share the machine with both servers: on a small
 //! machine their CPU use is part of what is measured, equally for both modes.
+//!
+//! Then what monitoring costs the polls (issue 13), on the `none` server: rounds alternate
+//! `plain` (the polls alone) and `watched`: the same polls while a real headless Chromium
+//! (`--chromium`) has the status page `/` open, and a watcher thread sends, every second,
+//! a Prometheus scrape (`GET /metrics`) and the request an open `/exports/<id>` tab sends
+//! while an export runs (`GET /exports/<id>`, `Accept: application/json`); Chromium gets 8 s
+//! to start and load the page before a watched round is measured. Printed: both modes and
+//! the watched / plain ratios of p99 and p50.
 
 #[path = "../shared.rs"]
 mod shared;
@@ -60,6 +68,9 @@ struct Args {
     /// Seconds of unmeasured polls on each server before the first round.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
+    /// Chromium, for the monitoring rounds (skipped when it is not there).
+    #[arg(long, default_value = "/usr/bin/chromium")]
+    chromium: PathBuf,
 }
 
 /// p99 with authorization must stay at or under this many milliseconds...
@@ -406,7 +417,7 @@ struct Target {
 
 fn print_header() {
     println!(
-        "{:<7} {:<6} {:>8} {:>7} {:>8} {:>7} {:>7} {:>7} {:>11} {:>12}",
+        "{:<7} {:<7} {:>8} {:>7} {:>8} {:>7} {:>7} {:>7} {:>11} {:>12}",
         "round", "mode", "requests", "non-200", "rate/s", "p50 ms", "p99 ms", "max ms", "lag p99 ms", "CPU us/req"
     );
 }
@@ -414,7 +425,7 @@ fn print_header() {
 fn print_row(label: &str, mode: &str, r: &Round) {
     let n = r.requests();
     println!(
-        "{label:<7} {mode:<6} {n:>8} {:>7} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>11.2} {:>12.0}",
+        "{label:<7} {mode:<7} {n:>8} {:>7} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>11.2} {:>12.0}",
         r.non_200,
         n as f64 / r.span.max(1e-9),
         quantile(&r.latencies, 0.50),
@@ -515,6 +526,107 @@ fn run(args: &Args) -> Res<()> {
          without {p99_none:.2} ms: {ratio:.2}x{})",
         if pass { "PASS" } else { "FAIL" },
         if non_200 > 0 { format!("; {non_200} non-200 answers") } else { String::new() }
+    );
+    monitoring(args, &targets[0])
+}
+
+/// A headless Chromium with one tab on `url`, and a thread sending what a Prometheus
+/// server and an open export page send every second; both stop on drop.
+struct Watcher {
+    browser: Child,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Watcher {
+    fn start(chromium: &Path, base: &str, export_id: &str) -> Res<Watcher> {
+        let profile = std::env::temp_dir().join(format!("sluice-polls-chromium-{}", std::process::id()));
+        let browser = Command::new(chromium)
+            .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("{base}/"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", chromium.display()))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, metrics, page) = (stop.clone(), format!("{base}/metrics"), format!("{base}/exports/{export_id}"));
+        let thread = std::thread::spawn(move || {
+            let agent = agent();
+            let mut sent = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let tick = Instant::now();
+                let _ = agent.get(&metrics).call().map(|mut r| r.body_mut().read_to_vec());
+                let _ = agent
+                    .get(&page)
+                    .header("accept", "application/json")
+                    .call()
+                    .map(|mut r| r.body_mut().read_to_vec());
+                sent += 2;
+                std::thread::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed()));
+            }
+            sent
+        });
+        Ok(Watcher { browser, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = self.browser.kill();
+        let _ = self.browser.wait();
+    }
+}
+
+/// Seconds between starting Chromium and measuring (it starts and loads the page).
+const SETTLE_SECONDS: u64 = 8;
+
+/// Status polls with and without the status page open and metrics scraped.
+fn monitoring(args: &Args, target: &Target) -> Res<()> {
+    if !args.chromium.is_file() {
+        println!();
+        println!("monitoring rounds skipped: no Chromium at {}", args.chromium.display());
+        return Ok(());
+    }
+    let export_id = target.status_url.rsplit('/').next().unwrap_or_default().to_string();
+    println!();
+    println!(
+        "monitoring cost on the none server: plain polls, and the same polls with a headless Chromium on / \
+         plus GET /metrics and GET /exports/<id> (JSON) every second"
+    );
+    print_header();
+    let mut totals: [Round; 2] = Default::default();
+    for round in 1..=args.rounds {
+        for (i, mode) in ["plain", "watched"].into_iter().enumerate() {
+            let watcher =
+                (i == 1).then(|| Watcher::start(&args.chromium, &target.server.url, &export_id)).transpose()?;
+            if watcher.is_some() {
+                // Chromium's start-up is not what is measured: the tab is open and idle first.
+                std::thread::sleep(Duration::from_secs(SETTLE_SECONDS));
+            }
+            let r = poll_round(&target.server, &target.status_url, None, args.rate, args.seconds, args.threads);
+            drop(watcher);
+            print_row(&round.to_string(), mode, &r);
+            totals[i].absorb(r);
+        }
+    }
+    for t in &mut totals {
+        t.latencies.sort_by(f64::total_cmp);
+        t.lags.sort_by(f64::total_cmp);
+    }
+    println!();
+    print_header();
+    print_row("all", "plain", &totals[0]);
+    print_row("all", "watched", &totals[1]);
+    let [plain, watched] = &totals;
+    println!(
+        "watched / plain: p99 {:.2}, p50 {:.2}",
+        quantile(&watched.latencies, 0.99) / quantile(&plain.latencies, 0.99),
+        quantile(&watched.latencies, 0.50) / quantile(&plain.latencies, 0.50)
     );
     Ok(())
 }

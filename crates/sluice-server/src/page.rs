@@ -155,6 +155,7 @@ fn document(job: &JobRecord) -> Value {
 /// the cancel button; the script refreshes it from `progress` (the export's JSON).
 fn running_section(body: &mut String, app: &AppState, job: &JobRecord, progress: &str) {
     let (done, total) = job.totals();
+    let doc = document(job);
     let cancel = format!("{}/fhir/$export-status/{}", app.inner.base_url, job.id);
     let _ = write!(
         body,
@@ -162,7 +163,7 @@ fn running_section(body: &mut String, app: &AppState, job: &JobRecord, progress:
          <h2>Running: <a href=\"{progress}\"><code>{id}</code></a> ({level})</h2><p><code>{request}</code></p>\
          <p id=\"overall\"><progress max=\"{max}\" value=\"{done}\"></progress> <span id=\"percent\">{percent}%</span> \
          <span class=\"count\">{done} / {total}</span></p>\
-         <p>Rate: <span id=\"rate\">unknown</span>; time left: <span id=\"left\">unknown</span></p>\
+         <p>Rate: <span id=\"rate\">{rate}</span>; time left: <span id=\"left\">{left}</span></p>\
          <table id=\"types\"><thead><tr><th>Type</th><th>Progress</th><th>Resources</th></tr></thead><tbody>",
         progress = esc(progress),
         cancel = esc(&cancel),
@@ -171,6 +172,8 @@ fn running_section(body: &mut String, app: &AppState, job: &JobRecord, progress:
         request = esc(&job.request_url),
         max = total.max(1),
         percent = job.percent(),
+        rate = doc["ratePerSecond"].as_f64().map_or_else(|| "unknown".into(), |r| format!("{r:.0} resources/s")),
+        left = doc["estimatedSecondsLeft"].as_u64().map_or_else(|| "unknown".into(), seconds),
     );
     for (t, p) in &job.progress {
         let _ = write!(
@@ -226,6 +229,11 @@ fn parameters(request_url: &str) -> &str {
 
 fn instant(t: OffsetDateTime) -> String {
     sluice_fhir::instant::format(t)
+}
+
+/// A time left, as the script writes it.
+fn seconds(s: u64) -> String {
+    if s < 90 { format!("{s} s") } else { format!("{} min", (s + 30) / 60) }
 }
 
 /// How long the export ran (or has run so far).

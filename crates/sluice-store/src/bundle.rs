@@ -110,6 +110,9 @@ fn entry_op(
     urls: &HashMap<String, String>,
     edit: &impl Fn(&mut Json<'_>),
 ) -> Result<WriteOp, Issue> {
+    if !entry.is_object() {
+        return Err(Issue::error(IssueCode::Structure, "a Bundle entry must be a JSON object"));
+    }
     let method =
         entry.pointer(&["request", "method"]).and_then(Json::as_str).map_or("PUT".to_string(), |m| m.into_owned());
     match (policy, method.as_str()) {
@@ -124,7 +127,7 @@ fn entry_op(
             }
         }
         (_, "PUT" | "POST") => {
-            let Json::Object(members) = entry else { unreachable!("an entry with a method is an object") };
+            let Json::Object(members) = entry else { unreachable!("checked above: the entry is an object") };
             let mut resource = members
                 .into_iter()
                 .rev()
@@ -243,7 +246,8 @@ mod tests {
             {"request":{"method":"GET","url":"Patient/c"}},
             {"resource":{"resourceType":"Patient","id":"x"},"request":{"method":"PUT","url":"Patient/y"}},
             {"request":{"method":"PUT","url":"Patient/z"}},
-            {"request":{"method":"DELETE","url":"Nope/z"}}
+            {"request":{"method":"DELETE","url":"Nope/z"}},
+            null, false, 3, [], "entry"
         ]});
         let (kind, ops) = bundle_ops(tree(b), IdPolicy::Rest).unwrap();
         assert_eq!(kind, BundleKind::Batch);

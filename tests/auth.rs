@@ -1250,3 +1250,24 @@ fn auth_none_refuses_public_addresses() {
     assert_outcome(&r, 404, &["--auth smart"]);
     open.assert_alive();
 }
+
+/// A kick-off while another export runs (issue 14): the 429 names the running export only
+/// to the client that owns it; another client is told only to retry.
+#[test]
+fn the_busy_answer_names_the_export_to_its_owner_only() {
+    let srv = Server::loaded(&smart_args(&["--throttle-ms", "20", "--batch-bytes", "16384"]));
+    let keys = keys();
+    register(&srv, "owner", &client_body(&["system/*.read"], inline_keys(&keys.rsa, "o-1")));
+    register(&srv, "other", &client_body(&["system/*.read"], inline_keys(&keys.ec, "x-1")));
+    let owner = bearer(&token(&srv, "owner", &keys.rsa, "o-1", "system/*.read"));
+    let other = bearer(&token(&srv, "other", &keys.ec, "x-1", "system/*.read"));
+    let status_url = assert_accepted(&kickoff_as(&srv.fhir("/Patient/$export?_type=Observation"), &owner), &srv);
+    let id = export_id(&status_url);
+
+    let theirs = kickoff_as(&srv.fhir("/$export"), &other);
+    assert_outcome(&theirs, 429, &["another export is running"]);
+    assert!(!theirs.text().contains(&id), "another client is told the running export's id: {}", theirs.text());
+    let mine = kickoff_as(&srv.fhir("/$export"), &owner);
+    assert_outcome(&mine, 429, &["your export", &id, "DELETE"]);
+    assert_eq!(send_as("DELETE", &status_url, &owner, None).status, 202);
+}

@@ -315,7 +315,12 @@ impl Server {
     /// A server on `dir` (which it then owns). Listens on a free port unless `args` has
     /// `--listen`. Returns once the server printed its address.
     pub fn start(dir: TempDir, args: &[&str]) -> Server {
-        let mut server = Server::spawn(dir.path(), args, "server.log");
+        Server::start_with_env(dir, args, &[])
+    }
+
+    /// [`Server::start`] with environment variables set for the process.
+    pub fn start_with_env(dir: TempDir, args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut server = Server::spawn(dir.path(), args, env, "server.log");
         server.tmp = Some(dir);
         server
     }
@@ -323,12 +328,13 @@ impl Server {
     /// A second server on the store and data dir of `other`, which it does not own: two
     /// processes sharing one database (PostgreSQL) and one export folder.
     pub fn beside(other: &Server, args: &[&str]) -> Server {
-        Server::spawn(&other.dir, args, "peer.log")
+        Server::spawn(&other.dir, args, &[], "peer.log")
     }
 
-    fn spawn(path: &Path, args: &[&str], log_name: &str) -> Server {
+    fn spawn(path: &Path, args: &[&str], env: &[(&str, &str)], log_name: &str) -> Server {
         let log = File::options().create(true).append(true).open(path.join(log_name)).expect("opening the server log");
         let mut cmd = sluice();
+        cmd.envs(env.iter().copied());
         cmd.arg("serve").args(store_args(path));
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
@@ -392,6 +398,17 @@ impl Server {
     /// Waits for the process to exit (after [`Server::sigterm`]); its exit status.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("waiting for the server to exit")
+    }
+
+    /// The server process's peak resident memory so far (Linux `VmHWM`), in bytes.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("/proc status");
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM");
+        kb * 1024
     }
 
     /// Asserts the server is still running and answering.

@@ -58,6 +58,14 @@ struct StoreArgs {
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "SLUICE_DB_POOL_SIZE", default_value_t = 16)]
     db_pool_size: usize,
+    /// Key sealing the secrets of configuration resources at rest (AES-256-GCM): 32 bytes
+    /// as 64 hex digits or base64. Unset: secrets are stored as given.
+    #[arg(long, env = "SLUICE_SECRETS_KEY", hide_env_values = true)]
+    secrets_key: Option<String>,
+    /// Older keys that still open secrets sealed with them (comma-separated); those are
+    /// sealed again with the current key at start.
+    #[arg(long, env = "SLUICE_SECRETS_KEY_PREVIOUS", hide_env_values = true, value_delimiter = ',')]
+    secrets_key_previous: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +121,46 @@ struct ServeArgs {
     /// Milliseconds after which an export whose server stopped renewing it is taken over.
     #[arg(long, env = "SLUICE_JOB_LEASE_MS", default_value_t = 10_000, hide = true)]
     job_lease_ms: u64,
+    /// Seconds a completed or failed export (its files and its status URL) is kept after
+    /// it finished; then it is deleted. 0 keeps exports until a client deletes them.
+    #[arg(long, env = "SLUICE_EXPORT_RETENTION", default_value_t = 86_400)]
+    export_retention: u64,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+/// What the HTTP listener accepts: hosts, connections, timeouts.
+#[derive(Debug, Args)]
+struct HttpArgs {
+    /// Host names answered besides the base URL's and loopback names (comma-separated;
+    /// `*` answers any). Other `Host` headers get 421 (DNS rebinding).
+    #[arg(long, env = "SLUICE_ALLOWED_HOSTS", value_delimiter = ',')]
+    allowed_hosts: Vec<String>,
+    /// Connections served at once; more wait in the listen backlog.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 512)]
+    max_connections: usize,
+    /// Seconds a request's headers may take to arrive (also how long an idle keep-alive
+    /// connection stays open).
+    #[arg(long, env = "SLUICE_HEADER_TIMEOUT", default_value_t = 30)]
+    header_timeout: u64,
+    /// Seconds a request body may pause between two pieces.
+    #[arg(long, env = "SLUICE_BODY_TIMEOUT", default_value_t = 60)]
+    body_timeout: u64,
+    /// Seconds a response may wait for a client that stopped reading it.
+    #[arg(long, env = "SLUICE_WRITE_TIMEOUT", default_value_t = 120)]
+    write_timeout: u64,
+}
+
+impl HttpArgs {
+    /// The listener's limits.
+    fn limits(&self) -> sluice_server::serve::Limits {
+        sluice_server::serve::Limits {
+            max_connections: self.max_connections.max(1),
+            header_timeout: Duration::from_secs(self.header_timeout.max(1)),
+            body_timeout: Duration::from_secs(self.body_timeout.max(1)),
+            write_timeout: Duration::from_secs(self.write_timeout.max(1)),
+        }
+    }
 }
 
 /// Cloud storage for export files, configured exactly as in Aidbox (see the README).
@@ -213,6 +261,7 @@ async fn open_store(args: &StoreArgs) -> Result<Arc<dyn Store>, CliError> {
 
 /// [`open_store`], with the PostgreSQL store itself when it is one (for its pool metrics).
 async fn open_store_pool(args: &StoreArgs) -> Result<(Arc<dyn Store>, Option<PgStore>), CliError> {
+    let secrets = crate::at_rest::secrets(args.secrets_key.as_deref(), &args.secrets_key_previous)?;
     if let Some(url) = &args.database_url {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err("--database-url must be a postgres:// or postgresql:// URL".into());
@@ -220,10 +269,16 @@ async fn open_store_pool(args: &StoreArgs) -> Result<(Arc<dyn Store>, Option<PgS
         let options = PgOptions { pool_size: args.db_pool_size, ..PgOptions::default() };
         // The error names host and database, never the password.
         let store = PgStore::connect(url, options).await.map_err(|e| format!("connecting to PostgreSQL: {e}"))?;
+        let store = store.with_secrets(secrets.clone());
+        crate::at_rest::resealed(store.reseal_secrets().await, &secrets);
         return Ok((Arc::new(store.clone()), Some(store)));
     }
+    crate::at_rest::data_dir(&args.data_dir)?;
     let path = args.data_dir.join("sluice.db");
-    Ok((Arc::new(SqliteStore::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?), None))
+    let store = SqliteStore::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let store = store.with_secrets(secrets.clone());
+    crate::at_rest::resealed(store.reseal_secrets().await, &secrets);
+    Ok((Arc::new(store), None))
 }
 
 /// Runs the chosen command.
@@ -265,6 +320,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(bad) = args.auth.issuers.iter().find(|i| !(i.starts_with("https://") || i.starts_with("http://"))) {
         return Err(format!("--auth-issuer '{bad}' must be an http(s) URL").into());
     }
+    if let Some(base) = &args.base_url {
+        sluice_server::check_base_url(base.trim_end_matches('/')).map_err(|e| format!("--base-url: {e}"))?;
+    }
     let (store, pool) = open_store_pool(&args.store).await?;
     let metrics = crate::telemetry::install(pool)?;
     if !args.load.is_empty() {
@@ -277,6 +335,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let smart = check_auth(&args.auth, addr)?;
     let base_url = args.base_url.clone().unwrap_or_else(|| format!("http://{addr}")).trim_end_matches('/').to_string();
 
+    crate::at_rest::data_dir(&args.store.data_dir)?;
     let key = match &args.signing_key {
         Some(hex_key) => SigningKey::from_hex(hex_key).ok_or("SLUICE_SIGNING_KEY must be a non-empty hex string")?,
         None => SigningKey::load_or_create(&args.store.data_dir.join("signing.key"))?,
@@ -293,6 +352,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         throttle: args.throttle_ms.map(Duration::from_millis),
         lease: Duration::from_millis(args.job_lease_ms.max(100)),
         range_split_min: args.range_split_min,
+        retention: (args.export_retention > 0).then(|| Duration::from_secs(args.export_retention)),
         ..EngineConfig::default()
     };
     let cloud = CloudOptions { part_bytes: args.cloud.storage_part_bytes, ..CloudOptions::default() };
@@ -333,7 +393,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         }
         api = api.smart(Smart::new(config, store.clone(), audit));
     }
-    let app = api.router();
+    let app = api.allowed_hosts(args.http.allowed_hosts.iter().map(|h| h.trim().to_string())).router();
     tracing::info!(auth = if smart { "smart" } else { "none" }, "authorization");
     tracing::info!(store = %store.describe(), %base_url, "sluice listening");
     // Scripts and tests read this line; a closed stdout is not a reason to stop serving.
@@ -354,7 +414,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         }
     };
     let grace = Duration::from_secs(args.shutdown_grace);
-    let serve = axum::serve(listener, app).with_graceful_shutdown(on_signal);
+    let serve = sluice_server::serve::serve(listener, app, args.http.limits(), on_signal);
     tokio::select! {
         served = serve => served?,
         () = async { signaled.notified().await; tokio::time::sleep(grace).await } => {

@@ -2,6 +2,7 @@
 //! ([`cli`]): the store, the engine, the storage, the HTTP API (`sluice-server`) and the
 //! loader (`sluice-load`).
 
+mod at_rest;
 mod cli;
 mod export;
 mod telemetry;

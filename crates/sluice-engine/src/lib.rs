@@ -78,6 +78,10 @@ pub struct EngineConfig {
     /// A running job renews its lease every quarter of this; a job whose lease is older
     /// (its server died) is taken over by any server sharing the store.
     pub lease: Duration,
+    /// Completed and failed exports are deleted with their files this long after they
+    /// finished, by whichever server sharing the store notices first; their status URL
+    /// then answers 404. `None`: kept until a client deletes them.
+    pub retention: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -91,6 +95,7 @@ impl Default for EngineConfig {
             progress_interval: Duration::from_millis(500),
             throttle: None,
             lease: Duration::from_secs(10),
+            retention: None,
         }
     }
 }

@@ -154,18 +154,62 @@ impl Engine {
             // shutting down is taken over at once.
             let every = (engine.config.lease / 2).min(Duration::from_secs(1)).max(Duration::from_millis(100));
             let mut tick = tokio::time::interval(every);
+            // Expired exports are looked for every quarter retention, at most every minute.
+            let sweep_every =
+                engine.config.retention.map(|r| (r / 4).clamp(Duration::from_millis(100), Duration::from_secs(60)));
+            let mut swept = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
                 if let Err(e) = engine.resume_unfinished().await {
                     tracing::warn!(error = %e, "looking for interrupted exports failed");
                 }
+                if sweep_every.is_some_and(|every| swept.elapsed() >= every) {
+                    swept = tokio::time::Instant::now();
+                    if let Err(e) = engine.delete_expired().await {
+                        tracing::warn!(error = %e, "looking for expired exports failed");
+                    }
+                }
             }
         })
+    }
+
+    /// Deletes the completed and failed exports that finished longer than
+    /// [`EngineConfig::retention`](crate::EngineConfig::retention) ago, with their files
+    /// (their status URL then answers 404); returns how many. Servers sharing the store may
+    /// run it at the same time: each export is deleted once.
+    pub async fn delete_expired(&self) -> Result<usize, JobError> {
+        let Some(retention) = self.config.retention else { return Ok(0) };
+        let now = OffsetDateTime::now_utc();
+        let mut deleted = 0;
+        for job in self.store.expired(retention, 100).await? {
+            let ended = job.finished_at.unwrap_or(job.created_at);
+            if Duration::try_from(now - ended).is_ok_and(|age| age < retention) {
+                continue;
+            }
+            let why = "the export was deleted with its files when its retention period ended (--export-retention)";
+            match self.remove(&job.id, why).await {
+                Ok(()) => {
+                    deleted += 1;
+                    metrics::counter!(crate::meter::EXPIRED).increment(1);
+                    tracing::info!(export_id = %job.id, "export expired: deleted with its files");
+                }
+                Err(CancelError::NotFound(_)) => {} // another server was first
+                Err(CancelError::Internal(e)) => {
+                    tracing::warn!(export_id = %job.id, error = %e, "deleting an expired export failed")
+                }
+            }
+        }
+        Ok(deleted)
     }
 
     /// Cancels an active export, or deletes a finished one with its files. The one-export
     /// slot is free when this returns.
     pub async fn cancel(&self, id: &str) -> Result<(), CancelError> {
+        self.remove(id, "the export was cancelled by the client").await
+    }
+
+    /// [`Engine::cancel`], recording `why` as the job's outcome.
+    async fn remove(&self, id: &str, why: &str) -> Result<(), CancelError> {
         let internal = |e: JobError| CancelError::Internal(e.to_string());
         loop {
             let Some(mut job) = self.store.get(id).await.map_err(internal)? else {
@@ -177,10 +221,7 @@ impl Engine {
             let was = job.status;
             job.transition(JobStatus::Cancelled).map_err(internal)?;
             job.finished_at = Some(OffsetDateTime::now_utc());
-            job.outcome = Some(OperationOutcome::single(Issue::error(
-                IssueCode::Incomplete,
-                "the export was cancelled by the client",
-            )));
+            job.outcome = Some(OperationOutcome::single(Issue::error(IssueCode::Incomplete, why)));
             if !self.store.save_if(&job, &[was]).await.map_err(internal)? {
                 continue; // the status moved under us: look again
             }

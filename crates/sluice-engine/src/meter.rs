@@ -18,10 +18,14 @@ pub const RESOURCES: &str = "sluice_export_resources_total";
 /// Bytes written to finished files (as stored: gzip output counts compressed bytes), by
 /// type and storage provider.
 pub const BYTES: &str = "sluice_export_bytes_total";
+/// Finished exports deleted when their retention ended.
+pub const EXPIRED: &str = "sluice_exports_expired_total";
 /// Seconds from kick-off to completion, by level (histogram).
 pub const DURATION: &str = "sluice_export_duration_seconds";
 /// Seconds from kick-off to the first finished file (histogram).
 pub const FIRST_FILE: &str = "sluice_export_first_file_seconds";
+/// Export parts run again after their database connection was lost (D51).
+pub const PART_RETRIES: &str = "sluice_export_part_retries_total";
 
 /// Describes the engine's metrics to the installed recorder (their `# HELP` lines).
 pub fn describe() {
@@ -35,8 +39,14 @@ pub fn describe() {
         metrics::Unit::Bytes,
         "Bytes written to finished export files (as stored), by type and storage provider."
     );
+    metrics::describe_counter!(EXPIRED, "Finished exports deleted with their files when their retention ended.");
     metrics::describe_histogram!(DURATION, metrics::Unit::Seconds, "Time from kick-off to completion, by level.");
     metrics::describe_histogram!(FIRST_FILE, metrics::Unit::Seconds, "Time from kick-off to the first finished file.");
+    metrics::describe_counter!(
+        PART_RETRIES,
+        "Export parts run again from their start after their database connection was lost."
+    );
+    metrics::counter!(PART_RETRIES).absolute(0);
     // Every level's counters exist from the start (at 0), so rates and alerts need no
     // first event.
     for level in ["system", "patient", "group"] {
@@ -60,6 +70,11 @@ pub(crate) fn count(name: &'static str, job: &JobRecord) {
 pub(crate) fn completed(job: &JobRecord) {
     count(COMPLETED, job);
     metrics::histogram!(DURATION, "level" => job.plan.level.name()).record(seconds_since(job.created_at));
+}
+
+/// A part that runs again after its database connection was lost.
+pub(crate) fn part_retried() {
+    metrics::counter!(PART_RETRIES).increment(1);
 }
 
 /// A finished file of `resource_type` holding `resources` resources in `bytes` bytes.

@@ -2,7 +2,8 @@
 //! saving progress as they go. Each [`Part`] streams batches from the store, has them
 //! encoded on blocking threads ([`crate::encode`]) and streams the bytes into storage
 //! objects, one per file; patient blocks (`organizeOutputBy=Patient`) are written patient by
-//! patient.
+//! patient. A part whose database connection is lost (not its snapshot) runs again from its
+//! start on a new connection, rewriting the same files (D51).
 
 use crate::encode::{Encoded, Encoder, Treatment, block_header};
 use crate::plan::{BlockPatients, Blocks, DELETED, PlannedPart, Sources, narrow};
@@ -13,10 +14,11 @@ use sluice_jobs::{JobRecord, JobStatus, OutputFile};
 use sluice_ndjson::Compression;
 use sluice_planner::ExportPlan;
 use sluice_storage::{ObjectMeta, ObjectWriter, Storage};
-use sluice_store::{Patients, ScanFilter, Snapshot};
-use std::collections::{BTreeMap, HashMap};
+use sluice_store::{Patients, ScanFilter, Snapshot, StoreError};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,48 @@ impl Finished {
     fn take(&self) -> Vec<FinishedFile> {
         std::mem::take(&mut *self.files.lock().unwrap_or_else(PoisonError::into_inner))
     }
+
+    /// Takes back the files named `keys` (a failed attempt's, to be written again), if none
+    /// of them has been taken into the job yet; otherwise leaves the list as it is and
+    /// returns `false`.
+    fn withdraw(&self, keys: &[String]) -> bool {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if !keys.iter().all(|k| files.iter().any(|f| &f.file.key == k)) {
+            return false;
+        }
+        files.retain(|f| !keys.contains(&f.file.key));
+        true
+    }
+}
+
+/// Attempts at a part whose database connection is lost (D51): the first and two retries.
+const PART_ATTEMPTS: u32 = 3;
+
+/// The pause before the first retry of a part; doubled before each next one.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Why an attempt at a part stopped.
+enum PartError {
+    /// The part fails (or the run stops) with this.
+    Run(RunError),
+    /// A store reader lost its database connection, not the snapshot: the part can run
+    /// again on a new one.
+    Lost(StoreError),
+}
+
+impl From<RunError> for PartError {
+    fn from(e: RunError) -> Self {
+        PartError::Run(e)
+    }
+}
+
+impl From<StoreError> for PartError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::ConnectionLost(_) => PartError::Lost(e),
+            e => PartError::Run(e.into()),
+        }
+    }
 }
 
 /// An object being written.
@@ -71,8 +115,9 @@ struct OpenObject {
     writer: Box<dyn ObjectWriter>,
 }
 
-/// What a running part holds: the encoder (on a blocking thread while a batch is encoded),
-/// the object being written, and its store readers (aborted when the part fails).
+/// What an attempt at a part holds: the encoder (on a blocking thread while a batch is
+/// encoded), the object being written, its store readers (aborted when the attempt fails),
+/// and what it has done so far, which a retry takes back or reuses.
 struct PartState {
     /// The encoder; `None` while it encodes a batch on a blocking thread.
     writer: Option<Encoder>,
@@ -80,6 +125,38 @@ struct PartState {
     open: Option<OpenObject>,
     /// The part's store readers.
     scans: Vec<tokio::task::AbortHandle>,
+    /// File numbers an earlier attempt took, for this one's files in the same order.
+    reuse: VecDeque<u32>,
+    /// The file numbers this attempt has taken (reused or new), in order.
+    numbers: Vec<u32>,
+    /// The keys of the files this attempt finished.
+    finished: Vec<String>,
+    /// What this attempt added to each progress entry.
+    counted: BTreeMap<String, u64>,
+}
+
+impl PartState {
+    /// A first attempt's state (`reuse` empty), or a retry's reusing `reuse`.
+    fn new(encoder: Encoder, reuse: Vec<u32>) -> Self {
+        PartState {
+            writer: Some(encoder),
+            open: None,
+            scans: Vec::new(),
+            reuse: reuse.into(),
+            numbers: Vec::new(),
+            finished: Vec::new(),
+            counted: BTreeMap::new(),
+        }
+    }
+
+    /// Stops the readers and drops the object being written.
+    async fn abort(&mut self) {
+        // Stop reading before the snapshot is released, then drop what was written.
+        self.scans.iter().for_each(tokio::task::AbortHandle::abort);
+        if let Some(open) = self.open.take() {
+            open.writer.abort().await;
+        }
+    }
 }
 
 /// The failure of a store reader task that panicked or was aborted.
@@ -110,6 +187,7 @@ impl Engine {
         let mut parts = tokio::task::JoinSet::new();
         for PlannedPart { resource_type: t, sources, blocks, deleted: del, .. } in planned {
             let part = Part {
+                export_id: job.id.clone(),
                 file_numbers: file_numbers.entry(t.clone()).or_default().clone(),
                 engine: self.clone(),
                 storage: storage.clone(),
@@ -208,6 +286,8 @@ impl Engine {
 /// One resource type of one export, or one id range of a large type, or a share of the
 /// patient blocks.
 struct Part {
+    /// The export's id (for the log).
+    export_id: String,
     /// The engine (its store and configuration).
     engine: Engine,
     /// Where the files go.
@@ -253,39 +333,119 @@ impl Part {
         }
     }
 
+    /// A name for the part in the log: its progress entry, and its id range if it reads one.
+    fn name(&self) -> String {
+        let range = match &self.blocks {
+            Some(b) => match &b.patients {
+                BlockPatients::Range(r) => Some(r),
+                BlockPatients::Listed(_) => None,
+            },
+            None => self.sources.first().and_then(|(_, f)| f.id_range.as_ref()),
+        };
+        match range {
+            Some(r) => format!(
+                "{} [{}, {})",
+                self.progress_key,
+                r.from.as_deref().unwrap_or("start"),
+                r.to.as_deref().unwrap_or("end")
+            ),
+            None => self.progress_key.clone(),
+        }
+    }
+
     /// Writes the part's files: reads its sources (or writes its patient blocks), encodes
-    /// and stores them. On failure, stops its readers and drops the object being written.
+    /// and stores them. When a store reader loses its database connection (not the
+    /// snapshot), the part runs again from its start on a new one, at most
+    /// [`PART_ATTEMPTS`] times in all, rewriting the same files (D51). On failure, stops its
+    /// readers and drops the object being written.
     async fn run(self) -> Result<(), RunError> {
+        let mut reuse = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut st = PartState::new(self.encoder(), reuse);
+            let result = self.attempt(&mut st).await;
+            if result.is_err() {
+                st.abort().await;
+            }
+            let lost = match result {
+                Ok(()) => return Ok(()),
+                Err(PartError::Run(e)) => return Err(e),
+                Err(PartError::Lost(e)) => e,
+            };
+            if self.token.is_cancelled() {
+                return Err(RunError::Cancelled);
+            }
+            if attempt >= PART_ATTEMPTS {
+                return Err(RunError::Failed(Issue::fatal(
+                    IssueCode::Exception,
+                    format!("reading the store failed: {lost} ({attempt} attempts at {})", self.name()),
+                )));
+            }
+            // The files this attempt finished are written again under the same names; once
+            // a manifest page has listed one (allowPartialManifests), it must not change.
+            if !self.finished.withdraw(&st.finished) {
+                return Err(RunError::Failed(Issue::fatal(
+                    IssueCode::Exception,
+                    format!(
+                        "reading the store failed: {lost}; {} is not read again: a manifest page has listed its files",
+                        self.name()
+                    ),
+                )));
+            }
+            for (key, n) in &st.counted {
+                self.done[key].fetch_sub(*n, Ordering::Relaxed);
+            }
+            tracing::warn!(
+                export_id = %self.export_id,
+                part = %self.name(),
+                attempt,
+                error = %lost,
+                "a part lost its database connection; running it again from its start on a new one"
+            );
+            crate::meter::part_retried();
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_PAUSE * 2u32.pow(attempt - 1)) => {}
+                _ = self.token.cancelled() => return Err(RunError::Cancelled),
+            }
+            reuse = st.numbers;
+        }
+    }
+
+    /// A new encoder for the part's files.
+    fn encoder(&self) -> Encoder {
         let cfg = &self.engine.config;
         let compression = if self.plan.output_format.is_gzip() {
             Compression::Gzip { level: cfg.gzip_level }
         } else {
             Compression::None
         };
-        let mut st = PartState { writer: Some(Encoder::new(compression, cfg.split)), open: None, scans: Vec::new() };
-        let result: Result<(), RunError> = async {
-            match &self.blocks {
-                Some(blocks) => self.write_blocks(&mut st, blocks).await?,
-                None => {
-                    self.scan_into(&mut st, self.sources.clone(), None).await?;
-                }
-            }
-            let w = st.writer.take().expect("writer present at end");
-            let events = tokio::task::spawn_blocking(move || w.finish())
-                .await
-                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?
-                .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding failed: {e}"))))?;
-            self.handle(events, &mut st.open).await
-        }
-        .await;
+        Encoder::new(compression, cfg.split)
+    }
 
-        if let Err(e) = result {
-            // Stop reading before the snapshot is released, then drop what was written.
-            st.scans.iter().for_each(tokio::task::AbortHandle::abort);
-            if let Some(open) = st.open.take() {
-                open.writer.abort().await;
-            }
-            return Err(e);
+    /// One attempt at the part, from its start. A retry that ends with numbers of the
+    /// attempt before it unused (its files split elsewhere: rows in another order with
+    /// `max_bytes`) fails, as the files of those numbers cannot be taken back.
+    async fn attempt(&self, st: &mut PartState) -> Result<(), PartError> {
+        match &self.blocks {
+            Some(blocks) => self.write_blocks(st, blocks).await?,
+            None => self.scan_into(st, self.sources.clone(), None).await?,
+        }
+        let w = st.writer.take().expect("writer present at end");
+        let events = tokio::task::spawn_blocking(move || w.finish())
+            .await
+            .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoder crashed: {e}"))))?
+            .map_err(|e| RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding failed: {e}"))))?;
+        self.handle(events, st).await?;
+        if !st.reuse.is_empty() {
+            return Err(PartError::Run(RunError::Failed(Issue::fatal(
+                IssueCode::Exception,
+                format!(
+                    "{} was read again after a lost database connection and wrote fewer files than before; \
+                     start a new export",
+                    self.name()
+                ),
+            ))));
         }
         Ok(())
     }
@@ -293,8 +453,8 @@ impl Part {
     /// `organizeOutputBy=Patient`: each patient's block, in order. A block starts with its
     /// header only once it has a resource (with `_since`, a patient without changes has no
     /// block), and no block is split across files.
-    async fn write_blocks(&self, st: &mut PartState, blocks: &Blocks) -> Result<(), RunError> {
-        let write = async |st: &mut PartState, id: &str| -> Result<(), RunError> {
+    async fn write_blocks(&self, st: &mut PartState, blocks: &Blocks) -> Result<(), PartError> {
+        let write = async |st: &mut PartState, id: &str| -> Result<(), PartError> {
             let window = if blocks.late.contains(id) { &blocks.late_window } else { &blocks.window };
             let filter = ScanFilter { patients: Some(Patients::Only(vec![id.to_string()])), ..window.clone() };
             let sources = blocks.types.iter().map(|rt| (rt.clone(), narrow(&self.plan, rt, &filter))).collect();
@@ -321,7 +481,7 @@ impl Part {
                 loop {
                     let ids = tokio::select! {
                         ids = rx.recv() => ids,
-                        _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                        _ = self.token.cancelled() => return Err(RunError::Cancelled.into()),
                     };
                     let Some(ids) = ids else { break };
                     for id in &ids {
@@ -362,14 +522,12 @@ impl Part {
         st: &mut PartState,
         sources: Sources,
         mut header: Option<&mut Option<Vec<u8>>>,
-    ) -> Result<(), RunError> {
+    ) -> Result<(), PartError> {
         let cfg = &self.engine.config;
         let joined = header.is_some();
         let treatments: Vec<Treatment> = sources.iter().map(|(rt, _)| self.treatment(rt)).collect();
-        let counters: Vec<&AtomicU64> = sources
-            .iter()
-            .map(|(rt, _)| if joined { &self.done[rt] } else { &self.done[&self.progress_key] })
-            .collect();
+        let counters: Vec<String> =
+            sources.iter().map(|(rt, _)| if joined { rt.clone() } else { self.progress_key.clone() }).collect();
         let types: Vec<String> = sources.iter().map(|(rt, _)| rt.clone()).collect();
         let (tx, mut rx) = mpsc::channel(2);
         let scan = {
@@ -381,7 +539,7 @@ impl Part {
         loop {
             let next = tokio::select! {
                 b = rx.recv() => b,
-                _ = self.token.cancelled() => return Err(RunError::Cancelled),
+                _ = self.token.cancelled() => return Err(RunError::Cancelled.into()),
             };
             let Some((source, batch)) = next else { break };
             let n = batch.count;
@@ -401,8 +559,15 @@ impl Part {
             let events = events.map_err(|e| {
                 RunError::Failed(Issue::fatal(IssueCode::Exception, format!("encoding {} failed: {e}", types[source])))
             })?;
-            self.handle(events, &mut st.open).await?;
-            counters[source].fetch_add(n, Ordering::Relaxed);
+            self.handle(events, st).await?;
+            let key = &counters[source];
+            self.done[key].fetch_add(n, Ordering::Relaxed);
+            match st.counted.get_mut(key) {
+                Some(c) => *c += n,
+                None => {
+                    st.counted.insert(key.clone(), n);
+                }
+            }
             self.throttle().await?;
         }
         scan.await.map_err(reader_crashed)??;
@@ -424,14 +589,20 @@ impl Part {
     /// Stores what the encoder produced: bytes go to the object of their file (created when
     /// a new file starts); a finished file is checked (stored size against encoded size) and
     /// handed to the runner ([`Finished`]).
-    async fn handle(&self, events: Vec<Encoded>, open: &mut Option<OpenObject>) -> Result<(), RunError> {
+    async fn handle(&self, events: Vec<Encoded>, st: &mut PartState) -> Result<(), RunError> {
+        let open = &mut st.open;
         for ev in events {
             match ev {
                 Encoded::Data { file, bytes } => {
                     if open.as_ref().is_none_or(|o| o.file != file) {
                         // The encoder never starts an empty file: every number taken is
-                        // a file in the manifest.
-                        let number = self.file_numbers.fetch_add(1, Ordering::Relaxed);
+                        // a file in the manifest. A retry first takes the numbers of the
+                        // attempt before it, in order (D51).
+                        let number = match st.reuse.pop_front() {
+                            Some(n) => n,
+                            None => self.file_numbers.fetch_add(1, Ordering::Relaxed),
+                        };
+                        st.numbers.push(number);
                         let meta = ObjectMeta::ndjson(self.plan.output_format.is_gzip());
                         let writer = self.storage.create(&self.key(number), meta).await?;
                         *open = Some(OpenObject { file, number, writer });
@@ -462,6 +633,7 @@ impl Part {
                         bytes,
                         sha256: Some(sha256),
                     };
+                    st.finished.push(file.key.clone());
                     self.finished.push(FinishedFile { deleted: self.deleted, file });
                 }
             }

@@ -301,6 +301,9 @@ pub trait JobRepo: Send + Sync {
     /// The `limit` jobs kicked off last, newest first, whatever their status (the status
     /// page's list).
     async fn recent(&self, limit: usize) -> Result<Vec<JobRecord>, JobError>;
+    /// Up to `limit` completed or failed jobs last saved more than `age` ago (export
+    /// retention: their files are due for deletion), oldest first.
+    async fn expired(&self, age: std::time::Duration, limit: usize) -> Result<Vec<JobRecord>, JobError>;
     /// Renews the lease of an active job (its runner is alive). False when the job is no
     /// longer active (cancelled or finished, possibly by another server).
     async fn touch(&self, id: &str) -> Result<bool, JobError>;

@@ -33,7 +33,22 @@ impl<S: Send + Sync> FromRequest<S> for KickoffParts {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (method, uri, headers) = (req.method().clone(), req.uri().clone(), req.headers().clone());
-        let body = Bytes::from_request(req, state).await.map_err(IntoResponse::into_response)?;
+        // A kick-off body is a `Parameters` resource: at most SMALL_BODY (the router's
+        // default limit).
+        let body = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Issue::error(
+                        IssueCode::TooCostly,
+                        format!("a kick-off body (a Parameters resource) may be at most {} bytes", crate::SMALL_BODY),
+                    ),
+                )
+                .into_response()
+            } else {
+                rejection.into_response()
+            }
+        })?;
         Ok(KickoffParts { method, uri, headers, body })
     }
 }
@@ -81,7 +96,15 @@ async fn kickoff(app: AppState, level: Level, parts: KickoffParts) -> Result<Res
         };
         app.inner.audit.record(event).await;
     }
-    result.map(|(res, _)| res)
+    no_store(result.map(|(res, _)| res))
+}
+
+/// `Cache-Control: no-store` on an answer (kick-off, status, manifest, and their errors):
+/// a shared cache must never keep a manifest's signed URLs or an export's progress.
+fn no_store(result: Result<Response, ApiError>) -> Result<Response, ApiError> {
+    let mut res = result.unwrap_or_else(IntoResponse::into_response);
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(res)
 }
 
 /// Starts an export; returns the 202 and the export's id. `who` is set to the client once
@@ -122,15 +145,16 @@ async fn start(
     })?;
     limit_to_scopes(&mut plan, &grant)?;
     let owner = grant.client.clone();
-    let job = app.inner.engine.kickoff_as(plan, request_url.to_string(), storage, owner).await.map_err(|e| match e {
-        KickoffError::Busy(id) => ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            Issue::error(
-                IssueCode::Throttled,
-                format!("export {id} is running and only one export runs at a time; retry after it completes or cancel it with DELETE {}/fhir/$export-status/{id}", app.inner.base_url),
-            ),
-        )
-        .retry_after(BUSY_SECONDS),
+    // The headers the 202 needs are built before the export exists: a base URL that cannot
+    // go into a header must not leave an export running that nobody heard of.
+    HeaderValue::from_str(&format!("{}/fhir/$export-status/", app.inner.base_url)).map_err(ApiError::internal)?;
+    let kicked = app.inner.engine.kickoff_as(plan, request_url.to_string(), storage, owner).await;
+    let job = match kicked {
+        Err(KickoffError::Busy(id)) => return Err(busy(app, &grant, &id).await),
+        other => other,
+    };
+    let job = job.map_err(|e| match e {
+        KickoffError::Busy(_) => unreachable!("answered above"),
         KickoffError::NotFound(issue) => ApiError::new(StatusCode::NOT_FOUND, issue),
         KickoffError::Internal(msg) => ApiError::internal(msg),
         KickoffError::ShuttingDown => ApiError::new(
@@ -156,6 +180,30 @@ async fn start(
     }
     res.extensions_mut().insert(crate::ExportOfResponse(job.id.clone()));
     Ok((res, job.id))
+}
+
+/// The 429 of a kick-off while export `id` runs (one export at a time). Only the client
+/// that owns the running export (or an administrator) is told its id: with it anyone
+/// else could read its manifest or cancel it. Without authorization nobody is.
+async fn busy(app: &AppState, grant: &Grant, id: &str) -> ApiError {
+    let owner = match app.inner.store.get(id).await {
+        Ok(Some(job)) => job.owner,
+        _ => None,
+    };
+    let yours = grant.client.is_some() && owner.is_some() && grant.owns(owner.as_deref());
+    let message = if yours {
+        format!(
+            "your export {id} is running and only one export runs at a time; retry after it completes, \
+             or cancel it with DELETE {}/fhir/$export-status/{id}",
+            app.inner.base_url
+        )
+    } else {
+        format!(
+            "another export is running and only one export runs at a time; retry the kick-off after \
+             {BUSY_SECONDS} s (Retry-After)"
+        )
+    };
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, Issue::error(IssueCode::Throttled, message)).retry_after(BUSY_SECONDS)
 }
 
 /// Limits an export to the types the grant may read (D37): an explicit `_type` outside
@@ -236,6 +284,16 @@ pub async fn status(
     State(app): State<AppState>,
     Path(id): Path<String>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    no_store(answer_status(app, id, query, headers).await)
+}
+
+/// [`status`], before `Cache-Control`.
+async fn answer_status(
+    app: AppState,
+    id: String,
+    query: Option<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let grant = app.allow(Access::Status { export_id: &id }, &headers).await?;

@@ -32,11 +32,13 @@ mod config;
 mod export;
 mod files;
 mod health;
+mod hosts;
 mod metadata;
 pub mod meter;
 mod outcome;
 mod page;
 mod rest;
+pub mod serve;
 
 pub use sluice_auth::{Access, AllowAll, Auditor, Authorize, Denied, Grant, Smart};
 
@@ -61,7 +63,13 @@ pub trait Store: ResourceWrites + ExportStore + sluice_auth::TokenStore {}
 impl<T: ResourceWrites + ExportStore + ConfigRepo + AuthRepo + ?Sized> Store for T {}
 
 /// The largest request body accepted by default (a transaction Bundle); larger ones get 413.
+/// Bodies this large are read one at a time: the bytes of REST and Bundle bodies buffered
+/// at once never exceed this (smaller ones are read side by side).
 pub const DEFAULT_MAX_BODY: usize = 64 << 20;
+
+/// The largest body of any other request (a kick-off's `Parameters`, a configuration
+/// resource, a token request); larger ones get 413.
+pub const SMALL_BODY: usize = 1 << 20;
 
 /// A builder for Sluice's HTTP API.
 pub struct Api {
@@ -76,6 +84,7 @@ pub struct Api {
     token_downloads: bool,
     max_body: usize,
     metrics: Option<meter::Render>,
+    allowed_hosts: Vec<String>,
 }
 
 impl Api {
@@ -96,6 +105,7 @@ impl Api {
             token_downloads: false,
             max_body: DEFAULT_MAX_BODY,
             metrics: None,
+            allowed_hosts: Vec::new(),
         }
     }
 
@@ -156,11 +166,32 @@ impl Api {
         self
     }
 
+    /// Host names answered besides the base URL's and the loopback names (`localhost`,
+    /// `127.0.0.1`, `[::1]`), whatever the port; `*` answers any. A request naming another
+    /// host in `Host` is refused with 421: a web page cannot drive a server on the
+    /// user's machine through a DNS name it controls (DNS rebinding). The health probes
+    /// answer any host.
+    pub fn allowed_hosts(mut self, hosts: impl IntoIterator<Item = String>) -> Self {
+        self.allowed_hosts.extend(hosts.into_iter().map(|h| h.to_ascii_lowercase()));
+        self
+    }
+
     /// The router: every route, with the layers that make every error an OperationOutcome
     /// (handler panics included) and log each request (never its query, which can hold
     /// URL signatures).
     pub fn router(self) -> Router {
+        if let Err(why) = check_base_url(&self.base_url) {
+            // Nothing may run with a base URL that cannot go into a header: every request
+            // would change state first and fail to answer after.
+            tracing::error!(error = %why, "the API's base URL is unusable; every request is refused");
+            let why = Arc::new(why);
+            return Router::new().fallback(move || {
+                let why = why.clone();
+                async move { outcome::ApiError::internal(format!("this server is misconfigured: {why}")) }
+            });
+        }
         let max_body = self.max_body;
+        let hosts = Arc::new(hosts::AllowedHosts::new(&self.base_url, self.allowed_hosts));
         let state = AppState {
             inner: Arc::new(Inner {
                 engine: self.engine,
@@ -174,6 +205,8 @@ impl Api {
                 token_downloads: self.token_downloads,
                 polls: export::Polls::default(),
                 metrics: self.metrics,
+                body_budget: tokio::sync::Semaphore::new(kib(max_body) as usize),
+                max_body,
             }),
         };
         Router::new()
@@ -197,12 +230,34 @@ impl Api {
             .route("/{type}/{id}", get(config::get).put(config::put).delete(config::delete))
             .fallback(outcome::not_found)
             .method_not_allowed_fallback(outcome::method_not_allowed)
-            .layer(axum::extract::DefaultBodyLimit::max(max_body))
+            .layer(axum::extract::DefaultBodyLimit::max(SMALL_BODY))
+            .layer(axum::middleware::from_fn_with_state(hosts, hosts::check))
             .layer(axum::middleware::from_fn(outcome::ensure_outcome))
             .layer(axum::middleware::from_fn(access_log))
             .layer(tower_http::catch_panic::CatchPanicLayer::custom(outcome::panic_response))
             .with_state(state)
     }
+}
+
+/// Checks a public base URL (`--base-url`, [`Api::new`]): an absolute `http` or `https`
+/// URL of printable ASCII, without query or fragment (a path prefix is fine). It goes into
+/// headers (`Content-Location`, `Location`) and every absolute URL the API writes.
+pub fn check_base_url(url: &str) -> Result<(), String> {
+    if let Some(c) = url.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "the base URL must be printable ASCII without spaces (percent-encode anything else); it holds {:?}",
+            c
+        ));
+    }
+    let uri: axum::http::Uri =
+        url.parse().map_err(|e| format!("the base URL '{url}' is not an absolute http:// or https:// URL ({e})"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return Err(format!("the base URL '{url}' must be an absolute http:// or https:// URL"));
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err(format!("the base URL '{url}' must not have a query or a fragment"));
+    }
+    Ok(())
 }
 
 /// Shared state of all handlers.
@@ -228,6 +283,15 @@ struct Inner {
     polls: export::Polls,
     /// Renders `GET /metrics`, when the host publishes metrics.
     metrics: Option<meter::Render>,
+    /// KiB of REST and Bundle bodies that may be buffered at once (the largest body's).
+    body_budget: tokio::sync::Semaphore,
+    /// The largest REST or Bundle body.
+    max_body: usize,
+}
+
+/// `bytes` in KiB, rounded up (semaphore permits).
+fn kib(bytes: usize) -> u32 {
+    u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
 }
 
 impl AppState {
@@ -254,6 +318,54 @@ impl AppState {
                 Err(denied.into())
             }
         }
+    }
+
+    /// Reads a REST or Bundle body (at most the API's largest body, else 413) once its size
+    /// fits the bytes that may be buffered at once; the permit returned holds that share
+    /// until dropped (after the body is parsed and written).
+    async fn read_body(
+        &self,
+        headers: &axum::http::HeaderMap,
+        body: axum::body::Body,
+    ) -> Result<(axum::body::Bytes, tokio::sync::SemaphorePermit<'_>), outcome::ApiError> {
+        let max = self.inner.max_body;
+        let too_large = || {
+            outcome::ApiError::new(
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                sluice_fhir::Issue::error(
+                    sluice_fhir::IssueCode::TooCostly,
+                    format!("the request body is larger than this server accepts ({max} bytes); split the Bundle"),
+                ),
+            )
+        };
+        let declared = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > max) {
+            return Err(too_large());
+        }
+        // A body of unknown length may be as large as the largest.
+        let permit = self
+            .inner
+            .body_budget
+            .acquire_many(kib(declared.unwrap_or(max)))
+            .await
+            .map_err(outcome::ApiError::internal)?;
+        // Read into one buffer of the declared size: no doubling, no second copy.
+        let mut buf = Vec::with_capacity(declared.unwrap_or(0));
+        let mut body = body;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            let frame = frame
+                .map_err(|e| outcome::ApiError::bad_request(format!("the request body could not be read: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if buf.len() + data.len() > max {
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok((axum::body::Bytes::from(buf), permit))
     }
 
     /// [`AppState::allow`], then that `interaction` on `resource_type` is in the grant.

@@ -3,7 +3,7 @@
 
 use crate::outcome::{ApiError, fhir_json, info};
 use crate::{Access, AppState};
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -85,11 +85,12 @@ pub async fn update(
     State(app): State<AppState>,
     Path((t, id)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     // It creates or updates, which only the store knows: both are needed.
     app.allow_type(Access::Write { resource_type: &t }, &headers, &t, &[Interaction::Create, Interaction::Update])
         .await?;
+    let (body, _budget) = app.read_body(&headers, body).await?;
     check_type(&t)?;
     if !valid_id(&id) {
         return Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")));
@@ -121,9 +122,10 @@ pub async fn create(
     State(app): State<AppState>,
     Path(t): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     app.allow_type(Access::Write { resource_type: &t }, &headers, &t, &[Interaction::Create]).await?;
+    let (body, _budget) = app.read_body(&headers, body).await?;
     check_type(&t)?;
     let mut resource = parse_json(&body)?;
     if resource.get("resourceType").and_then(Json::as_str).as_deref() != Some(t.as_str()) {
@@ -168,8 +170,9 @@ fn entry_response(w: &Option<Written>, is_delete: bool) -> Value {
 
 /// `POST /fhir` with a `batch` or `transaction` Bundle. A transaction is all or nothing:
 /// any invalid entry rejects the whole Bundle with every problem listed.
-pub async fn bundle(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+pub async fn bundle(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let grant = app.allow(Access::Write { resource_type: "Bundle" }, &headers).await?;
+    let (body, _budget) = app.read_body(&headers, body).await?;
     let (kind, ops) = bundle_ops(parse_json(&body)?, IdPolicy::Rest).map_err(invalid)?;
     // Every entry's type must be permitted, whatever the Bundle's kind: a refusal names the
     // first entry that is not, and nothing is written.

@@ -236,4 +236,11 @@ mod tests {
         assert_eq!(shown, json!({"service-account-email":"e"}));
         assert_eq!(redact(ty("AzureAccount"), json!({"key":"k"})), json!({}));
     }
+
+    #[test]
+    fn the_fields_sealed_at_rest_are_the_secrets() {
+        for t in &CONFIG_TYPES {
+            assert_eq!(sluice_storage::secrets::secret_fields(t.name), t.secrets, "{} (D50)", t.name);
+        }
+    }
 }

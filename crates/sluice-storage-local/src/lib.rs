@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use sluice_storage::{ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError, validate_key};
+use sluice_storage::{ObjectMeta, ObjectWriter, SignedUrl, Storage, StorageError, owner_only, validate_key};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use time::OffsetDateTime;
@@ -38,10 +38,13 @@ impl SigningKey {
         hex::decode(hex_key.trim()).ok().filter(|k| !k.is_empty()).map(SigningKey)
     }
 
-    /// Reads the hex key at `path`, or creates it (32 random bytes, mode 0600) if absent.
+    /// Reads the hex key at `path`, or creates it (32 random bytes, mode 0600, in a folder
+    /// created 0700) if absent. An existing key file that other users may read is made
+    /// owner-only, with a warning (D50).
     pub fn load_or_create(path: &Path) -> std::io::Result<Self> {
         match std::fs::read_to_string(path) {
             Ok(s) => {
+                owner_only::tighten(path, "the URL signing key")?;
                 let bytes = hex::decode(s.trim()).map_err(|e| {
                     std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
@@ -53,10 +56,12 @@ impl SigningKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut bytes = vec![0u8; 32];
                 getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    owner_only::create_dir_all(dir)?;
                 }
                 let tmp = path.with_extension("tmp");
+                // A leftover from an interrupted start keeps its mode when opened again.
+                let _ = std::fs::remove_file(&tmp);
                 write_private(&tmp, hex::encode(&bytes).as_bytes())?;
                 std::fs::rename(&tmp, path)?;
                 Ok(SigningKey(bytes))
@@ -408,5 +413,20 @@ mod tests {
         assert_eq!(a.0, b.0);
         assert_eq!(a.0.len(), 32);
         assert_eq!(format!("{a:?}"), "SigningKey(<redacted>)");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn key_file_and_its_folder_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("data/signing.key");
+        let a = SigningKey::load_or_create(&p).unwrap();
+        assert_eq!((mode(p.parent().unwrap()), mode(&p)), (0o700, 0o600));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let b = SigningKey::load_or_create(&p).unwrap();
+        assert_eq!(a.0, b.0);
+        assert_eq!(mode(&p), 0o600, "a readable key file is tightened");
     }
 }

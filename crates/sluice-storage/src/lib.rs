@@ -9,19 +9,22 @@
 //!
 //! A [`StorageSource`] says where new exports go; each job keeps the [`StorageTarget`] it
 //! was given, so its files can be found again. [`ConfigRepo`] is where the configuration
-//! resources naming cloud accounts are kept. [`conformance`] (feature `conformance`) is the
-//! test suite every [`Storage`] passes.
+//! resources naming cloud accounts are kept; [`Secrets`] seals their secret fields at rest
+//! (D50). [`conformance`] (feature `conformance`) is the test suite every [`Storage`] passes.
 
 pub mod cloud;
 mod config;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod memory;
+pub mod owner_only;
+pub mod secrets;
 mod target;
 
 pub use cloud::{CloudOptions, CloudStorage, ObjectBackend, PartUpload};
 pub use config::{ConfigError, ConfigRepo};
 pub use memory::MemoryStorage;
+pub use secrets::{Resealed, Secrets, SecretsKey};
 pub use target::{AwsTarget, AzureTarget, GcpTarget, StorageTarget};
 
 use async_trait::async_trait;

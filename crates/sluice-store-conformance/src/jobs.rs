@@ -89,6 +89,18 @@ pub async fn one_active_job_and_compare_and_set<S: Store>(store: S) {
     assert_eq!(recent(3).await, [d.clone(), ("c".into(), Failed), ("b".into(), Completed)]);
     assert_eq!(recent(10).await.len(), 4);
     assert!(recent(0).await.is_empty());
+
+    // Retention: finished jobs (completed b, failed c) older than the age, oldest first;
+    // never active (d) or cancelled (a) ones.
+    let expired = |age| {
+        let s = s.clone();
+        async move { s.expired(age, 10).await.unwrap().into_iter().map(|j| j.id).collect::<Vec<_>>() }
+    };
+    assert!(expired(Duration::from_secs(3600)).await.is_empty(), "nothing is an hour old");
+    // Both were saved before this instant (the stores keep milliseconds).
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(expired(Duration::ZERO).await, ["b", "c"]);
+    assert_eq!(s.expired(Duration::ZERO, 1).await.unwrap().len(), 1);
 }
 
 /// Asserts that saving `job` over `expected` is refused as the transition `from -> to`.

@@ -78,6 +78,20 @@ impl JobRepo for PgStore {
         rows.iter().map(|r| decode(r.get(0))).collect()
     }
 
+    async fn expired(&self, age: std::time::Duration, limit: usize) -> Result<Vec<JobRecord>, JobError> {
+        let client = self.job_client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                "SELECT record FROM sluice_job WHERE status IN ('completed', 'failed') \
+                 AND updated_at < clock_timestamp() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+                &[&age.as_secs_f64(), &limit],
+            )
+            .await
+            .map_err(pg)?;
+        rows.iter().map(|r| decode(r.get(0))).collect()
+    }
+
     async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError> {
         let client = self.job_client().await?;
         let rows = client

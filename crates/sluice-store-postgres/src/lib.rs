@@ -71,11 +71,31 @@ pub(crate) fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Database(e.to_string())
 }
 
-/// A tokio-postgres error with the server's message, when there is one.
+/// A tokio-postgres error with the server's message, when there is one;
+/// [`StoreError::ConnectionLost`] when the connection itself went away.
 pub(crate) fn pg_err(e: tokio_postgres::Error) -> StoreError {
-    match e.as_db_error() {
-        Some(db) => StoreError::Database(format!("{}: {}", db.code().code(), db.message())),
-        None => StoreError::Database(e.to_string()),
+    let lost = connection_lost(&e);
+    let message = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    if lost { StoreError::ConnectionLost(message) } else { StoreError::Database(message) }
+}
+
+/// Whether `e` says the connection is gone (closed, cut, or ended by the server: a
+/// terminated backend, a shutdown, a connection exception), rather than that a statement
+/// failed on a live connection.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            *code == SqlState::ADMIN_SHUTDOWN || *code == SqlState::CRASH_SHUTDOWN || code.code().starts_with("08")
+        }
+        // No server error: an I/O error on the socket is a lost connection.
+        None => std::error::Error::source(e).is_some_and(|c| c.is::<std::io::Error>()),
     }
 }
 
@@ -86,6 +106,8 @@ pub struct PgStore {
     describe: String,
     /// Connections holding an open exporting transaction, by snapshot id.
     snapshots: Arc<Mutex<HashMap<String, Object>>>,
+    /// Seals and opens the secret fields of configuration resources (D50).
+    pub(crate) secrets: sluice_storage::Secrets,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -132,10 +154,17 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(db_err)?;
-        let store = PgStore { pool, describe, snapshots: Default::default() };
+        let store = PgStore { pool, describe, snapshots: Default::default(), secrets: Default::default() };
         let mut client = store.client().await?;
         schema::migrate(&mut client).await?;
         Ok(store)
+    }
+
+    /// Seals the secret fields of configuration resources with `secrets` from now on
+    /// (D50); see also [`PgStore::reseal_secrets`].
+    pub fn with_secrets(mut self, secrets: sluice_storage::Secrets) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     pub(crate) async fn client(&self) -> Result<Object, StoreError> {
@@ -441,7 +470,10 @@ fn snapshot_name(s: &Snapshot) -> Result<&str, StoreError> {
 }
 
 impl PgStore {
-    /// A connection in a read-only transaction that imported `snapshot`.
+    /// A connection in a read-only transaction that imported `snapshot`. A snapshot that
+    /// cannot be imported (released, or its exporting transaction's connection died) is
+    /// [`StoreError::BadSnapshot`]; a connection lost while importing it is
+    /// [`StoreError::ConnectionLost`].
     async fn in_snapshot(&self, snapshot: &Snapshot) -> Result<Object, StoreError> {
         let name = snapshot_name(snapshot)?;
         let client = self.client().await?;
@@ -451,9 +483,13 @@ impl PgStore {
                 lit(name)
             ))
             .await
-            .map_err(|e| {
-                tracing::warn!(error = %pg_err(e), snapshot = %snapshot.id, "importing a snapshot failed");
-                StoreError::BadSnapshot(snapshot.id.clone())
+            .map_err(|e| match pg_err(e) {
+                // This connection went away, not the snapshot: another may import it.
+                lost @ StoreError::ConnectionLost(_) => lost,
+                e => {
+                    tracing::warn!(error = %e, snapshot = %snapshot.id, "importing a snapshot failed");
+                    StoreError::BadSnapshot(snapshot.id.clone())
+                }
             });
         if let Err(e) = imported {
             Self::end(&client).await;

@@ -9,7 +9,7 @@
 use serde_json::json;
 use sluice_jobs::{JobError, JobRecord, JobRepo, JobStatus};
 use sluice_planner::{ExportPlan, Level};
-use sluice_store::{ExportReads, IdRange, ResourceWrites, ScanFilter, StoreError, prepare};
+use sluice_store::{ExportReads, IdRange, LoadMsg, ResourceWrites, ScanFilter, StoreError, prepare};
 use sluice_store_postgres::{PgOptions, PgStore};
 use tokio::sync::mpsc;
 
@@ -173,4 +173,93 @@ async fn split_points_of_a_large_type_come_from_a_sample() {
     }
     assert_eq!(total, 200_000, "the ranges partition the type");
     s.release(&snap).await;
+}
+
+/// Terminates the backends of `db`'s database that `condition` (SQL over
+/// `pg_stat_activity`) selects; returns how many.
+async fn terminate(db: &Scratch, condition: &str) -> i64 {
+    let (client, conn) = tokio_postgres::connect(&db.admin, tokio_postgres::NoTls).await.unwrap();
+    let h = tokio::spawn(conn);
+    let sql = format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = '{}' AND pid <> pg_backend_pid() AND {condition}",
+        db.name
+    );
+    let n = client.query_one(&sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}")).get(0);
+    drop(client);
+    let _ = h.await;
+    n
+}
+
+/// A scan whose own connection is terminated fails with `ConnectionLost`, and the snapshot
+/// reads on over another connection (the engine runs the part again, D51); once the
+/// connection holding the exporting transaction is terminated, the snapshot is gone:
+/// `BadSnapshot`.
+#[tokio::test]
+async fn a_lost_connection_is_not_a_lost_snapshot() {
+    let Some((s, db)) = fresh().await else { return };
+    // About 20 MB: more than the socket buffers hold, so a stalled scan's COPY is still
+    // running on the server.
+    const N: u64 = 20_000;
+    let note = "x".repeat(1000);
+    let (tx, rx) = mpsc::channel(4);
+    let loading = {
+        let s = s.clone();
+        tokio::spawn(async move { s.load(rx).await })
+    };
+    for chunk in 0..N / 1000 {
+        let batch = (chunk * 1000..(chunk + 1) * 1000)
+            .map(|i| {
+                let v = json!({"resourceType": "Observation", "id": format!("o{i}"), "note": [{"text": note}]});
+                prepare(&v.to_string(), None).unwrap()
+            })
+            .collect();
+        tx.send(LoadMsg::Batch(batch)).await.unwrap();
+    }
+    tx.send(LoadMsg::Commit).await.unwrap();
+    loading.await.unwrap().unwrap();
+    let snap = s.snapshot().await.unwrap();
+    let all = ScanFilter::default();
+
+    // A scan stalled after its first batch (its channel full): its backend is in the COPY.
+    let (tx, mut rx) = mpsc::channel(1);
+    let scan = {
+        let (s, snap, all) = (s.clone(), snap.clone(), all.clone());
+        tokio::spawn(async move { s.scan(&snap, "Observation", &all, 4096, tx).await })
+    };
+    assert!(rx.recv().await.is_some(), "a first batch");
+    assert_eq!(terminate(&db, "state = 'active' AND query LIKE 'COPY (%'").await, 1, "the scan's backend");
+    while rx.recv().await.is_some() {}
+    let lost = scan.await.unwrap();
+    assert!(matches!(lost, Err(StoreError::ConnectionLost(_))), "{lost:?}");
+
+    // The snapshot lives: a new connection imports it and reads everything.
+    let (tx, mut rx) = mpsc::channel::<sluice_store::Batch>(4);
+    let counting = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(b) = rx.recv().await {
+            n += b.count;
+        }
+        n
+    });
+    s.scan(&snap, "Observation", &all, 1 << 20, tx).await.unwrap();
+    assert_eq!(counting.await.unwrap(), N);
+
+    // The exporting transaction's connection is terminated: the snapshot is gone (once the
+    // backend has ended).
+    let holder = "state = 'idle in transaction' AND query LIKE 'SELECT pg_export_snapshot()%'";
+    assert_eq!(terminate(&db, holder).await, 1, "the snapshot's backend");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match s.count(&snap, &all).await {
+            Err(StoreError::BadSnapshot(_)) => break,
+            Ok(_) => assert!(std::time::Instant::now() < deadline, "the snapshot outlived its connection"),
+            Err(e) => panic!("{e:?}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    s.release(&snap).await; // harmless on a dead connection
+    let now = s.snapshot().await.unwrap();
+    assert_eq!(s.count(&now, &all).await.unwrap().get("Observation"), Some(&N), "the store reads on");
+    s.release(&now).await;
 }

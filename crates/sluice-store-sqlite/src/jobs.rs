@@ -107,6 +107,26 @@ impl JobRepo for SqliteStore {
         .await
     }
 
+    async fn expired(&self, age: std::time::Duration, limit: usize) -> Result<Vec<JobRecord>, JobError> {
+        let before = now_ms().saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.jobs_call(move |c| {
+            let mut stmt = c
+                .prepare(
+                    "SELECT record FROM jobs WHERE status IN ('completed','failed') AND updated_at < ?1 \
+                     ORDER BY updated_at LIMIT ?2",
+                )
+                .map_err(err)?;
+            let rows = stmt.query_map(params![before, limit], |r| r.get::<_, String>(0)).map_err(err)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(decode(&r.map_err(err)?)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn unfinished(&self) -> Result<Vec<JobRecord>, JobError> {
         self.jobs_call(|c| {
             let mut stmt = c

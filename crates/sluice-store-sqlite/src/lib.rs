@@ -20,6 +20,7 @@ mod schema;
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
 use sluice_fhir::instant;
+use sluice_storage::{Secrets, owner_only};
 use sluice_store::{
     Batch, CurrentRow, ExportReads, LoadMsg, LoadSummary, NewResource, Patients, ReadResult, ResourceWrites,
     ScanFilter, Snapshot, StoreError, WriteOp, Written, decide_write,
@@ -86,12 +87,27 @@ impl Writer {
 pub struct SqliteStore {
     path: PathBuf,
     pub(crate) writer: Arc<Mutex<Writer>>,
+    /// Seals and opens the secret fields of configuration resources (D50).
+    pub(crate) secrets: Secrets,
 }
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore").field("path", &self.path).finish()
     }
+}
+
+/// Creates the database file owner-only (SQLite gives its `-wal` and `-shm` files the
+/// database's mode), or tightens an existing one and its companions.
+fn owner_only_db(path: &Path) -> std::io::Result<()> {
+    owner_only::create_file(path)?;
+    owner_only::tighten(path, "the database")?;
+    for suffix in ["-wal", "-shm"] {
+        let mut companion = path.as_os_str().to_owned();
+        companion.push(suffix);
+        owner_only::tighten(Path::new(&companion), "the database's journal")?;
+    }
+    Ok(())
 }
 
 fn open_conn(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
@@ -106,18 +122,28 @@ fn open_conn(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
 }
 
 impl SqliteStore {
-    /// Opens (creating and migrating if needed) the database file at `path`.
+    /// Opens (creating and migrating if needed) the database file at `path`. On Unix the
+    /// file (and its `-wal`/`-shm` files) is owner-only (0600): a looser one is tightened,
+    /// with a warning; folders it creates are 0700.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let path = path.into();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| db_err(format!("{}: {e}", dir.display())))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            owner_only::create_dir_all(dir).map_err(|e| db_err(format!("{}: {e}", dir.display())))?;
         }
+        owner_only_db(&path).map_err(|e| db_err(format!("{}: {e}", path.display())))?;
         let conn = open_conn(&path, false).map_err(|e| db_err(format!("{}: {e}", path.display())))?;
         conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
             .map_err(db_err)?;
         schema::migrate(&conn).map_err(db_err)?;
         let writer = Writer { conn };
-        Ok(SqliteStore { path, writer: Arc::new(Mutex::new(writer)) })
+        Ok(SqliteStore { path, writer: Arc::new(Mutex::new(writer)), secrets: Secrets::none() })
+    }
+
+    /// Seals the secret fields of configuration resources with `secrets` from now on
+    /// (D50); see also [`SqliteStore::reseal_secrets`].
+    pub fn with_secrets(mut self, secrets: Secrets) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     /// The database file.

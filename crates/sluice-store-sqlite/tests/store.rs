@@ -110,3 +110,45 @@ async fn scans_come_in_the_order_of_writing() {
     let now = s.snapshot().await.unwrap();
     assert_eq!(scan_ids(&s, &now, &ScanFilter::default()).await, vec!["o1", "o3", "o2", "o4"]);
 }
+
+/// D50: secret fields are sealed in the file and opened on read; the pass seals what was
+/// stored plain and leaves no plain text in the database or WAL files; the file is 0600.
+#[tokio::test]
+async fn secrets_are_sealed_in_the_file() {
+    use sluice_storage::{ConfigRepo, Secrets, SecretsKey};
+    const SECRET: &str = "plain-secret-4b1d";
+    let raw = |dir: &std::path::Path| {
+        let mut bytes = std::fs::read(dir.join("s.db")).unwrap();
+        bytes.extend(std::fs::read(dir.join("s.db-wal")).unwrap_or_default());
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let json = json!({"region":"r","access-key-id":"AK","secret-access-key":SECRET}).to_string();
+    let plain = SqliteStore::open(dir.path().join("s.db")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("s.db")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    assert!(plain.config_put("AwsAccount", "a", &json).await.unwrap());
+    assert!(plain.config_put("AzureContainer", "c", r#"{"storage":"s","container":"c"}"#).await.unwrap());
+    assert!(raw(dir.path()).contains(SECRET));
+    assert_eq!(plain.reseal_secrets().await.unwrap().resealed, 0, "no key, no pass");
+    drop(plain);
+
+    let key = SecretsKey::from_bytes(&[9u8; 32]);
+    let sealed = SqliteStore::open(dir.path().join("s.db")).unwrap().with_secrets(Secrets::new(key.clone(), vec![]));
+    let done = sealed.reseal_secrets().await.unwrap();
+    assert_eq!((done.resealed, done.failed.len()), (1, 0));
+    let bytes = raw(dir.path());
+    assert!(!bytes.contains(SECRET), "the plain secret is still in the files");
+    assert!(bytes.contains(&format!("enc:v1:{}:", key.id())));
+    assert_eq!(sealed.config_get("AwsAccount", "a").await.unwrap().as_deref(), Some(json.as_str()));
+    assert_eq!(sealed.reseal_secrets().await.unwrap().resealed, 0, "already sealed");
+    assert!(!sealed.config_put("AwsAccount", "a", &json).await.unwrap());
+    assert!(!raw(dir.path()).contains(SECRET));
+    // Without the key, the sealed value is an error naming the variable.
+    let e = SqliteStore::open(dir.path().join("s.db")).unwrap().config_get("AwsAccount", "a").await.unwrap_err();
+    assert!(e.to_string().contains("SLUICE_SECRETS_KEY is not set"), "{e}");
+}

@@ -45,6 +45,12 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(String),
+    /// The connection the call was using went away (cut, or ended by the server) while the
+    /// database may still be up: the call may succeed on another connection. What a
+    /// snapshot holds is not lost with it; a snapshot that is gone is
+    /// [`StoreError::BadSnapshot`].
+    #[error("database connection lost: {0}")]
+    ConnectionLost(String),
 }
 
 /// A resource ready to be written: validated, with its type, id and patient links, and its

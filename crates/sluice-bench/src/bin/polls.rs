@@ -39,7 +39,7 @@ use clap::Parser;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
-use shared::{Res, listening_url, sh};
+use shared::{EmbeddedServer, Res, local_sluice_bin, resource_files, sh};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -86,90 +86,12 @@ fn main() {
     }
 }
 
-/// The release `sluice` binary (local storage only) next to this one, built if needed by the
-/// cargo running this bench, into the same target folder.
-fn sluice_bin() -> Res<PathBuf> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    // <target>/release/polls
-    let target = exe.parent().and_then(Path::parent).ok_or("cannot tell the target folder")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-    sh(Command::new(cargo)
-        .args(["build", "--release", "-q", "-p", "sluice", "--no-default-features"])
-        .env("CARGO_TARGET_DIR", target)
-        .current_dir(env!("CARGO_MANIFEST_DIR")))?;
-    Ok(exe.with_file_name("sluice"))
-}
+/// A `sluice serve` on an embedded store in a temporary folder (see [`EmbeddedServer`]).
+type Server = EmbeddedServer;
 
-/// The files of `set` to load: its resource files (`<Type>.000.ndjson.gz`). A bulk-export
-/// folder may hold other NDJSON (a client's `log.ndjson.gz`) that `sluice load` rejects, as
-/// it rejects any line without a `resourceType`; those are skipped.
-fn resource_files(set: &Path) -> Res<(Vec<PathBuf>, Vec<String>)> {
-    let mut files = Vec::new();
-    let mut skipped = Vec::new();
-    for e in std::fs::read_dir(set).map_err(|e| format!("{}: {e}", set.display()))?.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let ndjson = name.ends_with(".ndjson") || name.ends_with(".ndjson.gz");
-        if ndjson && name.starts_with(|c: char| c.is_ascii_uppercase()) {
-            files.push(e.path());
-        } else {
-            skipped.push(name);
-        }
-    }
-    files.sort();
-    skipped.sort();
-    if files.is_empty() {
-        return Err(format!("{}: no <Type>.ndjson(.gz) files", set.display()));
-    }
-    Ok((files, skipped))
-}
-
-/// A `sluice serve` on an embedded store in a temporary folder, removed with it.
-struct Server {
-    child: Child,
-    url: String,
-    dir: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Server {
-    fn start(bin: &Path, mode: &str, auth: &[&str], files: &[PathBuf]) -> Res<Server> {
-        let dir = std::env::temp_dir().join(format!("sluice-polls-{mode}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let child = Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&dir)
-            .args(auth)
-            .arg("--load")
-            .args(files)
-            .env("SLUICE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("{}: {e}", bin.display()))?;
-        // From here on, dropping the server kills it and removes its folder.
-        let mut server = Server { child, url: String::new(), dir };
-        server.url = listening_url(&mut server.child).map_err(|e| format!("{e} ({mode})"))?;
-        Ok(server)
-    }
-
-    /// User plus system CPU time the process has used so far, in seconds.
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which is in parentheses and may hold spaces):
-        // state is field 3, utime 14 and stime 15, in clock ticks (100 a second on Linux).
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (ticks(14) + ticks(15)) / 100.0
-    }
+/// Starts the `mode` server: `auth` are its authorization flags.
+fn start_server(bin: &Path, mode: &str, auth: &[&str], files: &[PathBuf]) -> Res<Server> {
+    EmbeddedServer::start(bin, &format!("polls-{mode}"), auth, files, Stdio::inherit())
 }
 
 fn agent() -> ureq::Agent {
@@ -456,12 +378,12 @@ fn run(args: &Args) -> Res<()> {
         if skipped.is_empty() { String::new() } else { format!("; skipped: {}", skipped.join(", ")) }
     );
     println!("building sluice (release, --no-default-features)...");
-    let bin = sluice_bin()?;
+    let bin = local_sluice_bin()?;
     let agent = agent();
 
-    let none = Server::start(&bin, "none", &["--auth", "none"], &files)?;
+    let none = start_server(&bin, "none", &["--auth", "none"], &files)?;
     let secret = random_hex(16)?;
-    let smart = Server::start(&bin, "smart", &["--auth", "smart", "--root-client-secret", &secret], &files)?;
+    let smart = start_server(&bin, "smart", &["--auth", "smart", "--root-client-secret", &secret], &files)?;
     let token = bearer_token(&agent, &smart.url, &secret)?;
     // Without a token the smart server must refuse: the polls below really are checked.
     let r = agent.get(format!("{}/fhir/$export", smart.url)).header("prefer", "respond-async").call();

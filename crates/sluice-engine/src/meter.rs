@@ -13,7 +13,7 @@ pub const COMPLETED: &str = "sluice_exports_completed_total";
 pub const FAILED: &str = "sluice_exports_failed_total";
 /// Running exports cancelled by a client, by level.
 pub const CANCELLED: &str = "sluice_exports_cancelled_total";
-/// Resources written to finished files, by type and storage provider.
+/// Resources in the files an export took into its manifest, by type and storage provider.
 pub const RESOURCES: &str = "sluice_export_resources_total";
 /// Bytes written to finished files (as stored: gzip output counts compressed bytes), by
 /// type and storage provider.
@@ -33,11 +33,11 @@ pub fn describe() {
     metrics::describe_counter!(COMPLETED, "Exports completed, by level.");
     metrics::describe_counter!(FAILED, "Exports failed, by level.");
     metrics::describe_counter!(CANCELLED, "Running exports cancelled by a client (DELETE), by level.");
-    metrics::describe_counter!(RESOURCES, "Resources written to finished export files, by type and storage provider.");
+    metrics::describe_counter!(RESOURCES, "Resources in the files exports listed, by type and storage provider.");
     metrics::describe_counter!(
         BYTES,
         metrics::Unit::Bytes,
-        "Bytes written to finished export files (as stored), by type and storage provider."
+        "Bytes of the files exports listed (as stored), by type and storage provider."
     );
     metrics::describe_counter!(EXPIRED, "Finished exports deleted with their files when their retention ended.");
     metrics::describe_histogram!(DURATION, metrics::Unit::Seconds, "Time from kick-off to completion, by level.");

@@ -41,12 +41,14 @@ struct Finished {
     /// first file, a metric).
     kicked_off: time::OffsetDateTime,
     any: Arc<std::sync::atomic::AtomicBool>,
+    /// The storage's provider, for the metrics.
+    provider: &'static str,
 }
 
 impl Finished {
-    /// For an export kicked off at `kicked_off`.
-    fn new(kicked_off: time::OffsetDateTime) -> Self {
-        Finished { files: Arc::default(), kicked_off, any: Arc::default() }
+    /// For an export kicked off at `kicked_off`, written to `provider`'s storage.
+    fn new(kicked_off: time::OffsetDateTime, provider: &'static str) -> Self {
+        Finished { files: Arc::default(), kicked_off, any: Arc::default(), provider }
     }
 
     /// Adds a file a part has stored.
@@ -177,7 +179,7 @@ impl Engine {
         storage: &Arc<dyn Storage>,
         planned: Vec<PlannedPart>,
     ) -> Result<(), RunError> {
-        let finished = Finished::new(job.created_at);
+        let finished = Finished::new(job.created_at, storage.provider());
         let done: Arc<BTreeMap<String, AtomicU64>> =
             Arc::new(job.progress.keys().map(|k| (k.clone(), AtomicU64::new(0))).collect());
         // File numbers per file name (type): the range parts of a type, and a `Bundle`
@@ -267,8 +269,11 @@ impl Engine {
 
     /// Moves the files the parts finished since the last call into the job, in the order
     /// they finished.
+    /// Counted in the metrics here, once a file is the job's (a retried part's files
+    /// never are).
     fn take_finished(job: &mut JobRecord, finished: &Finished) {
         for FinishedFile { deleted, file } in finished.take() {
+            crate::meter::file(&file.resource_type, finished.provider, file.count, file.bytes);
             if deleted { job.deleted.push(file) } else { job.output.push(file) }
         }
     }
@@ -625,7 +630,6 @@ impl Part {
                             format!("{}: stored {bytes} bytes, encoded {}", self.key(number), summary.bytes),
                         )));
                     }
-                    crate::meter::file(&self.resource_type, self.storage.provider(), summary.resources, bytes);
                     let file = OutputFile {
                         resource_type: self.resource_type.clone(),
                         key: self.key(number),

@@ -148,24 +148,22 @@ async fn start(
     // The headers the 202 needs are built before the export exists: a base URL that cannot
     // go into a header must not leave an export running that nobody heard of.
     HeaderValue::from_str(&format!("{}/fhir/$export-status/", app.inner.base_url)).map_err(ApiError::internal)?;
-    let kicked = app.inner.engine.kickoff_as(plan, request_url.to_string(), storage, owner).await;
-    let job = match kicked {
+    let job = match app.inner.engine.kickoff_as(plan, request_url.to_string(), storage, owner).await {
+        Ok(job) => job,
         Err(KickoffError::Busy(id)) => return Err(busy(app, &grant, &id).await),
-        other => other,
+        Err(KickoffError::NotFound(issue)) => return Err(ApiError::new(StatusCode::NOT_FOUND, issue)),
+        Err(KickoffError::Internal(msg)) => return Err(ApiError::internal(msg)),
+        Err(KickoffError::ShuttingDown) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Issue::error(
+                    IssueCode::Transient,
+                    "this server is shutting down; retry the kick-off (another server sharing the database will take it)",
+                ),
+            )
+            .retry_after(BUSY_SECONDS));
+        }
     };
-    let job = job.map_err(|e| match e {
-        KickoffError::Busy(_) => unreachable!("answered above"),
-        KickoffError::NotFound(issue) => ApiError::new(StatusCode::NOT_FOUND, issue),
-        KickoffError::Internal(msg) => ApiError::internal(msg),
-        KickoffError::ShuttingDown => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            Issue::error(
-                IssueCode::Transient,
-                "this server is shutting down; retry the kick-off (another server sharing the database will take it)",
-            ),
-        )
-        .retry_after(BUSY_SECONDS),
-    })?;
     let mut location = format!("{}/fhir/$export-status/{}", app.inner.base_url, job.id);
     if separate {
         // The preference travels with the status URL the client polls, so every server
